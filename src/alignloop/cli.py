@@ -1,0 +1,125 @@
+"""The `alignloop` command: one subcommand per stage of the loop.
+
+Every user mistake surfaces as an `AlignloopError` and is printed here as one red line (exit 2);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from alignloop import __version__
+from alignloop.errors import AlignloopError
+from alignloop.ui import console, set_quiet
+
+app = typer.Typer(
+    name="alignloop",
+    help="Turn a chat product's user logs into a better dialogue model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: ours vs the peer on the same work; ends with one JSON line.",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a recipe value: section.key=value (repeatable).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"alignloop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or status lines.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    set_quiet(quiet)
+
+
+@app.command()
+def chat(
+    prompt: Annotated[str, typer.Argument(help="What the user says.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo name or checkpoint folder.")] = "smollm2-135m",
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    run: Annotated[Optional[str], typer.Option(help="Run folder name (default: a timestamp).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+) -> None:
+    """One-shot chat: render PROMPT with the model's chat template and print the answer."""
+    from alignloop.engine.chat_stage import run_chat
+
+    answer = run_chat(prompt, model=model, system=system, max_tokens=max_tokens, temperature=temperature,
+                      top_p=top_p, seed=seed, run=run, runs_dir=runs_dir)
+    print(answer)
+
+
+@app.command()
+def generate(
+    recipe: Annotated[Path, typer.Argument(help="A generate recipe (TOML), e.g. recipes/generate.toml.")],
+    set_: SetOption = None,
+    run: Annotated[Optional[str], typer.Option(help="Run folder name (overrides run.name).")] = None,
+    force: Annotated[bool, typer.Option(help="Re-run even if inputs and config are unchanged.")] = False,
+) -> None:
+    """Answer a JSONL file of prompts in batch (resumable; invalid lines are quarantined)."""
+    from alignloop.engine.generate_stage import GenerateRecipe, run_generate
+    from alignloop.recipes import load_recipe
+
+    run_generate(load_recipe(recipe, GenerateRecipe, set_ or []), run=run, force=force)
+
+
+@app.command()
+def models() -> None:
+    """List the models the zoo knows by name."""
+    from rich.table import Table
+
+    from alignloop.models import KNOWN_MODELS, cache_dir
+
+    table = Table("name", "what", title=f"model zoo (cache: {cache_dir()})")
+    for name, what in KNOWN_MODELS.items():
+        table.add_row(name, what)
+    console.print(table)
+    console.print("Also: any local HF checkpoint folder, or an 'org/name' hub id already in the HF cache.")
+
+
+@bench_app.command("generate")
+def bench_generate(
+    model: Annotated[str, typer.Option(help="Zoo name.")] = "smollm2-135m",
+    prompts: Annotated[int, typer.Option(min=1, max=64, help="How many of the 64 fixed prompts.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    peer_batches: Annotated[str, typer.Option(help="HF generate batch sizes to try, comma-separated.")] = "16,64",
+    peer_dtypes: Annotated[str, typer.Option(help="HF dtypes to try, comma-separated.")] = "bfloat16,float32",
+) -> None:
+    """RL rollout workload: sampled chat completions, ours vs transformers `generate`."""
+    from alignloop.bench.generate import run_bench
+
+    line = run_bench(model=model, n_prompts=prompts, max_tokens=max_tokens,
+                     peer_batches=[int(b) for b in peer_batches.split(",")],
+                     peer_dtypes=peer_dtypes.split(","))
+    print(json.dumps(line))
+
+
+def main() -> None:
+    try:
+        app()
+    except AlignloopError as e:
+        console.quiet = False
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The local generation engine: continuous batching over `llama.CausalLM`.
+
+Scheduling, in one paragraph: up to `max_batch` requests are live at once, packed into cache slots
+0..n-1. Each step decodes one token for every live row. A row that finishes (EOS, stop token, stop
+string, max_tokens, context end) leaves at once; the last live row moves into its slot so the batch
+stays packed, and waiting prompts are prefilled into the free slots. No row ever computes past
+its own end, which is where padded batch generation loses most of its time on mixed lengths.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from alignloop.engine.api import Completion, SamplingParams
+from alignloop.engine.llama import CausalLM
+from alignloop.engine.sampling import sample
+from alignloop.ui import progress
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """"auto" picks bf16 only where it is faster than fp32.
+
+    On CPUs without AMX (e.g. AVX-512 with only the bf16 dot-product instructions) oneDNN's bf16
+    matmuls for the skinny shapes of decoding measured slower than MKL's fp32 ones, so fp32 it is.
+    """
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    amx = "amx_bf16" in _cpu_flags()
+    return torch.bfloat16 if amx else torch.float32
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@dataclass
+class _Live:
+    index: int  # position in the caller's request list
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    out: Completion
+    stop_ids: frozenset[int]
+    done: bool = False
+    text_checked: int = field(default=0)
+
+    @property
+    def length(self) -> int:
+        """Tokens whose keys/values are (or are about to be) in the cache."""
+        return len(self.prompt) + len(self.out.token_ids)
+
+
+class Engine:
+    """Batched generation with a KV cache; implements `api.InferenceEngine`."""
+
+    def __init__(self, model, tokenizer, dtype: str = "auto", max_batch: int = 64,
+                 prefill_tokens: int = 4096, show_progress: bool = True):
+        self.tokenizer = tokenizer
+        self.dtype = pick_dtype(dtype)
+        self.max_batch = max_batch
+        self.prefill_tokens = prefill_tokens
+        self.show_progress = show_progress
+        self.lm = CausalLM(model, self.dtype, max_slots=max_batch)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.stats: dict[str, float] = {}
+
+    @classmethod
+    def from_name(cls, name: str, seed: int = 0, **kwargs) -> Engine:
+        from alignloop.models import load_model
+
+        model, tokenizer = load_model(name, dtype="float32", seed=seed)
+        return cls(model, tokenizer, **kwargs)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.lm.load_weights(named_tensors)
+
+    # ---- public API --------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def chat(self, conversations: Sequence[list[dict]],
+             params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        return self.generate([self.encode_chat(m) for m in conversations], params)
+
+    def generate(self, prompts: Sequence[str | list[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        encoded = [p if isinstance(p, list) else self._encode(p) for p in prompts]
+        for i, p in enumerate(encoded):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) >= self.lm.max_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's limit is {self.lm.max_len}")
+        longest = max((len(p) + sp.max_tokens for p, sp in zip(encoded, params)), default=1)
+        self.lm.ensure_cache(min(self.max_batch, len(encoded)), longest)
+        return self._run(encoded, list(params))
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(prompts)
+        waiting = deque(range(len(prompts)))
+        live: list[_Live] = []
+        started, decode_steps, generated = time.perf_counter(), 0, 0
+        with progress() as bar:
+            task = bar.add_task("generating", total=len(prompts), info="",
+                                visible=self.show_progress and len(prompts) > 1)
+            while waiting or live:
+                if live:
+                    decode_steps += 1
+                    last = torch.tensor([s.out.token_ids[-1] for s in live])
+                    positions = torch.tensor([s.length - 1 for s in live])
+                    self._append(live, self.lm.decode(last, positions))
+                    generated += len(live)
+                finished = self._retire(live, results)
+                if waiting and len(live) < self.max_batch:
+                    fresh = self._admit(waiting, prompts, params, len(live))
+                    live.extend(fresh)
+                    generated += len(fresh)
+                    finished += self._retire(live, results)  # max_tokens=1, or EOS right away
+                if finished:
+                    rate = generated / max(time.perf_counter() - started, 1e-9)
+                    bar.update(task, advance=finished, info=f"{rate:,.0f} tok/s")
+        self.stats = {"decode_steps": decode_steps, "generated_tokens": generated,
+                      "seconds": time.perf_counter() - started}
+        return results  # type: ignore[return-value]
+
+    def _admit(self, waiting: deque, prompts, params, first_slot: int) -> list[_Live]:
+        """Prefill as many waiting prompts as fit (slots and a token budget) and sample their first token."""
+        batch: list[int] = []
+        budget = self.prefill_tokens
+        while waiting and first_slot + len(batch) < self.max_batch:
+            cost = len(prompts[waiting[0]])
+            if batch and cost > budget:
+                break
+            budget -= cost
+            batch.append(waiting.popleft())
+        fresh = []
+        for i in batch:
+            sp = params[i]
+            seed = sp.seed if sp.seed is not None else i
+            stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
+            fresh.append(_Live(i, prompts[i], sp, seed, Completion(list(prompts[i])), stop_ids))
+        logits = self.lm.prefill([prompts[i] for i in batch], list(range(first_slot, first_slot + len(batch))))
+        self._append(fresh, logits)
+        return fresh
+
+    def _append(self, rows: list[_Live], logits: torch.Tensor) -> None:
+        temperature = torch.tensor([s.params.temperature for s in rows], dtype=torch.float32)
+        top_p = torch.tensor([s.params.top_p for s in rows], dtype=torch.float32)
+        top_k = torch.tensor([s.params.top_k for s in rows], dtype=torch.long)
+        seeds = np.array([s.seed for s in rows], dtype=np.uint64)
+        counters = np.array([len(s.out.token_ids) for s in rows], dtype=np.uint64)
+        tokens, logprobs = sample(logits, temperature, top_p, top_k, seeds, counters)
+        for s, t, lp in zip(rows, tokens.tolist(), logprobs.tolist()):
+            s.out.token_ids.append(t)
+            s.out.logprobs.append(lp)
+            self._check_done(s, t)
+
+    def _check_done(self, s: _Live, token: int) -> None:
+        out, sp = s.out, s.params
+        if token in s.stop_ids:
+            s.done, out.finish_reason, out.stop_reason = True, "stop", token
+        elif sp.stop and (hit := self._stop_string(s)) is not None:
+            s.done, out.finish_reason, out.stop_reason = True, "stop", hit
+        elif len(out.token_ids) >= sp.max_tokens or s.length >= self.lm.max_len:
+            s.done, out.finish_reason = True, "length"
+
+    def _stop_string(self, s: _Live) -> str | None:
+        text = self.tokenizer.decode(s.out.token_ids, skip_special_tokens=True)
+        # Only the new tail can complete a stop string that was not there a step ago.
+        window = max(len(x) for x in s.params.stop) + 16
+        start = max(0, s.text_checked - window)
+        s.text_checked = len(text)
+        hits = [(text.find(x, start), x) for x in s.params.stop]
+        hits = [(pos, x) for pos, x in hits if pos >= 0]
+        return min(hits)[1] if hits else None
+
+    def _retire(self, live: list[_Live], results: list[Completion | None]) -> int:
+        """Finish done rows and move the last live rows into their slots so the batch stays packed."""
+        done = [i for i, s in enumerate(live) if s.done]
+        if not done:
+            return 0
+        for i in done:
+            results[live[i].index] = self._finalize(live[i])
+        keep = len(live) - len(done)
+        holes = [i for i in done if i < keep]
+        movers = [i for i in range(keep, len(live)) if not live[i].done]
+        for hole, mover in zip(holes, movers):
+            self.lm.move_slot(mover, hole, live[mover].length)
+            live[hole] = live[mover]
+        del live[keep:]
+        return len(done)
+
+    def _finalize(self, s: _Live) -> Completion:
+        out = s.out
+        ids = out.token_ids[:-1] if out.finish_reason == "stop" and isinstance(out.stop_reason, int) else out.token_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if isinstance(out.stop_reason, str):
+            text = text[: text.find(out.stop_reason)]
+        out.text = text
+        return out
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return frozenset(ids)

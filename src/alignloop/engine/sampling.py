@@ -1,0 +1,129 @@
+"""Token sampling: greedy, temperature, top-k, top-p, with per-request seeds.
+
+Two choices here are about speed and reproducibility:
+
+- Top-p normally sorts the whole vocabulary (49k entries per row, every step). We sample by
+  rejection instead (see `_sample_nucleus`): exact, and no sort.
+- Randomness is counter-based: the uniform number for token t of a request is a hash of
+  (seed, t). A request's sample path therefore depends on its own seed only, not on which other
+  requests happened to share its batch or in what order they were scheduled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_MAX_TRIES = 64
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def uniforms(seeds: np.ndarray, counters: np.ndarray) -> torch.Tensor:
+    """splitmix64(seed * golden + counter) mapped to [0, 1): one draw per row, no shared state."""
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + counters.astype(np.uint64)
+        z = (z + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        z = z ^ (z >> np.uint64(31))
+    # The top 53 bits give a double in [0, 1) with full mantissa precision.
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)))
+
+
+def _keep_nucleus(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep a token if the mass strictly above it is below top_p (the first token is always kept)."""
+    mass_above = sorted_probs.cumsum(-1) - sorted_probs
+    return mass_above < top_p[:, None]
+
+
+def _draw(sorted_probs: torch.Tensor, keep: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw of a rank from the kept, renormalised probabilities."""
+    p = torch.where(keep, sorted_probs, 0.0).double()
+    cdf = p.cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(-1)
+    rank = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    kept = keep.sum(-1) - 1
+    return torch.minimum(rank, kept)  # u*total can round up to the last cdf value
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    top_k: torch.Tensor,
+    seeds: np.ndarray,
+    counters: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row. Returns (tokens, logprobs of those tokens under softmax(logits / T)).
+
+    temperature 0 means greedy; top_k 0 means no top-k; top_p 1 means no nucleus cut.
+    `seeds` and `counters` (per row: the request's seed and how many tokens it has) key the
+    random numbers.
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    if not bool((temperature == 1).all()):
+        logits = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    # Every pass over [rows, vocab] costs ~1 ms on a CPU, so this function makes as few as it can.
+    probs = torch.softmax(logits, dim=-1)
+    tokens = torch.empty(len(seeds), dtype=torch.long)
+    for rows, pick in (
+        (greedy, lambda r: _take(logits, r).argmax(-1)),
+        (~greedy & (top_k > 0), lambda r: _sample_top_k(_take(probs, r), top_p[r], top_k[r],
+                                                        uniforms(seeds[r.numpy()], counters[r.numpy()]))),
+        (~greedy & (top_k <= 0), lambda r: _sample_nucleus(_take(probs, r), top_p[r], seeds[r.numpy()],
+                                                           counters[r.numpy()])),
+    ):
+        if bool(rows.any()):
+            tokens[rows] = pick(rows)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1).log()
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """t[rows] without copying [rows, vocab] when every row is selected (the common case)."""
+    return t if bool(rows.all()) else t[rows]
+
+
+def _sample_top_k(probs, top_p, top_k, u):
+    """Top-k (then top-p over the renormalised top k, as transformers orders them)."""
+    k = min(int(top_k.max()), probs.shape[-1])
+    vals, idx = probs.topk(k, dim=-1, sorted=True)
+    in_k = torch.arange(k)[None, :] < top_k[:, None]
+    vals = torch.where(in_k, vals, 0.0)
+    vals = vals / vals.sum(-1, keepdim=True)
+    keep = _keep_nucleus(vals, top_p) & in_k
+    rank = _draw(vals, keep, u)
+    return idx.gather(-1, rank[:, None]).squeeze(-1)
+
+
+def _sample_nucleus(probs, top_p, seeds, counters):
+    """Exact top-p without sorting the vocabulary: draw from the full distribution, keep the draw
+    if it lies in the nucleus, else draw again.
+
+    Accepting only nucleus tokens yields exactly the renormalised nucleus distribution, and since
+    the nucleus holds at least top_p of the mass, a draw is accepted with probability >= top_p
+    (0.95 in typical RL settings). Each try is two passes over the vocabulary, where a full sort
+    of 49k logits per row costs ~1 ms per row.
+    """
+    cdf = probs.cumsum(-1)
+    out = torch.full((len(seeds),), -1, dtype=torch.long)
+    todo = torch.arange(len(seeds))
+    for attempt in range(_MAX_TRIES):
+        every = len(todo) == len(seeds)
+        c, p = (cdf, probs) if every else (cdf[todo], probs[todo])
+        u = uniforms(seeds[todo.numpy()], counters[todo.numpy()] * _MAX_TRIES + attempt).float()
+        token = torch.searchsorted(c, (u * c[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        token = token.clamp_(max=c.shape[-1] - 1)
+        chosen = p.gather(-1, token[:, None])
+        mass_above = torch.where(p > chosen, p, 0.0).sum(-1)
+        ok = (mass_above < top_p[todo]) | (top_p[todo] >= 1.0)
+        out[todo[ok]] = token[ok]
+        todo = todo[~ok]
+        if not todo.numel():
+            return out
+    # Astronomically rare (every try landed in a <= 1 - top_p tail): sort these rows.
+    vals, idx = probs[todo].sort(dim=-1, descending=True)
+    u = uniforms(seeds[todo.numpy()], counters[todo.numpy()] * _MAX_TRIES + _MAX_TRIES - 1)
+    rank = _draw(vals, _keep_nucleus(vals, top_p[todo]), u)
+    out[todo] = idx.gather(-1, rank[:, None]).squeeze(-1)
+    return out
