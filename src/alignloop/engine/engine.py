@@ -159,7 +159,7 @@ class Engine:
             seed = sp.seed if sp.seed is not None else i
             stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
             fresh.append(_Live(i, prompts[i], sp, seed, Completion(list(prompts[i])), stop_ids))
-        logits = self.lm.prefill([prompts[i] for i in batch], list(range(first_slot, first_slot + len(batch))))
+        logits = self.lm.prefill([prompts[i] for i in batch], first_slot)
         self._append(fresh, logits)
         return fresh
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
+# Below this many tokens, a separate forward for the shared prefix costs more than it saves.
+MIN_SHARED_PREFIX = 4
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,16 @@ class PackedLinear:
         if self.kind == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the prefix all prompts share, leaving each at least one token of its own (the
+    last token's logits are what prefill is for)."""
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -219,11 +231,11 @@ class CausalLM:
     def _qkv(self, layer: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         a = self.arch
         qkv = layer["qkv_fn"](x)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         lead = x.shape[:-1]
-        q = _rotate(q.view(*lead, a.heads, a.head_dim), cos, sin)
-        k = _rotate(k.view(*lead, a.kv_heads, a.head_dim), cos, sin)
-        return q, k, v.view(*lead, a.kv_heads, a.head_dim)
+        # q and k sit side by side in the fused output: rotate them in one go.
+        qk = qkv[..., : self.q_size + self.kv_size].view(*lead, a.heads + a.kv_heads, a.head_dim)
+        q, k = _rotate(qk, cos, sin).split((a.heads, a.kv_heads), dim=-2)
+        return q, k, qkv[..., self.q_size + self.kv_size :].view(*lead, a.kv_heads, a.head_dim)
 
     def _mlp_and_residual(self, layer: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         h = h + layer["o_fn"](attn)
@@ -236,29 +248,53 @@ class CausalLM:
 
     # ---- prefill -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Run whole prompts (right-padded into one batch), fill their cache slots, return last logits."""
+    def prefill(self, prompts: list[list[int]], first_slot: int) -> torch.Tensor:
+        """Fill cache slots first_slot.. with whole prompts; return each prompt's last-token logits.
+
+        Prompts that start alike (one system prompt for every chat; a GRPO group's copies of one
+        prompt; earlier turns of a conversation) share their common prefix: it is computed once and
+        its keys/values copied to every slot, so only the differing suffixes pay for a forward.
+        """
+        shared = _common_prefix(prompts) if len(prompts) > 1 else 0
+        if shared >= MIN_SHARED_PREFIX:
+            self._extend([prompts[0][:shared]], first_slot, start=0)
+            rows = slice(first_slot + 1, first_slot + len(prompts))
+            self.k_cache[:, rows, :, :shared] = self.k_cache[:, first_slot : first_slot + 1, :, :shared]
+            self.v_cache[:, rows, :, :shared] = self.v_cache[:, first_slot : first_slot + 1, :, :shared]
+        else:
+            shared = 0
+        last = self._extend([p[shared:] for p in prompts], first_slot, start=shared)
+        return self._logits(last)
+
+    def _extend(self, chunks: list[list[int]], first_slot: int, start: int) -> torch.Tensor:
+        """Append token chunks to rows whose cache already holds `start` positions; return the
+        hidden state of each chunk's last token. Chunks are right-padded into one batch: a pad
+        only ever sits after a row's real tokens, so no real query sees it, and decode overwrites
+        its cache entry later."""
         a = self.arch
-        b, width = len(prompts), max(len(p) for p in prompts)
+        b, width = len(chunks), max(len(c) for c in chunks)
         tokens = torch.zeros(b, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p)
-        lengths = torch.tensor([len(p) for p in prompts])
-        cos, sin = self.cos[:width, None, :], self.sin[:width, None, :]
-        slot_index = torch.tensor(slots)
+        for i, c in enumerate(chunks):
+            tokens[i, : len(c)] = torch.tensor(c)
+        end = start + width
+        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]
+        rows = slice(first_slot, first_slot + b)
+        # Query i (at position start + i) sees every key up to its own position.
+        mask = None if start == 0 else torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
         h = F.embedding(tokens, self.embed)
         for li, layer in enumerate(self.layers):
             x = _rms_norm(h, layer["ln1"], a.rms_eps)
-            q, k, v = self._qkv(layer, x, cos, sin)  # [b, t, heads, d]
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, t, d]
-            # Right padding keeps every real token's causal window free of pads; pad rows are junk
-            # that nobody reads (their cache positions get overwritten by decode).
-            self.k_cache[li, slot_index, :, :width] = k
-            self.v_cache[li, slot_index, :, :width] = v
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, x, cos, sin))  # [b, heads, t, d]
+            self.k_cache[li, rows, :, start:end] = k
+            self.v_cache[li, rows, :, start:end] = v
+            if mask is None:
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    q, self.k_cache[li, rows, :, :end], self.v_cache[li, rows, :, :end],
+                    attn_mask=mask, enable_gqa=True)
             h = self._mlp_and_residual(layer, h, attn.transpose(1, 2).reshape(b, width, -1))
-        last = h[torch.arange(b), lengths - 1]
-        return self._logits(last)
+        return h[torch.arange(b), torch.tensor([len(c) for c in chunks]) - 1]
 
     # ---- decode ------------------------------------------------------------------------------
     @torch.inference_mode()
