@@ -102,13 +102,21 @@ def bench_generate(
     max_tokens: Annotated[int, typer.Option(min=1)] = 128,
     peer_batches: Annotated[str, typer.Option(help="HF generate batch sizes to try, comma-separated.")] = "16,64",
     peer_dtypes: Annotated[str, typer.Option(help="HF dtypes to try, comma-separated.")] = "bfloat16,float32",
+    run: Annotated[Optional[str], typer.Option(help="Run folder name (default: a timestamp).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
 ) -> None:
     """RL rollout workload: sampled chat completions, ours vs transformers `generate`."""
     from alignloop.bench.generate import run_bench
+    from alignloop.runs import Stage, atomic_write_json, default_run_name
 
+    config = {"model": model, "prompts": prompts, "max_tokens": max_tokens,
+              "peer_batches": peer_batches, "peer_dtypes": peer_dtypes}
+    stage = Stage(runs_dir, run or default_run_name(), "bench-generate", config).start()
     line = run_bench(model=model, n_prompts=prompts, max_tokens=max_tokens,
                      peer_batches=[int(b) for b in peer_batches.split(",")],
                      peer_dtypes=peer_dtypes.split(","))
+    atomic_write_json(stage.path("result.json"), line)
+    stage.finish([stage.path("result.json")])
     print(json.dumps(line))
 
 

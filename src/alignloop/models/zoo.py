@@ -155,7 +155,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", seed: int = 0)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a spinner says it once, instead of a bar per load
+        try:
+            with status(f"Loading {name} ..."):
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        finally:
+            hf_logging.enable_progress_bar()
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,0 +1,1 @@
+"""Chat templates: exact rendering, family knowledge, assistant masks, parsing, lint, token costs."""
