@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from alignloop import __version__
+from alignloop.chat.cli_template import template_app
 from alignloop.errors import AlignloopError
 from alignloop.ui import console, set_quiet
 
@@ -27,6 +28,8 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: ours vs the peer on the same work; ends with one JSON line.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(template_app, name="template",
+              help="Chat templates: render, diff two families, lint for silent failures, token costs.")
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a recipe value: section.key=value (repeatable).")]
@@ -95,6 +98,17 @@ def models() -> None:
     console.print("Also: any local HF checkpoint folder, or an 'org/name' hub id already in the HF cache.")
 
 
+def _record_bench(name: str, config: dict, run: str | None, runs_dir: Path, bench) -> None:
+    """Run a benchmark inside runs/<run>/bench-<name>/ and end with its one JSON line on stdout."""
+    from alignloop.runs import Stage, atomic_write_json, default_run_name
+
+    stage = Stage(runs_dir, run or default_run_name(), f"bench-{name}", config).start()
+    line = bench()
+    atomic_write_json(stage.path("result.json"), line)
+    stage.finish([stage.path("result.json")])
+    print(json.dumps(line))
+
+
 @bench_app.command("generate")
 def bench_generate(
     model: Annotated[str, typer.Option(help="Zoo name.")] = "smollm2-135m",
@@ -107,17 +121,23 @@ def bench_generate(
 ) -> None:
     """RL rollout workload: sampled chat completions, ours vs transformers `generate`."""
     from alignloop.bench.generate import run_bench
-    from alignloop.runs import Stage, atomic_write_json, default_run_name
 
     config = {"model": model, "prompts": prompts, "max_tokens": max_tokens,
               "peer_batches": peer_batches, "peer_dtypes": peer_dtypes}
-    stage = Stage(runs_dir, run or default_run_name(), "bench-generate", config).start()
-    line = run_bench(model=model, n_prompts=prompts, max_tokens=max_tokens,
-                     peer_batches=[int(b) for b in peer_batches.split(",")],
-                     peer_dtypes=peer_dtypes.split(","))
-    atomic_write_json(stage.path("result.json"), line)
-    stage.finish([stage.path("result.json")])
-    print(json.dumps(line))
+    _record_bench("generate", config, run, runs_dir, lambda: run_bench(
+        model=model, n_prompts=prompts, max_tokens=max_tokens,
+        peer_batches=[int(b) for b in peer_batches.split(",")], peer_dtypes=peer_dtypes.split(",")))
+
+
+@bench_app.command("template")
+def bench_template(
+    run: Annotated[Optional[str], typer.Option(help="Run folder name (default: a timestamp).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+) -> None:
+    """Chat-template rendering of the conformance corpus, ours vs transformers `apply_chat_template`."""
+    from alignloop.bench.template import run_bench
+
+    _record_bench("template", {}, run, runs_dir, run_bench)
 
 
 def main() -> None:
