@@ -23,7 +23,7 @@ def _templates():
     if not CONFORMANCE.exists():
         return []
     index = json.loads((CONFORMANCE / "templates" / "index.json").read_text())
-    return [e for e in index if not e.get("requires_tools")]
+    return index
 
 
 TEMPLATES = _templates()
@@ -32,6 +32,16 @@ TEMPLATES = _templates()
 ASSISTANT = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
 USER = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
 SYSTEM = ["sierra", "tango", "uniform"]
+
+
+PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "description": "Look a thing up.",
+                 "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}},
+    # Cohere's tool_use template reads its own flat format.
+    "name": "lookup", "description": "Look a thing up.",
+    "parameter_definitions": {"q": {"description": "query", "type": "str", "required": True}},
+}
 
 
 def sentence(words):
@@ -73,11 +83,12 @@ def test_mask_covers_exactly_the_assistant_turns(entry, conv, tokenizer):
     family = detect_family(source)
     template = ChatTemplate(source, bos_token=entry["bos_token"], eos_token=entry["eos_token"])
     messages = build(*conv)
+    tools = [PROBE_TOOL] if entry.get("requires_tools") else None
     try:
-        text = template.render(messages, date_string="26 Jul 2024")
+        text = template.render(messages, tools=tools, date_string="26 Jul 2024")
     except Exception:
         messages = build(False, conv[1], conv[2])  # e.g. "System role not supported"
-        text = template.render(messages, date_string="26 Jul 2024")
+        text = template.render(messages, tools=tools, date_string="26 Jul 2024")
     spans, dropped = assistant_spans(text, messages, family)
     assistants = [m["content"] for m in messages if m["role"] == "assistant"]
     assert not dropped and len(spans) == len(assistants)
@@ -133,3 +144,36 @@ def test_a_dropped_assistant_message_gets_no_span():
                 {"role": "assistant", "content": "bravo"}]
     spans, dropped = assistant_spans(text, messages, family)
     assert dropped == [1] and [text[s:e] for s, e in spans] == ["bravo<|im_end|>"]
+
+
+def _corpus_cases():
+    if not CONFORMANCE.exists():
+        return []
+    rows = [json.loads(line) for line in (CONFORMANCE / "corpus" / "transformers_goldens.jsonl").open()]
+    return [r for r in rows if "expected" in r and any(m["role"] == "assistant" for m in r["messages"])]
+
+
+CASES = _corpus_cases()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_mask_on_every_corpus_shape_that_renders(case):
+    """Every conversation shape of the corpus (tool calls, reasoning, continue_final, ...) on every
+    template that renders it: each rendered assistant turn's span holds its text and closes with an
+    end-of-turn string, and no user/system/tool text is inside a span."""
+    family = detect_family((CONFORMANCE / case["template"]).read_text())
+    text, messages = case["expected"], case["messages"]
+    spans, dropped = assistant_spans(text, messages, family)
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    assert len(spans) + len(dropped) == len(assistants)
+    for i, (start, end) in enumerate(spans):
+        turn = text[start:end]
+        closed = any(turn.endswith(e) for e in family.end_of_turn)
+        next_turn = any(text.startswith(t, end) for t in family.turn_starts)  # template wrote no end
+        assert closed or next_turn or (i == len(spans) - 1 and end == len(text)), (case["id"], turn)
+    others = [m["content"] for m in messages if m["role"] != "assistant" and isinstance(m.get("content"), str)
+              and len(m["content"]) > 12]
+    covered = [text[s:e] for s, e in spans]
+    assert not any(o in turn for o in others for turn in covered), case["id"]
+    rendered = [m for m in assistants if (m.get("content") or "").strip() and m["content"].strip() in text]
+    assert len(spans) >= len(rendered), case["id"]  # every assistant text the template kept is masked

@@ -77,8 +77,12 @@ def assistant_spans(text: str, messages: Sequence[dict], family: Family) -> tupl
             at = text.find(anchor, start) if anchor else -1
             if anchor and at < 0:
                 break  # its text is nowhere further on: the template dropped this message
-            close = _find_first(text, family.end_of_turn, at + len(anchor) if at >= 0 else start)
+            after = at + len(anchor) if at >= 0 else start
+            close = _find_first(text, family.end_of_turn, after)
             end = close[0] + len(close[1]) if close else len(text)  # continue_final_message: open turn
+            # A template that writes no end-of-turn after this turn (Command-R's tool_use after a
+            # tool call) ends it where the next non-assistant turn begins.
+            end = min(end, _next_other_turn(text, after, family))
             if at >= 0 and _crosses_other_turn(text, start, at, family):
                 continue  # the text found belongs to a later turn: this message was not rendered here
             if not anchor or at >= 0:
@@ -92,14 +96,19 @@ def assistant_spans(text: str, messages: Sequence[dict], family: Family) -> tupl
     return spans, dropped
 
 
+def _next_other_turn(text: str, start: int, family: Family) -> int:
+    """Where the next non-assistant turn begins at or after start (len(text) if none does)."""
+    at = start
+    while (hit := _find_first(text, family.turn_starts, at)) is not None:
+        if not any(text.startswith(h, hit[0]) for h in family.assistant_headers):
+            return hit[0]
+        at = hit[0] + len(hit[1])
+    return len(text)
+
+
 def _crosses_other_turn(text: str, start: int, stop: int, family: Family) -> bool:
     """Does a non-assistant turn begin between start and stop?"""
-    at = start
-    while (hit := _find_first(text, family.turn_starts, at)) is not None and hit[0] < stop:
-        if not any(text.startswith(h, hit[0]) for h in family.assistant_headers):
-            return True
-        at = hit[0] + len(hit[1])
-    return False
+    return _next_other_turn(text, start, family) < stop
 
 
 def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
