@@ -15,6 +15,8 @@ import typer
 
 from alignloop import __version__
 from alignloop.chat.cli_template import template_app
+from alignloop.data.cli_ingest import ingest_command
+from alignloop.data.cli_logs import logs_app
 from alignloop.errors import AlignloopError
 from alignloop.ui import console, set_quiet
 
@@ -28,6 +30,8 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: ours vs the peer on the same work; ends with one JSON line.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+logs_app.command("ingest")(ingest_command)
+app.add_typer(logs_app, name="logs", help="User logs: simulate a world, ingest real logs, filter, build datasets.")
 app.add_typer(template_app, name="template",
               help="Chat templates: render, diff two families, lint for silent failures, token costs.")
 

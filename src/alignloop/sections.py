@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from alignloop.engine.api import SamplingParams
 from alignloop.recipes import Section
+
+if TYPE_CHECKING:  # the engine imports torch: not worth it for stages that only read a run section
+    from alignloop.engine.api import SamplingParams
 
 
 class RunSection(Section):
@@ -31,6 +33,8 @@ class SamplingSection(Section):
 
     def params(self, index: int = 0) -> SamplingParams:
         """Per-request params; request i gets seed + i so each sample path is its own."""
+        from alignloop.engine.api import SamplingParams
+
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             max_tokens=self.max_tokens, stop=tuple(self.stop), seed=self.seed + index,

@@ -1,0 +1,87 @@
+"""Recipe sections of the simulator: the world (`SimConfig`) and the deployed model answering in it."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignloop.recipes import Section
+from alignloop.sections import RunSection
+
+
+class TemplateSection(Section):
+    """The built-in response sampler's controlled variation (all rates are per response)."""
+
+    length_median: float = Field(40.0, gt=0, description="median target length, words")
+    length_sigma: float = Field(0.7, ge=0, description="spread of log length")
+    question: float = Field(0.35, ge=0, le=1, description="asks a follow-up question")
+    emoji: float = Field(0.3, ge=0, le=1, description="adds emojis (times the character's emoji style)")
+    gesture: float = Field(0.3, ge=0, le=1, description="adds *gestures* (times the character's role-play style)")
+    echo: float = Field(0.5, ge=0, le=1, description="picks up each of the user's content words")
+    topic: float = Field(0.3, ge=0, le=1, description="talks about the character's topic, per sentence")
+    repeat: float = Field(0.05, ge=0, le=1, description="repeats its previous answer in the conversation")
+    repeat_within: float = Field(0.03, ge=0, le=1, description="says a sentence twice")
+    unsafe: float = Field(0.02, ge=0, le=1, description="says something unsafe")
+
+
+class EngineResponderSection(Section):
+    """A real model through `alignloop.engine` (slow: for small worlds or a GPU)."""
+
+    model: str = "tiny"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    seed: int = 0
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(64, ge=1)
+    max_batch: int = Field(64, ge=1)
+
+
+class ResponderSection(Section):
+    kind: Literal["template", "engine"] = "template"
+    model_version: str | None = Field(None, description="logged per conversation; default: from kind and model")
+    template: TemplateSection = TemplateSection()
+    engine: EngineResponderSection = EngineResponderSection()
+
+    def version(self) -> str:
+        if self.model_version:
+            return self.model_version
+        return "template-v1" if self.kind == "template" else f"engine:{self.engine.model}"
+
+
+class SimConfig(Section):
+    """A simulated world: who is in it, for how long, and how the product behaves."""
+
+    seed: int = 0
+    users: int = Field(2000, ge=1)
+    days: int = Field(14, ge=1, le=3650)
+    start: date = Field(date(2026, 1, 5), description="first simulated day (UTC)")
+    bot_fraction: float = Field(0.03, ge=0, le=1)
+    skimmer_fraction: float = Field(0.08, ge=0, le=1)
+    activity_median: float = Field(0.4, gt=0, description="median sessions per day when satisfied")
+    activity_sigma: float = Field(1.2, ge=0, description="spread of log activity: the heavy tail")
+    characters: int = Field(10, ge=1, le=10, description="how many of the built-in characters exist")
+    candidates: int = Field(4, ge=2, le=16, description="candidates prefetched when the user first swipes")
+    max_turns: int = Field(30, ge=1, description="user messages per conversation, at most")
+    max_conversations: int = Field(5, ge=1, description="conversations per session, at most")
+    max_sessions_per_day: int = Field(8, ge=1)
+    history: int = Field(3, ge=0, description="earlier responses a repetition is checked against")
+    block_users: int = Field(8192, ge=1, description="users simulated together (part of the seed's meaning)")
+    responder: ResponderSection = ResponderSection()
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SimConfig:
+        if self.bot_fraction + self.skimmer_fraction > 1:
+            raise ValueError("bot_fraction + skimmer_fraction must be at most 1")
+        return self
+
+
+class OutputSection(Section):
+    format: Literal["parquet", "jsonl"] = "parquet"
+
+
+class SimulateRecipe(Section):
+    run: RunSection = RunSection()
+    simulate: SimConfig = SimConfig()
+    output: OutputSection = OutputSection()
