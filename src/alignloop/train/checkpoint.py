@@ -1,0 +1,219 @@
+"""Training checkpoints: everything a killed run needs to continue as if it had never stopped.
+
+One checkpoint is one folder `checkpoints/step-000040/`:
+
+    trainable.safetensors   the trainable parameters (all of them for full fine-tuning, only the
+                            adapters for LoRA: frozen weights come back from the base model)
+    optimizer.safetensors   the optimizer state flattened to tensors `state.<i>.<key>`; the param
+                            groups (hyper-parameters) and any non-tensor state ride along as JSON
+                            in the file's metadata
+    rng.safetensors         the torch CPU (and CUDA) generator states and numpy's key array
+    trainer_state.json      step, data position, scheduler state, python/numpy RNG scalars,
+                            running totals, and the hash of the config it belongs to
+
+The folder is written under a hidden temporary name and renamed into place once every file is
+on disk, so a SIGKILL at any moment leaves either the whole checkpoint or none of it. safetensors
+(not pickle) means a checkpoint can be read without running code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+_META_KEY = "alignloop"  # safetensors metadata is str -> str: our JSON goes under one key
+
+
+# --- what gets saved ---------------------------------------------------------------------------
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> tensor for every parameter that trains (shared/tied ones appear once)."""
+    return {name: p.detach().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's own numbering (param-group order)."""
+    name_of = {id(p): name for name, p in module.named_parameters()}
+    return [name_of.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]]
+
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state_dict as (tensors, JSON metadata).
+
+    torch numbers parameters 0..n-1 in param-group order; their `names` in that order are stored
+    too, so a resume with a differently built model fails loudly instead of mixing up moments.
+    """
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict[str, Any]] = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+            else:
+                other.setdefault(str(index), {})[key] = value
+    meta = {"param_groups": sd["param_groups"], "non_tensor_state": other, "param_names": names}
+    return tensors, meta
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["non_tensor_state"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = meta["param_groups"]
+    for group in groups:  # JSON turned tuples into lists; AdamW unpacks betas either way, but be exact
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every generator a training step may draw from (dropout, shuffles in user code)."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors, key=_cuda_index) if k.startswith("torch_cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _cuda_index(key: str) -> int:
+    return int(key.rsplit(".", 1)[1]) if key.startswith("torch_cuda.") else -1
+
+
+# --- writing and finding checkpoints -----------------------------------------------------------
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep only the newest `keep` ones."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        weights = trainable_state(module)
+        save_file(weights, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = flatten_optimizer(optimizer, optimizer_param_names(module, optimizer))
+        save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={_META_KEY: json.dumps(opt_meta)})
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():  # a rerun of the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)  # make the rename itself durable
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    prune(root, keep)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first; temporary folders are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and leftovers of writes that were killed."""
+    root = Path(root)
+    for _, path in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".step-*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def load_checkpoint(
+    path: str | Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNGs from `path`; return the trainer state."""
+    path = Path(path)
+    state = read_trainer_state(path)
+
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(module.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"checkpoint {path} does not match the model's trainable parameters "
+                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+    with safe_open(path / "optimizer.safetensors", framework="pt") as f:
+        meta = json.loads(f.metadata()[_META_KEY])
+    if meta["param_names"] != optimizer_param_names(module, optimizer):
+        raise ValueError(f"checkpoint {path}: optimizer state was saved for other parameters")
+    optimizer.load_state_dict(unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta))
+    scheduler.load_state_dict(state["scheduler"])
+    # Last: anything above that drew random numbers must not shift the restored streams.
+    set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+    return state
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
