@@ -17,6 +17,7 @@ from alignloop import __version__
 from alignloop.chat.cli_template import template_app
 from alignloop.data.cli_ingest import ingest_command
 from alignloop.data.cli_logs import logs_app
+from alignloop.data.cli_pipeline import build_command, filter_command
 from alignloop.errors import AlignloopError
 from alignloop.train.cli_train import train_app
 from alignloop.ui import console, set_quiet
@@ -32,8 +33,10 @@ bench_app = typer.Typer(help="Benchmarks: ours vs the peer on the same work; end
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 logs_app.command("ingest")(ingest_command)
+logs_app.command("filter")(filter_command)
+logs_app.command("build")(build_command)
 app.add_typer(logs_app, name="logs", help="User logs: simulate a world, ingest real logs, filter, build datasets.")
-app.add_typer(train_app, name="train", help="Trainers: SFT on chosen swipes (DPO and distillation next).")
+app.add_typer(train_app, name="train", help="Trainers: SFT on chosen swipes, DPO from swipe pairs, distillation.")
 app.add_typer(template_app, name="template",
               help="Chat templates: render, diff two families, lint for silent failures, token costs.")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -85,3 +85,11 @@ class SimulateRecipe(Section):
     run: RunSection = RunSection()
     simulate: SimConfig = SimConfig()
     output: OutputSection = OutputSection()
+    # One recipe may carry the whole log pipeline (recipes/logs.toml); the later stages check
+    # their own sections, and the simulate stage's config (its skip key) leaves them out.
+    ingest: dict[str, Any] = {}
+    filter: dict[str, Any] = {}
+    build: dict[str, Any] = {}
+
+    def stage_config(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", include={"run", "simulate", "output"})

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from alignloop.data.io import FORMATS, TableWriter
 from alignloop.data.schema import LOG_SCHEMAS
-from alignloop.recipes import recipe_to_dict
 from alignloop.runs import Stage, atomic_write_json, default_run_name
 from alignloop.sim.config import SimulateRecipe
 from alignloop.sim.responder import Responder, make_responder
@@ -25,7 +24,7 @@ from alignloop.ui import progress, say
 def run_simulate(recipe: SimulateRecipe, run: str | None = None, force: bool = False,
                  responder: Responder | None = None) -> Stage:
     cfg, fmt = recipe.simulate, recipe.output.format
-    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "simulate", recipe_to_dict(recipe))
+    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "simulate", recipe.stage_config())
     if not force and stage.is_complete():
         say(f"[green]simulate: up to date[/] ({stage.dir}), skipped")
         return stage

@@ -14,6 +14,12 @@ One checkpoint is one folder `checkpoints/step-000040/`:
 The folder is written under a hidden temporary name and renamed into place once every file is
 on disk, so a SIGKILL at any moment leaves either the whole checkpoint or none of it. safetensors
 (not pickle) means a checkpoint can be read without running code from it.
+
+Under torchrun (see `dist`), saving and loading are collective: every process calls them. Sharded
+(FSDP2) weights and optimizer moments are gathered into full tensors and rank 0 alone writes the
+files above, with every process's RNG state (`rank<r>.`-prefixed tensors, `rng_ranks` in
+trainer_state.json); on load every process reads the full tensors and keeps its own shard. So a
+checkpoint is the same whatever the number of processes or the strategy, and resumes under any.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from alignloop.train import dist
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _META_KEY = "alignloop"  # safetensors metadata is str -> str: our JSON goes under one key
 
@@ -40,13 +48,17 @@ _META_KEY = "alignloop"  # safetensors metadata is str -> str: our JSON goes und
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """name -> tensor for every parameter that trains (shared/tied ones appear once)."""
-    return {name: p.detach().contiguous() for name, p in module.named_parameters() if p.requires_grad}
+    """name -> tensor for every parameter that trains (shared/tied ones appear once).
+
+    Shards are gathered into full tensors: collective under FSDP2 (every process must call it).
+    """
+    return {name: dist.full_tensor(p).contiguous() for name, p in dist.unwrap(module).named_parameters()
+            if p.requires_grad}
 
 
 def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the optimizer's own numbering (param-group order)."""
-    name_of = {id(p): name for name, p in module.named_parameters()}
+    name_of = {id(p): name for name, p in dist.unwrap(module).named_parameters()}
     return [name_of.get(id(p), "?") for group in optimizer.param_groups for p in group["params"]]
 
 
@@ -59,21 +71,30 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     other: dict[str, dict[str, Any]] = {}
-    for index, state in sd["state"].items():
-        for key, value in state.items():
+    # Sorted: under FSDP2 each full_tensor is a collective, so all processes must go in one order.
+    for index in sorted(sd["state"]):
+        state = sd["state"][index]
+        for key in sorted(state):
+            value = state[key]
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous()
+                tensors[f"state.{index}.{key}"] = dist.full_tensor(value).contiguous()
             else:
                 other.setdefault(str(index), {})[key] = value
     meta = {"param_groups": sd["param_groups"], "non_tensor_state": other, "param_names": names}
     return tensors, meta
 
 
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                        params: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """The optimizer state_dict back; with `params` (optimizer order), moments are laid out like them
+    (this process's shard of a full moment when its parameter is an FSDP2 DTensor)."""
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        i = int(index)
+        if params is not None and dist.is_sharded(params[i]) and value.shape == params[i].shape:
+            value = dist.shard_like(value, params[i])
+        state.setdefault(i, {})[name] = value
     for index, values in meta["non_tensor_state"].items():
         state.setdefault(int(index), {}).update(values)
     groups = meta["param_groups"]
@@ -124,20 +145,35 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep only the newest `keep` ones."""
+    """Write checkpoint `step` under `root` atomically; keep only the newest `keep` ones.
+
+    Collective under torchrun: every process calls it, rank 0 writes (the others return the path).
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    # Gather first, on every process (collectives under FSDP2), then only rank 0 touches the disk.
+    dist.reshard(module)
+    weights = trainable_state(module)
+    opt_tensors, opt_meta = flatten_optimizer(optimizer, optimizer_param_names(module, optimizer))
+    rng_tensors, rng_meta = rng_state()
+    per_rank = dist.gather_objects((rng_tensors, rng_meta))
+    if not dist.is_main():
+        dist.barrier()
+        return final
+    rng_ranks = [rng_meta]
+    for r, (tensors_r, meta_r) in enumerate(per_rank[1:], start=1):
+        rng_tensors.update({f"rank{r}.{k}": v for k, v in tensors_r.items()})
+        rng_ranks.append(meta_r)
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".step-{step:06d}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        weights = trainable_state(module)
         save_file(weights, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = flatten_optimizer(optimizer, optimizer_param_names(module, optimizer))
         save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={_META_KEY: json.dumps(opt_meta)})
-        rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
         state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+        if len(rng_ranks) > 1:
+            state["rng_ranks"] = rng_ranks
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
             _fsync(f)
@@ -149,6 +185,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     prune(root, keep)
+    dist.barrier()
     return final
 
 
@@ -185,9 +222,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNGs from `path`; return the trainer state."""
+    """Restore weights, optimizer, scheduler and RNGs from `path`; return the trainer state.
+
+    Under torchrun every process calls it and reads the (full) files; each keeps its own shard
+    and its own RNG state (rank 0's when the checkpoint was made by fewer processes).
+    """
     path = Path(path)
     state = read_trainer_state(path)
+    module = dist.unwrap(module)
 
     weights = load_file(path / "trainable.safetensors")
     params = dict(module.named_parameters())
@@ -198,16 +240,25 @@ def load_checkpoint(
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
     with torch.no_grad():
         for name, tensor in weights.items():
-            params[name].copy_(tensor)
+            dist.copy_into(params[name], tensor)
 
     with safe_open(path / "optimizer.safetensors", framework="pt") as f:
         meta = json.loads(f.metadata()[_META_KEY])
     if meta["param_names"] != optimizer_param_names(module, optimizer):
         raise ValueError(f"checkpoint {path}: optimizer state was saved for other parameters")
-    optimizer.load_state_dict(unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta))
+    in_order = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.load_state_dict(unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta, in_order))
     scheduler.load_state_dict(state["scheduler"])
     # Last: anything above that drew random numbers must not shift the restored streams.
-    set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+    rng_tensors, rng_meta = load_file(path / "rng.safetensors"), state["rng"]
+    rank = dist.context().rank
+    if rank and rank < len(state.get("rng_ranks", ())):
+        prefix = f"rank{rank}."
+        rng_tensors = {k[len(prefix):]: v for k, v in rng_tensors.items() if k.startswith(prefix)}
+        rng_meta = state["rng_ranks"][rank]
+    else:
+        rng_tensors = {k: v for k, v in rng_tensors.items() if not k.startswith("rank")}
+    set_rng_state(rng_tensors, rng_meta)
     return state
 
 

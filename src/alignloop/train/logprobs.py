@@ -7,9 +7,18 @@ hidden states at the selected positions, and projects just those.
 
 It is an `nn.Module` wrapping the causal LM on purpose: a trainer calls it (not the LM's own
 forward), so DDP/FSDP wrap *this* module and see every forward go through their hooks.
+
+Packed rows can also skip the dense mask: given `segments` (the document id of each token, as
+`PackedBatch.doc_ids`), attention runs document by document, each a plain causal attention
+(`segment_attention`). A dense [L, L] block mask makes the attention kernel do all L^2 query-key
+pairs of the row and throw most away; per document it is sum(n_i^2)/2. With ~150-token chat turns
+packed into 512-token rows that is ~7x less attention work, and no [B, 1, L, L] mask is built.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +55,82 @@ def attention_inputs(lm: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor
     return None
 
 
+SEGMENT_ATTENTION = "alignloop_segments"
+
+
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal attention within each document of packed rows (a transformers attention function).
+
+    `attention_mask` carries the document ids, [B, 1, 1, L] (contiguous runs; padding is one more
+    run, attending causally to itself so it never produces NaN). query [B, H, L, D], key/value
+    [B, Hkv, L, D]; returns [B, L, H, D] like transformers' sdpa function.
+
+    On CPU the attention itself runs in fp32 even under bf16 autocast: there the fp32 kernels are
+    ~3x faster than the bf16 ones (measured: a 170-token causal forward+backward, 9 heads), and
+    fp32 is the more exact of the two. The projections around it stay in bf16.
+    """
+    segments = attention_mask.reshape(attention_mask.shape[0], -1)
+    gqa = query.shape[1] != key.shape[1]
+    out_dtype = query.dtype
+    upcast = query.device.type == "cpu" and query.dtype != torch.float32
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+    rows = []
+    # Autocast would cast the fp32 inputs straight back to bf16.
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        for b in range(segments.shape[0]):
+            parts, start = [], 0
+            for n in torch.unique_consecutive(segments[b], return_counts=True)[1].tolist():
+                end = start + n
+                parts.append(F.scaled_dot_product_attention(
+                    query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end],
+                    is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+                start = end
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+    return out.transpose(1, 2).to(out_dtype).contiguous(), None
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+
+    if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+
+
+def supports_segments(lm: torch.nn.Module, length: int) -> bool:
+    """Whether per-document causal attention is exact for this LM: plain softmax attention, no
+    sliding window shorter than the row, no logit soft-capping."""
+    config = lm.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", None):
+        return False  # flash / flex: they do their own packing from position ids
+    if any(getattr(config, k, None) for k in ("attn_logit_softcapping", "attention_chunk_size")):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < length:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _attention(lm: torch.nn.Module, name: str) -> Iterator[None]:
+    """Route the LM's attention through `name` for one forward (autograd keeps what it recorded)."""
+    previous = lm.config._attn_implementation
+    lm.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        lm.config._attn_implementation = previous
+
+
 class TokenLogprobs(torch.nn.Module):
-    """forward(input_ids, position_ids, allowed, select, targets) -> log p(targets) at `select`."""
+    """forward(input_ids, position_ids, allowed, select, targets[, segments]) -> log p(targets) at `select`.
+
+    `allowed` is the [B, 1, L, L] bool mask; with `segments` ([B, L] document ids of packed rows)
+    it may be None, and attention runs per document where that is exact (`supports_segments`).
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -57,12 +140,29 @@ class TokenLogprobs(torch.nn.Module):
         self,
         input_ids: torch.Tensor,     # [B, L]
         position_ids: torch.Tensor,  # [B, L]
-        allowed: torch.Tensor,       # [B, 1, L, L] bool
+        allowed: torch.Tensor | None,  # [B, 1, L, L] bool
         select: torch.Tensor,        # [B, L] bool: positions whose next token is scored
         targets: torch.Tensor,       # [N] long, N = select.sum()
+        segments: torch.Tensor | None = None,  # [B, L] document ids (packed rows), -1 on padding
     ) -> torch.Tensor:               # [N] float32
         lm = causal_lm(self.model)
-        mask = attention_inputs(lm, allowed)
+        route: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if segments is not None and supports_segments(lm, segments.shape[-1]):
+            _register_segment_attention()
+            route = _attention(lm, SEGMENT_ATTENTION)
+            mask = segments[:, None, None, :]  # 4D: transformers hands it to the attention function as is
+        else:
+            if allowed is None:
+                if segments is None:
+                    raise ValueError("TokenLogprobs needs `allowed` or `segments`")
+                from alignloop.train.packing import block_causal_mask
+
+                allowed = block_causal_mask(segments)
+            mask = attention_inputs(lm, allowed)
+        with route:
+            return self._logprobs(lm, input_ids, position_ids, mask, select, targets)
+
+    def _logprobs(self, lm, input_ids, position_ids, mask, select, targets) -> torch.Tensor:
         # use_cache=False matters beyond speed: with a cache object present, transformers skips
         # the position-id packing detection that the non-dense backends rely on.
         kwargs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "use_cache": False}

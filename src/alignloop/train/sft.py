@@ -6,6 +6,10 @@ template's headers), and a conversation with weight 0.5 pulls half as hard as on
 
 Output in runs/<run>/sft/: model/ (the final model as a plain HF checkpoint: safetensors,
 config, tokenizer; LoRA adapters merged in), checkpoints/, metrics.jsonl, manifest.json.
+
+Several processes, same recipe, same results (see `alignloop.train.dist`):
+
+    torchrun --nproc_per_node 2 -m alignloop.cli train sft RECIPE [--set train.parallel=fsdp]
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -22,6 +26,7 @@ from pydantic import Field
 from alignloop.recipes import ExistingFile, Section, recipe_to_dict
 from alignloop.runs import Stage, default_run_name
 from alignloop.sections import ModelSection, RunSection
+from alignloop.train import dist
 from alignloop.train.config import TrainSection
 from alignloop.train.logprobs import TokenLogprobs
 from alignloop.train.loop import LoopResult, StepCallback, pick_device, train
@@ -40,6 +45,8 @@ class SFTTrainSection(TrainSection):
     packing: bool = Field(True, description="several conversations per row, isolated from each other")
     last_turn_only: bool = Field(False, description="loss on the final assistant turn only")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="conversations held out for eval loss")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: replicate the model (ddp) or shard it (fsdp, FSDP2)")
 
 
 class SFTRecipe(Section):
@@ -57,18 +64,26 @@ class SFTObjective:
 
     def loss(self, module: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
         select = batch.loss_mask
-        logp = module(batch.input_ids, batch.position_ids, batch.attention_mask(), select, batch.targets[select])
+        # Document ids instead of a dense [B, 1, L, L] mask: attention then runs per conversation.
+        logp = module(batch.input_ids, batch.position_ids, None, select, batch.targets[select],
+                      segments=batch.doc_ids)
         ce = -logp
         loss = (ce * batch.loss_weight[select]).sum()
         # ce_sum: the unweighted cross-entropy, so the log shows how well it fits whatever the weights.
         return loss, {"ce_sum": float(ce.detach().sum()), "tokens": batch.n_tokens}
 
 
-def per_token_losses(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Cross-entropy of each loss token of `batch`, in row-major order (for tests and inspection)."""
+def per_token_losses(model: torch.nn.Module, batch: PackedBatch, segments: bool = False) -> torch.Tensor:
+    """Cross-entropy of each loss token of `batch`, in row-major order (for tests and inspection).
+
+    segments=False: through the dense block mask; True: per-document attention, as training runs.
+    """
     module = model if isinstance(model, TokenLogprobs) else TokenLogprobs(model)
     select = batch.loss_mask
     with torch.no_grad():
+        if segments:
+            return -module(batch.input_ids, batch.position_ids, None, select, batch.targets[select],
+                           segments=batch.doc_ids)
         return -module(batch.input_ids, batch.position_ids, batch.attention_mask(), select, batch.targets[select])
 
 
@@ -78,16 +93,20 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
     from alignloop.models import load_model
 
     cfg = recipe.train
-    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "sft", recipe_to_dict(recipe),
-                  inputs=[recipe.data.path])
-    if not force and stage.is_complete():
+    ctx = dist.init_from_env()  # under torchrun: join the process group; else a world of one
+    # One run name for all processes (a timestamp could differ between them by a second).
+    run = dist.broadcast_object(run or recipe.run.name or default_run_name())
+    stage = Stage(recipe.run.dir, run, "sft", recipe_to_dict(recipe), inputs=[recipe.data.path])
+    if dist.broadcast_object(not force and ctx.is_main and stage.is_complete()):
         say(f"[green]sft: up to date[/] ({stage.dir}), skipped")
         return stage
-    stage.start()
+    if ctx.is_main:
+        stage.start()
 
     # Master weights in fp32 unless asked otherwise: bf16 comes from autocast, not from the weights.
     dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
-    model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    with dist.main_first():  # a first load converts into the cache: once, not racing
+        model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
     examples, counts = tokenize(tokenizer, read_conversations(recipe.data.path), cfg.max_seq_len,
                                 cfg.last_turn_only)
     train_examples, eval_examples = split(examples, cfg.eval_fraction, cfg.seed)
@@ -112,13 +131,42 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
     result = train(module, SFTObjective(), batches, cfg, stage, eval_batches=eval_batches,
                    callbacks=callbacks, description="sft")
 
-    outputs = save_model(merged(model), tokenizer, stage.path("model"))
-    stage.finish(outputs, extra={"data": counts.as_dict(), "train": _summary(result)})
+    dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
+    final = final_model(model, lambda: _fresh_model(recipe, dtype))
+    if ctx.is_main:
+        outputs = save_model(merged(final), tokenizer, stage.path("model"))
+        stage.finish(outputs, extra={"data": counts.as_dict(), "train": _summary(result),
+                                     "processes": ctx.world})
+    dist.barrier()
     last = result.last or {}
     say(f"[green]sft: {result.steps} steps[/]" + (f", loss {last['loss']:.4f}" if "loss" in last else "")
         + (f", eval loss {result.eval['eval_loss']:.4f}" if "eval_loss" in result.eval else "")
         + f" -> {stage.path('model')}")
     return stage
+
+
+def _fresh_model(recipe: SFTRecipe, dtype: str) -> torch.nn.Module:
+    from alignloop.models import load_model
+
+    model, _ = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    return add_lora(model, recipe.train.lora) if recipe.train.lora is not None else model
+
+
+def final_model(model: torch.nn.Module, fresh: Any) -> torch.nn.Module | None:
+    """The trained model, whole, on rank 0 (None elsewhere); collective under torchrun.
+
+    DDP and one process: `model` itself. FSDP2: its shards are gathered and loaded into a plain
+    copy built by `fresh()` (same architecture and adapters), since a sharded module cannot be
+    saved or merged as it is.
+    """
+    if not any(dist.is_sharded(p) for p in model.parameters()):
+        return model if dist.is_main() else None
+    state = dist.full_state_dict(model)
+    if not dist.is_main():
+        return None
+    plain = fresh()
+    plain.load_state_dict(state, strict=True)
+    return plain
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, folder: Path) -> list[Path]:

@@ -1,0 +1,612 @@
+"""Dataset builders: training sets from filtered user logs, in the chat layer's messages format.
+
+Every example carries its conversation as OpenAI-style messages (`[{"role", "content"}, ...]`):
+the character's system prompt first, then the conversation's selected path (the user turns and
+the assistant candidates the user settled on; with `use_edits`, an answer the user rewrote reads
+as rewritten) up to the example's point, at most `max_context_messages` of them, always starting
+at a user message. Each has a `weight` (the per-user cap's down-weighting, 1 otherwise).
+
+    sft.parquet        chosen swipes: the candidate a user settled on after swiping, ending the
+                       messages (user-guided rejection sampling); `sft.source = "selected"` takes
+                       every selected answer. Never a turn the quality filter flagged.
+    dpo.parquet        prompt / chosen / rejected: chosen = the settled-on candidate, rejected = each
+                       sibling that was shown and swiped away (same parent user turn).
+    rm/<signal>/{train,eval}.parquet   one reward-model set per signal, split by user (a stable hash
+                       of the user id: no user in both): preference (pairs, as DPO but flagged chosen
+                       answers too), thumbs (+1/-1), continue, turns_after, time_to_next (seconds;
+                       null and censored=true when the user never replied), returned_1d, returned_7d
+                       (censored outcomes left out), safety (1 = the user reported the answer).
+    distill.parquet    prompts (messages ending with a user turn) for a teacher to answer.
+
+`build_partition` turns one partition of users into these frames, so the same code runs per
+block on Ray Data; `build_datasets` streams partitions into the files and returns a `BuildReport`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from alignloop.data.filters import FILTERED_SCHEMAS, Frames, prepare, split_partitions
+from alignloop.data.parts import partitions_in, read_partition
+from alignloop.data.stablehash import hash_column, unit_interval
+from alignloop.recipes import Section
+from alignloop.runs import atomic_path
+
+Signal = Literal["preference", "thumbs", "continue", "turns_after", "time_to_next", "returned_1d", "returned_7d",
+                 "safety"]
+SIGNALS: tuple[str, ...] = ("preference", "thumbs", "continue", "turns_after", "time_to_next", "returned_1d",
+                            "returned_7d", "safety")
+
+
+# --- schemas -----------------------------------------------------------------------------------
+
+MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+
+def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+_ID = _f("example_id", pa.string(), "unique example id")
+_USER = _f("user_id", pa.string(), "the user whose behaviour produced it")
+_CONV = _f("conversation_id", pa.string(), "its conversation")
+_WEIGHT = _f("weight", pa.float64(), "training weight (per-user cap), 1 = full")
+
+SFT = pa.schema([
+    _ID, _USER, _CONV,
+    _f("turn_id", pa.string(), "the target: the assistant turn ending `messages`"),
+    _f("character_id", pa.string(), "the character"),
+    _f("source", pa.string(), "swipe (settled on after swiping) or selected (accepted as shown)"),
+    _f("messages", MESSAGES, "system, context, and the target assistant message last"),
+    _WEIGHT,
+])
+PAIRS = pa.schema([
+    _ID, _USER, _CONV,
+    _f("parent_id", pa.string(), "the user turn both answer"),
+    _f("chosen_turn_id", pa.string(), "the candidate the user settled on"),
+    _f("rejected_turn_id", pa.string(), "a shown sibling the user swiped away"),
+    _f("prompt", MESSAGES, "system and context, ending with the user turn"),
+    _f("chosen", MESSAGES, "[the chosen assistant message]"),
+    _f("rejected", MESSAGES, "[the rejected assistant message]"),
+    _WEIGHT,
+])
+SCALAR = pa.schema([
+    _ID, _USER, _CONV,
+    _f("turn_id", pa.string(), "the assistant turn scored"),
+    _f("messages", MESSAGES, "system, context, and the scored assistant message last"),
+    _f("label", pa.float64(), "the signal's value; null when censored", nullable=True),
+    _f("censored", pa.bool_(), "the outcome was not observed (time_to_next: the user never replied)"),
+    _WEIGHT,
+])
+DISTILL = pa.schema([
+    _ID, _USER, _CONV,
+    _f("turn_id", pa.string(), "the user turn ending `messages`"),
+    _f("character_id", pa.string(), "the character"),
+    _f("messages", MESSAGES, "system and context, ending with the user turn"),
+    _WEIGHT,
+])
+DATASET_SCHEMAS: dict[str, pa.Schema] = {"sft": SFT, "dpo": PAIRS, "distill": DISTILL,
+                                         **{f"rm/{s}": PAIRS if s == "preference" else SCALAR for s in SIGNALS}}
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+class SFTConfig(Section):
+    enabled: bool = True
+    source: Literal["swipes", "selected"] = Field(
+        "swipes", description="swipes: answers settled on after swiping; selected: every selected answer")
+
+
+class DPOConfig(Section):
+    enabled: bool = True
+    max_pairs_per_prompt: int | None = Field(None, ge=1, description="rejected siblings per chosen, lowest index first")
+    require_swipe_event: bool = Field(False, description="rejected only if a swipe event on it survived filtering")
+
+
+class RMConfig(Section):
+    enabled: bool = True
+    signals: list[Signal] = Field(default_factory=lambda: list(SIGNALS))
+    eval_fraction: float = Field(0.1, ge=0, le=1, description="share of users in eval")
+    salt: str = Field("rm-split", description="changes which users land in eval")
+    safety_negatives_per_positive: float | None = Field(
+        None, gt=0, description="keep at most this many unreported answers per reported one")
+
+
+class DistillConfig(Section):
+    enabled: bool = True
+    dedup: bool = Field(True, description="one prompt per distinct messages")
+    max_prompts: int | None = Field(None, ge=1)
+
+
+class BuildConfig(Section):
+    max_context_messages: int | None = Field(20, ge=1, description="messages before the example's point, at most")
+    use_edits: bool = Field(True, description="context shows answers as the user rewrote them")
+    include_system: bool = True
+    formats: list[Literal["parquet", "jsonl"]] = Field(default_factory=lambda: ["parquet"])
+    partitions: int = Field(1, ge=1, description="user partitions built one at a time (unpartitioned input)")
+    events_per_partition: int = Field(400_000, ge=1, description="bigger partitions are cut further in memory")
+    sft: SFTConfig = SFTConfig()
+    dpo: DPOConfig = DPOConfig()
+    rm: RMConfig = RMConfig()
+    distill: DistillConfig = DistillConfig()
+
+
+# --- building ----------------------------------------------------------------------------------
+
+
+class _Context:
+    """The messages of a partition, pooled once; every example's messages are a gather from the pool.
+
+    Pool: the selected path of every conversation in order (edited text when `use_edits`), then one
+    system message per conversation, then every assistant turn as originally written. An example is
+    (system?) + path[start:end] + (target?): a list of pool indices computed with numpy, turned into
+    an Arrow list array with a single `take`. Concatenating nested lists in Polars would copy every
+    string several times over.
+    """
+
+    def __init__(self, frames: Frames, config: BuildConfig):
+        self.config = config
+        turns = frames["turns"]
+        events = frames["events"]
+        path = (turns.filter(pl.col("selected"))
+                .sort("conversation_id", "position", "candidate_index")
+                .select("turn_id", "conversation_id", "role", "text"))
+        if config.use_edits:
+            edits = (events.filter(pl.col("type") == "edit").sort("timestamp")
+                     .group_by("turn_id").agg(edit=pl.col("text").last()))
+            path = path.join(edits, on="turn_id", how="left", maintain_order="left").with_columns(
+                content=pl.coalesce("edit", "text")).drop("edit")
+        else:
+            path = path.with_columns(content=pl.col("text"))
+        path = path.with_columns(idx=pl.int_range(pl.len(), dtype=pl.Int64).over("conversation_id"))
+        # A path must alternate user, assistant, user, ... from its root; anything else is skipped.
+        expected = pl.when(pl.col("idx") % 2 == 0).then(pl.lit("user")).otherwise(pl.lit("assistant"))
+        bad = path.filter(pl.col("role") != expected).select("conversation_id").unique()
+        self.malformed = bad.height
+        path = path.join(bad, on="conversation_id", how="anti").with_columns(
+            pool=pl.int_range(pl.len(), dtype=pl.Int64))
+        self.index = path.select("turn_id", "conversation_id", "idx")
+        n_path = path.height
+
+        convs = (frames["conversations"]
+                 .join(path.group_by("conversation_id").agg(base=pl.col("pool").min()), on="conversation_id",
+                       how="inner")
+                 .join(frames["weights"].select("conversation_id", "weight"), on="conversation_id", how="left")
+                 .with_columns(pl.col("weight").fill_null(1.0))
+                 .with_columns(sys=(pl.int_range(pl.len(), dtype=pl.Int64) + n_path)))
+        has_sys = (pl.col("system_prompt") != "") & pl.lit(config.include_system)
+        self.convs = convs.select("conversation_id", "user_id", "character_id", "weight", "base",
+                                  sys=pl.when(has_sys).then(pl.col("sys")).otherwise(-1))
+        originals = turns.filter(pl.col("role") == "assistant").select("turn_id", "text")
+        self.original = originals.select("turn_id", target=pl.int_range(pl.len(), dtype=pl.Int64)
+                                         + n_path + convs.height)
+        role = pa.concat_arrays([_large(path["role"]), _large(pl.repeat("system", convs.height, eager=True)),
+                                 _large(pl.repeat("assistant", originals.height, eager=True))])
+        content = pa.concat_arrays([_large(path["content"]), _large(convs["system_prompt"]),
+                                    _large(originals["text"])])
+        self.pool = pa.StructArray.from_arrays([role, content], names=["role", "content"])
+
+    def attach(self, df: pl.DataFrame, end: str = "end", target: str | None = None, name: str = "messages"
+               ) -> pl.DataFrame:
+        """Rows with conversation_id and an exclusive path index `end` (and, with `target`, the
+        turn id of an assistant message to end with), plus user_id, character_id, weight and the
+        messages column `name`."""
+        rows = df.join(self.convs, on="conversation_id", how="inner", maintain_order="left")
+        if target is not None:
+            rows = rows.join(self.original, left_on=target, right_on="turn_id", how="inner", maintain_order="left")
+        k = self.config.max_context_messages
+        stop = rows[end].to_numpy().astype(np.int64)
+        start = np.zeros_like(stop) if k is None else np.maximum(stop - k, 0)
+        start += start % 2  # begin at a user message
+        sys = rows["sys"].to_numpy()
+        has_sys = (sys >= 0).astype(np.int64)
+        length = stop - start
+        extra = np.zeros_like(stop) if target is None else np.ones_like(stop)
+        sizes = has_sys + length + extra
+        offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        flat = np.empty(int(offsets[-1]), dtype=np.int64)
+        first = offsets[:-1]
+        flat[first[has_sys == 1]] = sys[has_sys == 1]
+        within = np.arange(int(length.sum()), dtype=np.int64) - np.repeat(np.cumsum(length) - length, length)
+        flat[np.repeat(first + has_sys, length) + within] = np.repeat(rows["base"].to_numpy() + start, length) + within
+        if target is not None:
+            flat[first + has_sys + length] = rows["target"].to_numpy()
+        values = self.pool.take(pa.array(flat))
+        messages = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+        out = rows.drop("base", "sys", *(["target"] if target is not None else []))
+        return out.with_columns(pl.Series(name, messages))
+
+    def at_parent(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Rows answering a user turn `parent_id` on the path, with `end` = just after that turn."""
+        parent = self.index.select(parent_id="turn_id", end=pl.col("idx") + 1)
+        return df.join(parent, on="parent_id", how="inner", maintain_order="left")
+
+    def one(self, df: pl.DataFrame, turn: str, name: str) -> pl.DataFrame:
+        """A one-message list column `name`: the assistant turn `turn` as originally written."""
+        rows = df.join(self.original.rename({"target": "_t"}), left_on=turn, right_on="turn_id", how="inner",
+                       maintain_order="left")
+        flat = rows["_t"].to_numpy()
+        values = self.pool.take(pa.array(flat))
+        messages = pa.LargeListArray.from_arrays(pa.array(np.arange(len(flat) + 1, dtype=np.int64)), values)
+        return rows.drop("_t").with_columns(pl.Series(name, messages))
+
+
+def _large(series: pl.Series) -> pa.Array:
+    arr = series.cast(pl.String).to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.cast(pa.large_string())
+
+
+def build_partition(frames: Frames, config: BuildConfig | None = None) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
+    """The datasets of one partition of users: ({dataset: frame}, {skipped reason: count}).
+
+    RM frames carry a `split` column ("train"/"eval") that `build_datasets` writes to separate files.
+    """
+    skipped: dict[str, int] = {}
+    return dict(iter_partition(frames, config or BuildConfig(), skipped)), skipped
+
+
+def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int]) -> Iterator[tuple[str, pl.DataFrame]]:
+    """`build_partition`, one dataset at a time (so a writer can let go of each before the next)."""
+    ctx = _Context(frames, config)
+    turns, events = frames["turns"], frames["events"]
+    flagged = frames["target_flags"].select("turn_id")
+    skipped["malformed_conversations"] = skipped.get("malformed_conversations", 0) + ctx.malformed
+    assistant = turns.filter(pl.col("role") == "assistant").select(
+        "turn_id", "conversation_id", "parent_id", "candidate_index", "shown", "selected", "text")
+    selects = events.filter(pl.col("type") == "select").select("turn_id").unique()
+    chosen_swipes = assistant.filter(pl.col("selected")).join(selects, on="turn_id", how="semi")
+
+    if config.sft.enabled:
+        pool = chosen_swipes if config.sft.source == "swipes" else assistant.filter(pl.col("selected"))
+        kept = pool.join(flagged, on="turn_id", how="anti")
+        skipped["sft:flagged_target"] = pool.height - kept.height
+        swiped = selects.with_columns(swiped=pl.lit(True))
+        rows = ctx.at_parent(kept).join(swiped, on="turn_id", how="left").sort("turn_id")
+        rows = ctx.attach(rows, target="turn_id")
+        skipped["sft:not_on_a_path"] = kept.height - rows.height  # parent missing, or a malformed conversation
+        yield "sft", rows.select(
+            example_id=pl.lit("sft:") + pl.col("turn_id"), user_id="user_id", conversation_id="conversation_id",
+            turn_id="turn_id", character_id="character_id",
+            source=pl.when(pl.col("swiped").fill_null(False)).then(pl.lit("swipe")).otherwise(pl.lit("selected")),
+            messages="messages", weight="weight")
+
+    want_pairs = config.dpo.enabled or (config.rm.enabled and "preference" in config.rm.signals)
+    if want_pairs:
+        pairs = _pairs(ctx, assistant, chosen_swipes, events, config.dpo)
+        if config.dpo.enabled:
+            dpo = pairs.join(flagged, left_on="chosen_turn_id", right_on="turn_id", how="anti")
+            skipped["dpo:flagged_chosen"] = pairs.height - dpo.height
+            yield "dpo", dpo
+        if config.rm.enabled and "preference" in config.rm.signals:
+            yield "rm/preference", _split(pairs, config.rm)
+        del pairs
+
+    if config.rm.enabled:
+        for signal in config.rm.signals:
+            if signal == "preference":
+                continue
+            frame, censored_out = _scalar(signal, ctx, frames, assistant, config.rm)
+            if censored_out:
+                skipped[f"rm/{signal}:censored"] = censored_out
+            yield f"rm/{signal}", _split(frame, config.rm)
+
+    if config.distill.enabled:
+        users = turns.filter((pl.col("role") == "user") & pl.col("selected")).select("turn_id", "conversation_id")
+        rows = users.join(ctx.index.select("turn_id", end=pl.col("idx") + 1), on="turn_id", how="inner",
+                          maintain_order="left")
+        rows = ctx.attach(rows.sort("turn_id"))
+        distill = rows.select(example_id=pl.lit("distill:") + pl.col("turn_id"), user_id="user_id",
+                              conversation_id="conversation_id", turn_id="turn_id", character_id="character_id",
+                              messages="messages", weight="weight")
+        if config.distill.dedup:  # the smallest example id of each distinct prompt stays
+            distill = distill.with_columns(_key=pl.col("messages").hash(seed=13))
+            before = distill.height
+            distill = distill.unique("_key", keep="first", maintain_order=True)
+            skipped["distill:duplicate"] = before - distill.height
+        yield "distill", distill
+
+
+def _pairs(ctx: _Context, assistant: pl.DataFrame, chosen: pl.DataFrame, events: pl.DataFrame,
+           config: DPOConfig) -> pl.DataFrame:
+    rejected = assistant.filter(pl.col("shown") & ~pl.col("selected"))
+    if config.require_swipe_event:
+        swipes = events.filter(pl.col("type") == "swipe").select("turn_id").unique()
+        rejected = rejected.join(swipes, on="turn_id", how="semi")
+    pairs = (chosen.select("parent_id", "conversation_id", chosen_turn_id="turn_id", chosen_text="text")
+             .join(rejected.select("parent_id", "candidate_index", rejected_turn_id="turn_id", rejected_text="text"),
+                   on="parent_id", how="inner")
+             .filter(pl.col("chosen_text").str.strip_chars() != pl.col("rejected_text").str.strip_chars())
+             .sort("chosen_turn_id", "candidate_index"))
+    if config.max_pairs_per_prompt:
+        pairs = pairs.filter(pl.int_range(pl.len()).over("chosen_turn_id") < config.max_pairs_per_prompt)
+    rows = ctx.attach(ctx.at_parent(pairs.drop("chosen_text", "rejected_text")), name="prompt")
+    rows = ctx.one(ctx.one(rows, "chosen_turn_id", "chosen"), "rejected_turn_id", "rejected")
+    return rows.select(
+        example_id=pl.lit("pair:") + pl.col("chosen_turn_id") + pl.lit(">") + pl.col("rejected_turn_id"),
+        user_id="user_id", conversation_id="conversation_id", parent_id="parent_id",
+        chosen_turn_id="chosen_turn_id", rejected_turn_id="rejected_turn_id", prompt="prompt",
+        chosen="chosen", rejected="rejected", weight="weight")
+
+
+def _scalar(signal: str, ctx: _Context, frames: Frames, assistant: pl.DataFrame, config: RMConfig
+            ) -> tuple[pl.DataFrame, int]:
+    """(rows: turn_id, conversation_id, parent_id, text, label, censored; rows left out as censored)."""
+    labels = frames["labels"]
+    events = frames["events"]
+    censored_out = 0
+    if signal == "thumbs":
+        votes = (events.filter(pl.col("type") == "vote").sort("timestamp")
+                 .group_by("turn_id").agg(label=pl.col("value").last())
+                 .filter(pl.col("label") != 0))
+        rows = assistant.join(votes, on="turn_id", how="inner").with_columns(censored=pl.lit(False))
+    elif signal == "safety":
+        reports = events.filter(pl.col("type") == "report").select("turn_id").unique().with_columns(r=pl.lit(1.0))
+        rows = (assistant.filter(pl.col("shown")).join(reports, on="turn_id", how="left")
+                .with_columns(label=pl.col("r").fill_null(0.0), censored=pl.lit(False)).drop("r"))
+        if config.safety_negatives_per_positive is not None:
+            pos = rows.filter(pl.col("label") > 0)
+            neg = rows.filter(pl.col("label") == 0)
+            neg = neg.with_columns(_h=hash_column(neg, "turn_id", "safety", unique=False)).sort("_h")
+            neg = neg.head(int(np.ceil(config.safety_negatives_per_positive * pos.height))).drop("_h")
+            rows = pl.concat([pos, neg])
+    else:
+        column = {"continue": "continued", "turns_after": "turns_after",
+                  "time_to_next": "time_to_next_user_message", "returned_1d": "returned_1d",
+                  "returned_7d": "returned_7d"}[signal]
+        lab = labels.select("turn_id", label=pl.col(column).cast(pl.Float64))
+        rows = assistant.join(lab, on="turn_id", how="inner")
+        if signal == "time_to_next":
+            rows = rows.with_columns(censored=pl.col("label").is_null())
+        else:
+            before = rows.height
+            rows = rows.filter(pl.col("label").is_not_null()).with_columns(censored=pl.lit(False))
+            censored_out = before - rows.height
+    rows = ctx.at_parent(rows.select("turn_id", "conversation_id", "parent_id", "label", "censored")).sort("turn_id")
+    rows = ctx.attach(rows, target="turn_id")
+    return rows.select(
+        example_id=pl.lit(f"{signal}:") + pl.col("turn_id"), user_id="user_id", conversation_id="conversation_id",
+        turn_id="turn_id", messages="messages", label="label", censored="censored", weight="weight"), censored_out
+
+
+def split_of(user_ids: pl.Series, eval_fraction: float, salt: str) -> pl.Series:
+    """'eval' or 'train' per user id: a stable hash, so a user is on one side in every dataset."""
+    h = hash_column(pl.DataFrame({"user_id": user_ids}), "user_id", salt).to_numpy()
+    return pl.Series("split", np.where(unit_interval(h) < eval_fraction, "eval", "train"), dtype=pl.String)
+
+
+def _split(df: pl.DataFrame, config: RMConfig) -> pl.DataFrame:
+    return df.with_columns(split_of(df["user_id"], config.eval_fraction, config.salt))
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildReport:
+    """Rows (and distinct users) per output file, what was skipped and why, and the files."""
+
+    datasets: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    partitions: int = 1
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"datasets": self.datasets, "skipped": self.skipped, "files": self.files,
+                "partitions": self.partitions, "seconds": round(self.seconds, 3)}
+
+    def summary(self) -> str:
+        lines = [f"{'dataset':<28} {'rows':>9} {'users':>7}"]
+        for name, d in self.datasets.items():
+            lines.append(f"{name:<28} {d['rows']:>9} {d['users']:>7}")
+        if any(self.skipped.values()):
+            lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v))
+        return "\n".join(lines)
+
+
+class _Sinks:
+    """One file per (dataset, format), appended partition by partition; each appears atomically.
+
+    Encoding and compressing happen on one background thread (pyarrow lets go of the GIL), so
+    writing one dataset overlaps building the next; at most `backlog` writes wait at a time.
+    """
+
+    def __init__(self, out_dir: Path, formats: list[str], backlog: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out_dir = out_dir
+        self.formats = formats
+        self.stack = contextlib.ExitStack()
+        self.tmp: dict[Path, Path] = {}
+        self.writers: dict[Path, Any] = {}
+        self.schemas: dict[Path, pa.Schema] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignloop-build-writer")
+        self.pending: list[Any] = []
+        self.backlog = backlog
+
+    def files(self, name: str) -> list[Path]:
+        return [self.out_dir / f"{name}.{'parquet' if f == 'parquet' else 'jsonl'}" for f in self.formats]
+
+    def open(self, name: str, schema: pa.Schema) -> None:
+        for path in self.files(name):
+            if path in self.tmp:
+                continue
+            self.tmp[path] = self.stack.enter_context(atomic_path(path))
+            self.schemas[path] = schema
+            if path.suffix == ".parquet":
+                # A big dictionary page lets repeated message texts (shared contexts) be stored once.
+                self.writers[path] = pq.ParquetWriter(self.tmp[path], schema, compression="zstd",
+                                                      compression_level=1, dictionary_pagesize_limit=64 << 20)
+            else:
+                self.writers[path] = open(self.tmp[path], "wb")  # noqa: SIM115 (closed in close())
+
+    def write(self, name: str, df: pl.DataFrame) -> None:
+        if df.height == 0:
+            return
+        for path in self.files(name):
+            if path.suffix == ".parquet":
+                job = (self.writers[path].write_table, _to_schema(df, self.schemas[path]))
+            else:
+                job = (df.select(self.schemas[path].names).write_ndjson, self.writers[path])
+            self.pending.append(self.pool.submit(*job))
+        while len(self.pending) > self.backlog:
+            self.pending.pop(0).result()
+
+    def _drain(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def close(self) -> list[Path]:
+        self._drain()
+        self.pool.shutdown()
+        for w in self.writers.values():
+            w.close()
+        self.stack.close()
+        return sorted(self.tmp)
+
+    def abort(self, exc: BaseException) -> None:
+        for job in self.pending:
+            with contextlib.suppress(Exception):
+                job.result()
+        self.pool.shutdown()
+        for w in self.writers.values():
+            with contextlib.suppress(Exception):
+                w.close()
+        self.stack.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def _to_schema(df: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    table = df.select(schema.names).to_arrow()
+    return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+def _outputs(config: BuildConfig) -> dict[str, pa.Schema]:
+    names: dict[str, pa.Schema] = {}
+    if config.sft.enabled:
+        names["sft"] = SFT
+    if config.dpo.enabled:
+        names["dpo"] = PAIRS
+    if config.rm.enabled:
+        for s in config.rm.signals:
+            for split in ("train", "eval"):
+                names[f"rm/{s}/{split}"] = PAIRS if s == "preference" else SCALAR
+    if config.distill.enabled:
+        names["distill"] = DISTILL
+    return names
+
+
+def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path, config: BuildConfig | None = None,
+                   out_dir: str | Path = "datasets") -> BuildReport:
+    """Build every enabled dataset from filtered logs (tables, or a folder of them) into `out_dir`."""
+    from alignloop.data.io import read_tables
+
+    config = config or BuildConfig()
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    outputs = _outputs(config)
+    if isinstance(filtered, (str, Path)) and partitions_in(filtered):
+        # Written by the filter stage partition by partition: read (and hold) one at a time.
+        folder, n = Path(filtered), partitions_in(filtered)
+        parts: Iterable[Frames] = (prepare(read_partition(folder, k, FILTERED_SCHEMAS)) for k in range(n))
+    else:
+        tables = read_tables(filtered, FILTERED_SCHEMAS) if isinstance(filtered, (str, Path)) else filtered
+        n = config.partitions
+        parts = split_partitions(prepare(tables), n)
+    report = BuildReport(datasets={name: {"rows": 0, "users": 0} for name in outputs}, partitions=n)
+    sinks = _Sinks(out_dir, list(config.formats))
+    # Distillation prompts are deduplicated across partitions and capped at the end, from a spill
+    # file, so that which prompt stays never depends on how users were partitioned.
+    spill = out_dir / ".distill-spill.parquet"
+    spill_writer: pq.ParquetWriter | None = None
+    try:
+        for name, schema in outputs.items():
+            sinks.open(name, schema)
+        for part in _bounded(parts, config.events_per_partition):
+            skipped: dict[str, int] = {}
+            for name, df in iter_partition(part, config, skipped):
+                if name == "distill":
+                    if "_key" not in df.columns:
+                        df = df.with_columns(_key=pl.lit(None, pl.UInt64))
+                    order = (hash_column(df, "example_id", "distill", unique=False)
+                             if config.distill.max_prompts is not None else pl.lit(0, pl.UInt64))
+                    table = df.with_columns(_h=order).to_arrow()
+                    if spill_writer is None:
+                        out_dir.mkdir(parents=True, exist_ok=True)
+                        spill_writer = pq.ParquetWriter(spill, table.schema, compression="lz4")
+                    spill_writer.write_table(table)
+                elif name.startswith("rm/"):
+                    for split in ("train", "eval"):
+                        _emit(sinks, report, f"{name}/{split}", df.filter(pl.col("split") == split))
+                else:
+                    _emit(sinks, report, name, df)
+                del df
+            for k, v in skipped.items():
+                report.skipped[k] = report.skipped.get(k, 0) + v
+        if spill_writer is not None:
+            spill_writer.close()
+            spill_writer = None
+            _emit_distill(sinks, report, spill, config.distill)
+    except BaseException as e:
+        if spill_writer is not None:
+            spill_writer.close()
+        sinks.abort(e)
+        raise
+    finally:
+        spill.unlink(missing_ok=True)
+    report.files = [str(p) for p in sinks.close()]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _bounded(parts: Iterable[Frames], events_per_partition: int) -> Iterator[Frames]:
+    """Each partition, cut further (by user, in memory) when it has more events than the bound:
+    examples carry their whole context, so they take many times the memory of the logs."""
+    for part in parts:
+        n = -(-part["events"].height // events_per_partition)
+        yield from split_partitions(part, n) if n > 1 else [part]
+
+
+def _emit_distill(sinks: _Sinks, report: BuildReport, spill: Path, config: DistillConfig) -> None:
+    keys = pl.read_parquet(spill, columns=["example_id", "_key", "_h"])
+    if config.dedup:
+        winners = keys.sort("example_id").unique("_key", keep="first")
+        report.skipped["distill:duplicate"] = report.skipped.get("distill:duplicate", 0) + keys.height - winners.height
+    else:
+        winners = keys
+    if config.max_prompts is not None and winners.height > config.max_prompts:
+        report.skipped["distill:over_max_prompts"] = winners.height - config.max_prompts
+        winners = winners.sort("_h").head(config.max_prompts)
+    keep = winners.select("example_id")
+    for batch in pq.ParquetFile(spill).iter_batches(batch_size=65536):
+        df = pl.from_arrow(batch)
+        _emit(sinks, report, "distill", df.join(keep, on="example_id", how="semi", maintain_order="left"))
+
+
+def _emit(sinks: _Sinks, report: BuildReport, name: str, df: pl.DataFrame) -> None:
+    sinks.write(name, df)
+    entry = report.datasets[name]
+    entry["rows"] += df.height
+    entry["users"] += df.select(pl.col("user_id").n_unique()).item() if df.height else 0  # partitions split users
+
+
+def write_report(report: BuildReport, path: str | Path) -> None:
+    from alignloop.runs import atomic_write_text
+
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")

@@ -1,0 +1,147 @@
+"""Near-duplicate detection for texts: normalisation, word shingles, MinHash, banded LSH.
+
+A document (here: the user messages of one conversation) is normalised (lowercase, anything but
+letters and digits becomes a space), cut into shingles (its words and pairs of neighbouring
+words), and summarised by `num_perm` MinHash values: the chance that two documents agree on one
+value is the Jaccard similarity of their shingle sets. Documents agreeing on all `rows` values of
+any of the `num_perm / rows` bands become candidates; a candidate is kept only if the estimated
+similarity to its band's first document reaches `threshold`; connected components of what is
+kept are the near-duplicate groups. Everything is vectorised (no pairwise loops), so a cluster of
+thousands of copies costs as much as thousands of singletons.
+
+Shingles are hashed by Polars with fixed seeds, and permuted with fixed constants: the same
+documents give the same groups on any machine with the same Polars version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from alignloop.data.stablehash import mix64
+
+NON_WORD = r"[^\p{L}\p{N}]+"
+_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+def normalize(expr: pl.Expr) -> pl.Expr:
+    """Lowercase; every run of non-letters/digits (punctuation, emojis, whitespace) -> one space."""
+    return expr.str.to_lowercase().str.replace_all(NON_WORD, " ").str.strip_chars()
+
+
+def shingles(docs: pl.DataFrame, doc: str = "doc", text: str = "text", normalized: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc index, word hash, word-pair hash) per word of each document's normalised text, in order.
+
+    A word's pair is hashed with the next word of the same document (the last word of a document
+    pairs with itself, which changes no minimum). Shingle hashes are Polars hashes with fixed
+    seeds: the same on every machine running the same Polars version.
+    """
+    norm = pl.col(text) if normalized else normalize(pl.col(text))
+    words = (docs.select(pl.col(doc).cast(pl.Int64).alias("doc"), norm.str.split(" ").alias("w"))
+             .explode("w")
+             .filter(pl.col("w").is_not_null() & (pl.col("w") != ""))
+             .select("doc", h=pl.col("w").hash(seed=17)))
+    if words.height == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    d = words["doc"].to_numpy()
+    h = words["h"].to_numpy()
+    nxt = np.r_[h[1:], h[-1:]]
+    last = np.r_[d[1:] != d[:-1], True]
+    with np.errstate(over="ignore"):
+        pair = np.where(last, h, mix64(h * _MUL + nxt + np.uint64(1)))
+    return d, h, pair
+
+
+def minhash(doc_idx: np.ndarray, words: np.ndarray, pairs: np.ndarray | None, n_docs: int, num_perm: int = 64,
+            seed: int = 0) -> np.ndarray:
+    """(n_docs, num_perm) uint64 MinHash signatures of the shingle sets {words} | {pairs}; a document
+    without shingles gets all-max values. `doc_idx` must be sorted; repeated shingles are harmless.
+
+    Permutation k maps a shingle x to a_k * mix(x) + b_k (mod 2**64), a_k odd.
+    """
+    sig = np.full((n_docs, num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+    if len(doc_idx) == 0:
+        return sig
+    rng = np.random.default_rng([seed, 0x5EED])
+    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+    starts = np.flatnonzero(np.r_[True, doc_idx[1:] != doc_idx[:-1]])
+    docs = doc_idx[starts]
+    xs = [mix64(words)] + ([mix64(pairs)] if pairs is not None else [])
+    with np.errstate(over="ignore"):
+        for k in range(num_perm):  # one flat pass per permutation: faster than 2-D blocks here
+            m = xs[0] * a[k] + b[k]
+            for x in xs[1:]:
+                np.minimum(m, x * a[k] + b[k], out=m)
+            sig[docs, k] = np.minimum.reduceat(m, starts)
+    return sig
+
+
+def components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Connected components of the graph with edges (u[i], v[i]): each node's smallest member."""
+    label = np.arange(n, dtype=np.int64)
+    if len(u) == 0:
+        return label
+    while True:
+        m = np.minimum(label[u], label[v])
+        before = label.copy()
+        np.minimum.at(label, u, m)
+        np.minimum.at(label, v, m)
+        while True:  # pointer jumping: everyone points at their root
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
+        if np.array_equal(label, before):
+            return label
+
+
+def lsh_groups(sig: np.ndarray, rows: int = 4, threshold: float = 0.7, eligible: np.ndarray | None = None) -> np.ndarray:
+    """Near-duplicate group of each document (the smallest document index in its group).
+
+    Bands of `rows` MinHash values; documents sharing a band are compared with the band's first
+    document, and joined when their estimated Jaccard similarity is at least `threshold`.
+    Documents not `eligible` stay alone.
+    """
+    n, num_perm = sig.shape
+    if num_perm % rows:
+        raise ValueError(f"num_perm {num_perm} is not a multiple of rows {rows}")
+    idx = np.arange(n) if eligible is None else np.flatnonzero(eligible)
+    us, vs = [], []
+    if len(idx) > 1:
+        s = sig if eligible is None else sig[idx]
+        for band in range(num_perm // rows):
+            block = s[:, band * rows:(band + 1) * rows]
+            key = np.zeros(len(idx), dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for j in range(rows):
+                    key = mix64(key * _MUL + block[:, j])
+            order = np.lexsort((idx, key))
+            k_sorted = key[order]
+            first = np.r_[True, k_sorted[1:] != k_sorted[:-1]]
+            group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+            rep = order[group_start]
+            cand = ~first
+            u, v = order[cand], rep[cand]
+            if len(u):
+                similar = (s[u] == s[v]).mean(axis=1) >= threshold
+                us.append(idx[u[similar]])
+                vs.append(idx[v[similar]])
+    if not us:
+        return np.arange(n, dtype=np.int64)
+    return components(n, np.concatenate(us), np.concatenate(vs))
+
+
+def near_duplicate_groups(texts: Sequence[str], num_perm: int = 64, rows: int = 4, threshold: float = 0.7,
+                          min_words: int = 0, seed: int = 0) -> np.ndarray:
+    """Group of each text (the index of the first text of its group); texts with fewer than
+    `min_words` normalised words are left alone."""
+    docs = pl.DataFrame({"doc": np.arange(len(texts)), "text": list(texts)}, schema={"doc": pl.Int64, "text": pl.String})
+    d, words, pairs = shingles(docs)
+    sig = minhash(d, words, pairs, len(texts), num_perm, seed)
+    n_words = docs.select(normalize(pl.col("text")).str.split(" ").list.eval(pl.element().filter(pl.element() != "")).list.len())
+    eligible = n_words.to_series().to_numpy() >= max(min_words, 1)
+    return lsh_groups(sig, rows, threshold, eligible)
