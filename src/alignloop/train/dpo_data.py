@@ -37,6 +37,7 @@ import torch
 
 from alignloop.chat.masks import mask_conversation, token_mask
 from alignloop.errors import AlignloopError
+from alignloop.train.rows import read_rows
 from alignloop.train.packing import Example, PackedBatch, collate, pack
 from alignloop.ui import say
 
@@ -83,24 +84,7 @@ class PairCounts:
 
 def read_pairs(path: str | Path) -> list[Pair]:
     """All rows of a JSONL or Parquet pairs file; a malformed row is an AlignloopError naming it."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        raw = [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    else:
-        raw = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    raw.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise AlignloopError(f"{path}:{number}: not JSON ({e.msg})") from None
-    if not raw:
-        raise AlignloopError(f"{path}: no preference pairs (the file is empty)")
-    return [_pair(where, row) for where, row in raw]
+    return [_pair(where, row) for where, row in read_rows(path, "preference pairs")]
 
 
 def _messages(where: str, name: str, value: Any, default_role: str) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ Nothing is ever cut silently:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import torch
 
 from alignloop.chat.masks import mask_conversation, token_mask
 from alignloop.errors import AlignloopError
+from alignloop.train.rows import read_rows
 from alignloop.train.packing import Example, PackedBatch, collate, pack
 from alignloop.ui import say
 
@@ -57,24 +57,7 @@ class TokenizeCounts:
 
 def read_conversations(path: str | Path) -> list[Conversation]:
     """All rows of a JSONL or Parquet messages file; a malformed row is an AlignloopError."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        raw = [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    else:
-        raw = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    raw.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise AlignloopError(f"{path}:{number}: not JSON ({e.msg})") from None
-    if not raw:
-        raise AlignloopError(f"{path}: no conversations (the file is empty)")
-    return [_conversation(where, row) for where, row in raw]
+    return [_conversation(where, row) for where, row in read_rows(path, "conversations")]
 
 
 def _conversation(where: str, row: Any) -> Conversation:
