@@ -149,6 +149,23 @@ def bench_template(
     _record_bench("template", {}, run, runs_dir, run_bench)
 
 
+@bench_app.command("logs")
+def bench_logs(
+    events: Annotated[int, typer.Option(min=1000, help="Events in the simulated log.")] = 1_000_000,
+    memory_events: Annotated[int, typer.Option(min=0, help="Events for the streaming memory check (0: skip).")]
+    = 10_000_000,
+    run: Annotated[Optional[str], typer.Option(help="Run folder name (default: a timestamp).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+) -> None:
+    """Log pipeline filter + build, ours (Polars) vs a plain pandas implementation; optional 10M-event
+    peak-memory check (its JSON line comes first)."""
+    from alignloop.bench.logs import run_bench, run_memory_check
+
+    if memory_events:
+        print(json.dumps(run_memory_check(memory_events)))
+    _record_bench("logs", {"events": events}, run, runs_dir, lambda: run_bench(events))
+
+
 def main() -> None:
     try:
         app()
