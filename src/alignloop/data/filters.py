@@ -34,6 +34,8 @@ unfiltered logs, so that outcomes like "returned within 7 days" still see every 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -332,7 +334,7 @@ def _read_stats(frames: Frames, min_seconds: float, max_wps: float) -> pl.DataFr
 # --- filters -----------------------------------------------------------------------------------
 
 
-class Filter:
+class Filter(ABC):
     """One filter: signature (per partition) -> resolve (once) -> apply (per partition)."""
 
     name: ClassVar[str]
@@ -343,22 +345,24 @@ class Filter:
         self.config = config
 
     def items(self, frames: Frames) -> pl.DataFrame:
-        """The items it decides about: id, user_id."""
+        """The items it decides about: id, user_id. Filters on other units override this."""
         if self.unit == "users":
             return frames["users"].select(id="user_id", user_id="user_id")
         if self.unit == "conversations":
             return frames["conversations"].select(id="conversation_id", user_id="user_id")
-        raise NotImplementedError
+        raise ValueError(f"filter '{self.name}' decides about '{self.unit}' and must define items()")
 
+    @abstractmethod
     def signature(self, frames: Frames) -> pl.DataFrame:
-        raise NotImplementedError
+        """What resolve needs from one user partition."""
 
+    @abstractmethod
     def resolve(self, signature: pl.DataFrame) -> pl.DataFrame:
         """Decisions: id, user_id, reason[, weight] -- one row per item dropped (or down-weighted)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def apply(self, frames: Frames, decisions: pl.DataFrame) -> Frames:
-        raise NotImplementedError
+        """One partition's tables with the decisions carried out."""
 
 
 class QualityFilter(Filter):
