@@ -78,6 +78,7 @@ from alignloop.train.sft import SFTObjective, SFTTrainSection, save_model
 from alignloop.train.sft_data import (
     Conversation,
     PackedBatches,
+    epoch_chunks,
     read_conversations,
     split,
     tokenize,
@@ -362,11 +363,7 @@ class TopKBatches:
         self.rows = pack(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
 
     def __call__(self, epoch: int) -> Sequence[TopKBatch]:
-        order = list(range(len(self.rows)))
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.rows), generator=g).tolist()
-        return _LazyTopK(self, [order[i : i + self.micro_batch] for i in range(0, len(order), self.micro_batch)])
+        return _LazyTopK(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.micro_batch)

@@ -38,6 +38,7 @@ import torch
 from alignloop.chat.masks import mask_conversation, token_mask
 from alignloop.errors import AlignloopError
 from alignloop.train.rows import read_rows
+from alignloop.train.sft_data import epoch_chunks
 from alignloop.train.packing import Example, PackedBatch, collate, pack
 from alignloop.ui import say
 
@@ -272,11 +273,7 @@ class PairBatches:
         self.rows = pack(lengths, row_len) if packing else [[i] for i in range(len(lengths))]
 
     def __call__(self, epoch: int) -> Sequence[PairBatch]:
-        order = list(range(len(self.rows)))
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.rows), generator=g).tolist()
-        return _LazyPairs(self, [order[i : i + self.micro_batch] for i in range(0, len(order), self.micro_batch)])
+        return _LazyPairs(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.micro_batch)

@@ -153,6 +153,18 @@ def split(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple
 # --- batching ----------------------------------------------------------------------------------
 
 
+def epoch_chunks(n_rows: int, micro_batch: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Row indices of each micro batch of one epoch.
+
+    Seeded by (seed, epoch) alone, not by a global RNG: a resumed run sees the same order.
+    """
+    order = list(range(n_rows))
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n_rows, generator=g).tolist()
+    return [order[i : i + micro_batch] for i in range(0, n_rows, micro_batch)]
+
+
 class PackedBatches:
     """`batches(epoch)` for the training loop: packed rows, reshuffled each epoch from the seed."""
 
@@ -167,13 +179,7 @@ class PackedBatches:
         self.rows = pack(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
 
     def __call__(self, epoch: int) -> Sequence[PackedBatch]:
-        order = list(range(len(self.rows)))
-        if self.shuffle:
-            # Seeded by (seed, epoch) alone, not by a global RNG: a resumed run sees the same order.
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.rows), generator=g).tolist()
-        chunks = [order[i : i + self.micro_batch] for i in range(0, len(order), self.micro_batch)]
-        return _LazyBatches(self, chunks)
+        return _LazyBatches(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.micro_batch)
