@@ -166,6 +166,20 @@ def bench_logs(
     _record_bench("logs", {"events": events}, run, runs_dir, lambda: run_bench(events))
 
 
+@bench_app.command("sft")
+def bench_sft(
+    model: Annotated[str, typer.Option(help="Zoo name.")] = "smollm2-135m",
+    rounds: Annotated[int, typer.Option(min=1, help="Alternating timed rounds per side.")] = 3,
+    run: Annotated[Optional[str], typer.Option(help="Run folder name (default: a timestamp).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run folders go.")] = Path("runs"),
+) -> None:
+    """SFT with LoRA: trained tokens/s, ours vs TRL `SFTTrainer` on the same conversations."""
+    from alignloop.bench.sft import run_bench
+
+    _record_bench("sft", {"model": model, "rounds": rounds}, run, runs_dir,
+                  lambda: run_bench(model=model, rounds=rounds))
+
+
 def main() -> None:
     try:
         app()

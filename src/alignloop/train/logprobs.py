@@ -125,6 +125,31 @@ def _attention(lm: torch.nn.Module, name: str) -> Iterator[None]:
         lm.config._attn_implementation = previous
 
 
+@contextlib.contextmanager
+def _adapter_inputs_uncast(model: torch.nn.Module, device_type: str) -> Iterator[None]:
+    """Under autocast, let LoRA layers feed their input to the adapters as it is.
+
+    peft casts each adapter's input to the adapter's dtype: with bf16 base weights and fp32
+    adapters that is a bf16 -> fp32 copy of the activations, which autocast then copies straight
+    back to bf16 for the adapter's matmul; two copies per adapted layer, forward and backward,
+    for nothing. Without autocast the cast is needed (the dtypes must match), so it stays.
+    """
+    if not (torch.is_autocast_enabled(device_type) and hasattr(model, "peft_config")):
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, saved):
+            m.cast_input_dtype_enabled = value
+
+
 class TokenLogprobs(torch.nn.Module):
     """forward(input_ids, position_ids, allowed, select, targets[, segments]) -> log p(targets) at `select`.
 
@@ -159,7 +184,7 @@ class TokenLogprobs(torch.nn.Module):
 
                 allowed = block_causal_mask(segments)
             mask = attention_inputs(lm, allowed)
-        with route:
+        with route, _adapter_inputs_uncast(self.model, input_ids.device.type):
             return self._logprobs(lm, input_ids, position_ids, mask, select, targets)
 
     def _logprobs(self, lm, input_ids, position_ids, mask, select, targets) -> torch.Tensor:
