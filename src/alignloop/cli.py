@@ -180,6 +180,28 @@ def bench_sft(
                   lambda: run_bench(model=model, rounds=rounds))
 
 
+@app.command("abtest")
+def abtest(
+    control: Annotated[str, typer.Argument(help="Control arm: 'template[:k=v,...]', a zoo name or a model folder.")],
+    treatment: Annotated[str, typer.Argument(help="Treatment arm, same forms.")],
+    recipe: Annotated[Optional[Path], typer.Option(help="An abtest recipe (TOML); default: built-in settings.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: section.key=value.")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Run folder name (overrides run.name).")] = None,
+    force: Annotated[bool, typer.Option(help="Re-run even if nothing changed.")] = False,
+) -> None:
+    """Simulated A/B test on fresh users: per-user metrics, CIs, p-values, safety gate, decision."""
+    from alignloop.eval.abtest_stage import ABTestRecipe, run_abtest_stage
+    from alignloop.recipes import load_recipe
+
+    if recipe is None:
+        loaded = ABTestRecipe()
+        if set_:
+            raise typer.BadParameter("--set needs --recipe")
+    else:
+        loaded = load_recipe(recipe, ABTestRecipe, set_ or [])
+    run_abtest_stage(loaded, control, treatment, run=run, force=force)
+
+
 def main() -> None:
     try:
         app()
