@@ -43,3 +43,19 @@ def test_ours_and_pandas_give_identical_outputs(world, tmp_path, which):
     peer = run_peer(world, tmp_path / "peer", fc, bc)
     assert ours["events"].height > 0 and (tmp_path / "ours" / "sft.parquet").is_file()
     assert compare(ours, tmp_path / "ours", peer, tmp_path / "peer") == []
+
+
+def test_memory_check_runs_the_real_commands(tmp_path):
+    """The memory check simulates a log folder, then runs `alignloop logs filter` and `logs build`
+    on it, each in its own process (started as the command, nothing added to its environment),
+    and reports each one's peak memory."""
+    from alignloop.bench.logs import run_memory_check
+
+    out = run_memory_check(events=4000, work_dir=tmp_path, timeout=300)
+    assert out["events"] >= 4000 and out["examples"] > 0 and out["partitions"] == 1
+    assert set(out["phases"]) == {"simulate", "filter", "build"}
+    assert all(p["peak_rss_gib"] > 0.05 for p in out["phases"].values())
+    assert out["peak_rss_gib"] == max(out["phases"]["filter"]["peak_rss_gib"], out["phases"]["build"]["peak_rss_gib"])
+    # `alignloop logs ...` set the allocators to hand freed memory back, before Polars loaded.
+    assert out["allocators"]["MIMALLOC_PURGE_DELAY"] == "0"
+    assert out["allocators"]["_RJEM_MALLOC_CONF"].endswith("dirty_decay_ms:0,muzzy_decay_ms:0")

@@ -47,3 +47,20 @@ def test_both_sides_train_the_same_tokens_with_the_same_settings(tiny, tmp_path)
     assert (a["base_dtype"], a["adapter_dtype"]) == (settings["base_dtype"], settings["adapter_dtype"])
     # TRL keeps its own defaults for how it trains (documented in the bench's JSON line).
     assert b["gradient_checkpointing"] and not b["packing"]
+
+
+def test_bench_threads_leave_out_the_cores_other_work_keeps_busy(monkeypatch):
+    import os
+
+    import torch
+
+    from alignloop.bench import training
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    for load, threads in ((0.0, 8), (0.4, 8), (0.6, 7), (3.2, 5), (7.6, 1), (40.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert training.bench_threads() == threads, load
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # never more than torch would use
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert training.bench_threads() == 2

@@ -187,6 +187,8 @@ def test_stages_simulate_filter_build(tmp_path):
         assert (stage.dir / name).is_file(), name
     funnel = json.loads((stage.dir / "funnel.json").read_text())
     assert funnel["precision_recall"]["bots"]["precision"] is not None
+    assert funnel["precision_recall"]["bots"]["target"] == {"precision": 0.9, "recall": 0.8}
+    assert isinstance(funnel["precision_recall"]["min_reading"]["meets_target"], bool)
     build = run_build_stage(recipe)
     report = json.loads((build.dir / "build_report.json").read_text())
     assert report["partitions"] == 2 and report["datasets"]["sft"]["rows"] > 0

@@ -155,3 +155,33 @@ def test_sequence_level_makes_an_sft_dataset_from_engine_answers(tmp_path, tiny)
     manifest = json.loads(stage.path("manifest.json").read_text())
     assert manifest["generation"]["answered"] == 6 and manifest["train"]["steps"] == 2
     assert "ce" in json.loads(stage.path("metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_bad_input_is_a_clear_error_or_a_counted_skip(tmp_path):
+    """Empty data, rows without an answer to distil on, rows longer than max_seq_len, a context overrun."""
+    from alignloop.recipes import load_recipe
+    from alignloop.train.distill import DistillRecipe, run_distill
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    user = {"role": "user", "content": "Name a fruit."}
+    ok = {"messages": [user, {"role": "assistant", "content": "A pear."}]}
+    long = {"messages": [user, {"role": "assistant", "content": "pear " * 200}]}
+    base = [f"run.dir={tmp_path / 'runs'}", "train.max_seq_len=128", "train.steps=1", "train.eval_fraction=0",
+            "train.micro_batch=2"]
+
+    def run(data, *more):
+        return run_distill(load_recipe(TINY_RECIPE, DistillRecipe, [*base, f"data.path={data}", *more]), force=True)
+
+    with pytest.raises(AlignloopError, match="empty"):
+        run(write("empty.jsonl", []))
+    with pytest.raises(AlignloopError, match="no assistant tokens in any of the 2"):
+        run(write("prompts.jsonl", [{"messages": [user]}] * 2))  # responses = data: nothing to distil on
+    with pytest.raises(AlignloopError, match="longer than the student's context of 4096"):
+        run(write("ok.jsonl", [ok]), "train.max_seq_len=5000")
+    stage = run(write("mixed.jsonl", [ok, long, {"messages": [user]}, ok]))
+    data = json.loads(stage.path("manifest.json").read_text())["data"]
+    assert (data["rows"], data["kept"], data["skipped_too_long"], data["skipped_no_assistant"]) == (4, 2, 1, 1)

@@ -69,7 +69,7 @@ def test_objective_sums_response_tokens_per_side_and_applies_weights():
     batch = collate_pairs([[a, b]], reference=reference)
     assert batch.packed.input_ids.shape == (1, 14) and batch.n_pairs == 2
 
-    def module(input_ids, position_ids, allowed, select, targets):  # log p(token) = -0.1 * id
+    def module(input_ids, position_ids, allowed, select, targets, segments=None):  # log p(token) = -0.1 * id
         return -0.1 * targets.float()
 
     seq = dpo_module.sequence_logps(module, batch)
@@ -160,6 +160,41 @@ def test_lora_reference_is_the_base_model(tiny):
     batch = PairBatches(pairs, 256, 2, shuffle=False)(0)[0]
     with torch.no_grad():
         assert not torch.allclose(dpo_module.sequence_logps(module, batch), base[:batch.n_pairs], atol=1e-3)
+
+
+def test_per_sequence_attention_scores_each_side_as_if_alone(tiny):
+    """Both sides of several pairs in one row, attention per sequence: each side's log-prob is
+    what it gets alone in its own batch (and what the dense block mask gives)."""
+    from alignloop.train.logprobs import TokenLogprobs
+
+    model, tokenizer = tiny
+    pairs, _ = tokenize_pairs(tokenizer, read_pairs(REPO / "recipes" / "data" / "dpo_demo.jsonl")[:3], 128)
+    module = TokenLogprobs(model).eval()
+    packed = collate_pairs([pairs])  # 3 pairs = 6 sequences in one row
+    with torch.no_grad():
+        together = dpo_module.sequence_logps(module, packed)
+        pk = packed.packed
+        dense = module(pk.input_ids, pk.position_ids, pk.attention_mask(), pk.loss_mask, pk.targets[pk.loss_mask])
+        dense = torch.zeros(6).index_add_(0, packed.seq, dense).view(3, 2)
+        alone = torch.cat([dpo_module.sequence_logps(module, collate_pairs([[p]])) for p in pairs])
+    assert torch.allclose(together, alone, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(together, dense, rtol=1e-5, atol=1e-4)
+
+
+def test_run_refuses_bad_input_in_one_line(tmp_path):
+    from alignloop.recipes import load_recipe
+    from alignloop.train.dpo import DPORecipe, run_dpo
+
+    base = [f"run.dir={tmp_path}", *FAST]
+    with pytest.raises(AlignloopError, match="longer than the model's context of 4096"):
+        run_dpo(load_recipe(TINY_RECIPE, DPORecipe, [*base, "train.max_seq_len=5000"]))
+    # Every pair longer than max_seq_len: skipped and counted, then nothing left is an error.
+    with pytest.raises(AlignloopError, match=r"no preference pair left to train on: 48 too long for max_seq_len=8"):
+        run_dpo(load_recipe(TINY_RECIPE, DPORecipe, [*base, "train.max_seq_len=8"]))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(AlignloopError, match="no preference pairs"):
+        run_dpo(load_recipe(TINY_RECIPE, DPORecipe, [*base, f"data.path={empty}"]))
 
 
 # --- whole runs --------------------------------------------------------------------------------

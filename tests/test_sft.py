@@ -193,6 +193,17 @@ def test_bad_input_is_a_clear_error_or_a_counted_skip(tmp_path, tiny, capsys):
         tokenize(tokenizer, read_conversations(_write(tmp_path, [long, long])), 128)
 
 
+def test_max_seq_len_beyond_the_models_context_is_refused(tmp_path):
+    """A conversation longer than the model's positions would train on extrapolated rotary garbage."""
+    from alignloop.recipes import load_recipe
+    from alignloop.train.sft import SFTRecipe, run_sft
+
+    recipe = load_recipe(TINY_RECIPE, SFTRecipe, [f"run.dir={tmp_path}", "train.max_seq_len=5000"])
+    with pytest.raises(AlignloopError, match=r"train.max_seq_len=5000 is longer than the model's context of 4096"):
+        run_sft(recipe)
+    assert not (tmp_path / "sft-tiny" / "sft" / "checkpoints").exists()
+
+
 def test_recipe_errors_name_the_key(tmp_path):
     from alignloop.recipes import load_recipe
     from alignloop.train.sft import SFTRecipe

@@ -206,6 +206,28 @@ def test_pieces_measure_like_text() -> None:
         assert content_words(PIECES.text_list[p]) == ({WORDS[word]} if word >= 0 else set())
 
 
+@settings(max_examples=4, deadline=None)
+@given(rate=st.sampled_from([0.0, 0.03, 0.2]), seed=st.integers(0, 2**16))
+def test_within_answer_repeats_follow_the_configured_rate(rate, seed) -> None:
+    """An answer repeats one of its own sentences at `repeat_within`, not by chance: its fillers
+    and templates are drawn without replacement (with replacement, ~1/3 of answers repeated)."""
+    rng = np.random.default_rng(seed)
+    n = 12000
+    pop = sample_population(rng, 0, n, 7, 0.0, 0.0, 0.4, 1.2)
+    msg = write_messages(rng, pop, np.arange(n))
+    responder = TemplateResponder(TemplateSection(repeat=0.0, repeat_within=rate, length_median=60.0))
+    ctx = Context(characters=rng.integers(0, 10, n), user_pieces=msg, user_words=content_ids(msg),
+                  previous=np.full((n, WIDTH), -1, np.int32))
+    pieces = responder.compose(ctx, rng)
+    f = eg.features_from_pieces(pieces, ctx.user_words, np.full((n, 1), -1))
+    body = (pieces[:, 2:-3] >= 0).sum(axis=1)
+    expected = rate * (body >= 2).mean()  # a one-sentence answer has nothing to repeat
+    observed = (f.repeat_within > 0).mean()
+    assert abs(observed - expected) <= 4 * np.sqrt(max(expected, 1e-4) / n) + 1e-9, (observed, expected)
+    if rate == 0.0:
+        assert observed == 0.0
+
+
 # --- users: traits leak, bots and skimmers, heavy tails -----------------------------------------
 
 

@@ -5,7 +5,9 @@ full fine-tuning and LoRA, even and uneven splits of the step's micro batches. E
 single-process loss curve, eval loss and final weights with the same global batch
 (micro_batch x grad_accum rows) within fp32 summation-order noise: 1e-5 relative on losses.
 A 2-process FSDP2 checkpoint must then resume in a single process, since checkpoints are
-gathered full tensors whatever the world size.
+gathered full tensors whatever the world size. The same launch also runs a DPO recipe (FSDP2,
+LoRA: rank 0 alone computes and caches the reference) and a logit-distillation recipe (DDP: rank 0
+alone computes and caches the teacher's top-k): same curves as one process, and one set of files.
 """
 
 import json
@@ -24,6 +26,8 @@ from alignloop.train import dist
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "sft_tiny.toml"
+RECIPES = {"sft": TINY_RECIPE, "dpo": REPO / "recipes" / "dpo_tiny.toml",
+           "distill": REPO / "recipes" / "distill_tiny.toml"}
 
 pytestmark = pytest.mark.skipif(not dist.available(), reason="torch.distributed with gloo is unavailable")
 
@@ -42,6 +46,11 @@ CASES = {
     "fsdp-full": (["train.micro_batch=2", "train.grad_accum=2"], "fsdp"),
     "fsdp-lora": (["train.micro_batch=1", "train.grad_accum=4", *_LORA], "fsdp"),
 }
+# The other trainers: name -> (command, overrides, parallel); their stage folder is named after the command.
+OTHER_CASES = {
+    "dpo-fsdp-lora": ("dpo", ["train.micro_batch=1", "train.grad_accum=2", *_LORA], "fsdp"),
+    "distill-ddp": ("distill", ["train.micro_batch=1", "train.grad_accum=2"], "ddp"),
+}
 
 # Runs every case through the CLI (`alignloop train sft`), as `torchrun ... -m alignloop.cli` would.
 _CHILD = textwrap.dedent("""
@@ -49,10 +58,10 @@ _CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from alignloop.cli import app
-    recipe, root, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    for name, (overrides, parallel) in cases.items():
+    root, cases = sys.argv[1], json.loads(sys.argv[2])
+    for name, (command, recipe, overrides, parallel) in cases.items():
         sets = [*overrides, f"train.parallel={parallel}", f"run.dir={root}/{name}"]
-        app(["train", "sft", recipe, *[a for s in sets for a in ("--set", s)]], standalone_mode=False)
+        app(["train", command, recipe, *[a for s in sets for a in ("--set", s)]], standalone_mode=False)
 """)
 
 
@@ -61,13 +70,17 @@ def _overrides(name: str) -> list[str]:
     return [*_BASE, *overrides, f"train.parallel={parallel}"]
 
 
-def _torchrun(tmp_path: Path, cases: dict, nproc: int = 2, timeout: int = 150) -> subprocess.CompletedProcess:
+def _torchrun(tmp_path: Path, cases: dict, nproc: int = 2, timeout: int = 300,
+              others: dict | None = None) -> subprocess.CompletedProcess:
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    sent = {name: ([*_BASE, *overrides], parallel) for name, (overrides, parallel) in cases.items()}
+    sent = {name: ("sft", str(TINY_RECIPE), [*_BASE, *overrides], parallel)
+            for name, (overrides, parallel) in cases.items()}
+    for name, (command, overrides, parallel) in (others or {}).items():
+        sent[name] = (command, str(RECIPES[command]), [*_BASE, *overrides], parallel)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(script), str(TINY_RECIPE), str(tmp_path / "multi"), json.dumps(sent)]
+           str(script), str(tmp_path / "multi"), json.dumps(sent)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -79,13 +92,20 @@ def _metrics(stage_dir: Path) -> list[dict]:
 def runs(tmp_path_factory):
     """(folder of the 2-process runs, folder of the 1-process runs), one stage per case."""
     from alignloop.recipes import load_recipe
+    from alignloop.train.distill import DistillRecipe, run_distill
+    from alignloop.train.dpo import DPORecipe, run_dpo
     from alignloop.train.sft import SFTRecipe, run_sft
 
     tmp = tmp_path_factory.mktemp("dist")
-    child = _torchrun(tmp, CASES)
+    child = _torchrun(tmp, CASES, others=OTHER_CASES)
     assert child.returncode == 0, (child.stdout[-3000:], child.stderr[-6000:])
     for name in CASES:
         run_sft(load_recipe(TINY_RECIPE, SFTRecipe, [*_overrides(name), f"run.dir={tmp / 'single' / name}"]))
+    trainers = {"dpo": (DPORecipe, run_dpo), "distill": (DistillRecipe, run_distill)}
+    for name, (command, overrides, parallel) in OTHER_CASES.items():
+        recipe_class, run = trainers[command]
+        run(load_recipe(RECIPES[command], recipe_class, [*_BASE, *overrides, f"train.parallel={parallel}",
+                                                         f"run.dir={tmp / 'single' / name}"]))
     return tmp / "multi", tmp / "single"
 
 
@@ -117,6 +137,35 @@ def test_two_processes_give_the_one_process_loss_curve(runs, name):
         ta, tb = load_file(ca / f), load_file(cb / f)
         assert ta.keys() == tb.keys() and all(ta[k].shape == tb[k].shape for k in ta)
     assert "rank1.torch_cpu" in load_file(ca / "rng.safetensors")  # every process's RNG state is kept
+
+
+@pytest.mark.parametrize("name", list(OTHER_CASES))
+def test_dpo_and_distill_under_torchrun_write_once_and_match_one_process(runs, name):
+    from alignloop.train.distill import TOPK_FILE
+    from alignloop.train.dpo import REFERENCE_FILE
+
+    command = OTHER_CASES[name][0]
+    multi, single = (root / name / "r" / command for root in runs)
+    a, b = _metrics(multi), _metrics(single)
+    # One metrics file, written by rank 0 alone: each step once.
+    assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 7))
+    for m2, m1 in zip(a, b):
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=LOSS_RTOL), (m2["step"], m2["loss"], m1["loss"])
+        assert m2["tokens"] == m1["tokens"]
+    evals = [(m2["eval_loss"], m1["eval_loss"]) for m2, m1 in zip(a, b) if "eval_loss" in m1]
+    assert evals and all(x == pytest.approx(y, rel=LOSS_RTOL) for x, y in evals)
+    manifest = json.loads((multi / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["train"]["steps"] == 6
+    cache = {"dpo": REFERENCE_FILE, "distill": TOPK_FILE}[command]
+    assert cache in manifest["outputs"]
+    # Rank 0's cache holds what one process computes (rank 1 read it, it did not write its own).
+    ca, cb = load_file(multi / cache), load_file(single / cache)
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+    assert not [p.name for p in multi.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    if command == "dpo":  # the FSDP2-sharded LoRA model was gathered, merged and saved by rank 0
+        wa, wb = load_file(multi / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
+        lr = manifest["config"]["train"]["lr"]
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= WEIGHT_ATOL_LR * lr
 
 
 def test_fsdp_checkpoint_resumes_in_one_process(runs, tmp_path):

@@ -62,6 +62,23 @@ def test_unknown_schedule_and_lora_off_switch():
     assert TrainSection(lora=False).lora is None  # --set train.lora=false
 
 
+def test_parallel_is_a_train_key_of_every_trainer():
+    """`train.parallel` lives in the shared TrainSection: SFT, DPO and distill recipes all take it."""
+    from alignloop.errors import AlignloopError
+    from alignloop.train import dist
+    from alignloop.train.distill import DistillRecipe
+    from alignloop.train.dpo import DPORecipe
+    from alignloop.train.sft import SFTRecipe
+
+    assert TrainSection().parallel == "ddp" and dist.strategy_of(TrainSection()) == "ddp"
+    for name, recipe_class in (("sft", SFTRecipe), ("dpo", DPORecipe), ("distill", DistillRecipe)):
+        recipe = load_recipe(REPO / "recipes" / f"{name}_tiny.toml", recipe_class, ["train.parallel=fsdp"])
+        assert isinstance(recipe.train, TrainSection)
+        assert recipe.train.parallel == "fsdp" and dist.strategy_of(recipe.train) == "fsdp"
+        with pytest.raises(AlignloopError, match="train.parallel"):
+            load_recipe(REPO / "recipes" / f"{name}_tiny.toml", recipe_class, ["train.parallel=zero3"])
+
+
 # --- gradient accumulation ---------------------------------------------------------------------
 
 

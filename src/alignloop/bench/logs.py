@@ -13,10 +13,10 @@ The outputs are compared after a deterministic sort (filtered tables by their id
 datasets by `example_id`): `identical` says every filtered table and every dataset holds the
 same rows. Metric: input events per second of filter + build (simulation excluded).
 
-`run_memory_check` streams a bigger world (default 10M events) through the on-disk path in a
-child process -- simulate block by block into Parquet, `filters.run_filters_on_disk` (user
-partitions of ~1M events), `builders.build_datasets` from the partitioned folder -- and reports
-the child's peak resident memory (`getrusage` max RSS).
+`run_memory_check` runs a bigger world (default 10M events) the way a user would: simulated
+block by block into a Parquet log folder, then the real `alignloop logs filter` and `alignloop
+logs build` commands on it, each in its own process (user partitions of ~1M events streamed from
+disk), and reports each process's peak resident memory (`wait4` max RSS).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -195,105 +194,91 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 2, work_dir:
 # --- memory ------------------------------------------------------------------------------------
 
 
-# Ask the allocators to hand freed memory back to the OS at once (Polars: jemalloc; pyarrow:
-# mimalloc). Otherwise freed pages stay resident for a while and RSS overstates what is in use.
-PROMPT_RELEASE = {"_RJEM_MALLOC_CONF": "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0",
-                  "MIMALLOC_PURGE_DELAY": "0"}
+# The libraries' own allocator settings (Polars: jemalloc, pyarrow: mimalloc). `alignloop logs ...`
+# overrides them to hand freed memory back at once (see `alignloop.cli`); `prompt_release=False`
+# measures the commands with these instead.
+LIBRARY_DEFAULTS = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:500,muzzy_decay_ms:1000", "MIMALLOC_PURGE_DELAY": "10"}
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # Linux: KiB
-
-
-class _RssSampler:
-    """The largest resident set seen since the last `reset` (sampled every `interval` seconds)."""
-
-    def __init__(self, interval: float = 0.25):
-        import threading
-
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def now() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / (1 << 30)
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.peak = max(self.peak, self.now())
-
-    def reset(self) -> float:
-        peak, self.peak = max(self.peak, self.now()), self.now()
-        return peak
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def stream_pipeline(events: int, folder: Path, seed: int = 0, filter_config: FilterConfig | None = None,
-                    build_config: BuildConfig | None = None) -> dict[str, Any]:
-    """Simulate (block by block, straight to Parquet) -> filter on disk -> build, in this process."""
-    from alignloop.data.builders import build_datasets
-    from alignloop.data.filters import run_filters_on_disk
+def simulate_to_folder(events: int, folder: Path, seed: int = 0) -> int:
+    """Simulate block by block straight into a Parquet log folder; returns the events written."""
     from alignloop.data.io import TableWriter
     from alignloop.data.schema import LOG_SCHEMAS
 
-    sampler = _RssSampler()
-    phases: dict[str, dict[str, float]] = {}
-
-    def phase(name: str, start: float) -> None:
-        gc.collect()
-        phases[name] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(sampler.reset(), 3)}
-
-    start = time.perf_counter()
     n = 0
-    with TableWriter(folder / "logs", LOG_SCHEMAS) as writer:
+    with TableWriter(folder, LOG_SCHEMAS) as writer:
         for logs in iter_world(events, seed):
             writer.write(logs)
             n += logs["events"].num_rows
             del logs
-    phase("simulate", start)
+    return n
+
+
+def _child(cmd: list[str], env: dict[str, str], log: Path, timeout: float | None) -> dict[str, Any]:
+    """Run one child process; its wall seconds and peak resident memory (its own `wait4` rusage)."""
+    import os
+    import signal
+
     start = time.perf_counter()
-    _, report = run_filters_on_disk(folder / "logs", folder / "tables", filter_config or FilterConfig(),
-                                    work_dir=folder, keep_inputs=False)
-    events_out = report.output_rows.get("events")
-    del report
-    phase("filter", start)
-    start = time.perf_counter()
-    build = build_datasets(folder / "tables", build_config or BuildConfig(), folder / "datasets")
-    phase("build", start)
-    sampler.stop()
-    return {"events": n, "events_out": events_out, "partitions": build.partitions,
-            "examples": sum(d["rows"] for d in build.datasets.values()), "phases": phases,
-            "peak_rss_gib": round(_peak_rss_gib(), 3)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = None if timeout is None else start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.send_signal(signal.SIGKILL)
+                os.wait4(proc.pid, 0)
+                raise RuntimeError(f"memory check: {cmd[3:]} ran past {timeout}s")
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory check failed ({proc.returncode}): {cmd[3:]}\n"
+                           f"{log.read_text(errors='replace')[-4000:]}")
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(usage.ru_maxrss / (1 << 20), 3)}
 
 
 def run_memory_check(events: int = 10_000_000, seed: int = 0, work_dir: str | Path | None = None,
                      timeout: float | None = None, prompt_release: bool = True) -> dict[str, Any]:
-    """Stream ~`events` events through simulate -> filter -> build in a child process; its peak RSS
-    (`getrusage` max RSS of the child, which does nothing else)."""
+    """The streamed path at scale, as a user runs it: a world of ~`events` events simulated into a
+    log folder (one child process), then `alignloop logs filter` and `alignloop logs build` on it
+    (one child each, the real commands: user partitions of ~1M events on disk). Each child's peak
+    resident memory comes from its own rusage; nothing is added to the commands' environment.
+    `prompt_release=False`: the commands keep the libraries' default allocator settings."""
     import os
 
-    env = {**os.environ, **(PROMPT_RELEASE if prompt_release else {})}
+    env = {k: v for k, v in os.environ.items() if k not in LIBRARY_DEFAULTS}
+    if not prompt_release:
+        env.update(LIBRARY_DEFAULTS)
     with tempfile.TemporaryDirectory(prefix="alignloop-bench-memory-", dir=work_dir) as tmp:
-        cmd = [sys.executable, "-m", "alignloop.bench.logs", "stream", str(events), tmp, str(seed)]
-        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory check failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        child = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"bench": "logs-memory", "events": child["events"], "peak_rss_gib": child["peak_rss_gib"],
-            "limit_gib": MEMORY_LIMIT_GIB, "under_limit": child["peak_rss_gib"] < MEMORY_LIMIT_GIB,
-            "partitions": child["partitions"], "examples": child["examples"], "phases": child["phases"],
-            "prompt_release": prompt_release}
+        tmp = Path(tmp)
+        recipe = tmp / "logs.toml"
+        recipe.write_text(f'[run]\nname = "memory"\ndir = {json.dumps(str(tmp / "runs"))}\n\n'
+                          f'[filter]\nsource = {json.dumps(str(tmp / "logs"))}\nground_truth = "none"\n',
+                          encoding="utf-8")
+        py = sys.executable
+        phases = {
+            "simulate": _child([py, "-m", "alignloop.bench.logs", "simulate", str(events), str(tmp / "logs"), str(seed)],
+                               env, tmp / "simulate.log", timeout),
+            "filter": _child([py, "-m", "alignloop.cli", "--quiet", "logs", "filter", str(recipe)], env,
+                             tmp / "filter.log", timeout),
+            "build": _child([py, "-m", "alignloop.cli", "--quiet", "logs", "build", str(recipe)], env,
+                            tmp / "build.log", timeout),
+        }
+        filtered = json.loads((tmp / "runs" / "memory" / "filter" / "manifest.json").read_text(encoding="utf-8"))
+        built = json.loads((tmp / "runs" / "memory" / "build" / "build_report.json").read_text(encoding="utf-8"))
+    peak = max(p["peak_rss_gib"] for k, p in phases.items() if k != "simulate")
+    return {"bench": "logs-memory", "events": filtered["rows_in"]["events"], "peak_rss_gib": peak,
+            "limit_gib": MEMORY_LIMIT_GIB, "under_limit": peak < MEMORY_LIMIT_GIB,
+            "partitions": built["partitions"], "examples": sum(d["rows"] for d in built["datasets"].values()),
+            "phases": phases, "prompt_release": prompt_release, "allocators": filtered.get("allocators")}
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) >= 3 and argv[0] == "stream":
+    if len(argv) >= 3 and argv[0] == "simulate":
         seed = int(argv[3]) if len(argv) > 3 else 0
-        print(json.dumps(stream_pipeline(int(argv[1]), Path(argv[2]), seed)))
+        print(json.dumps({"events": simulate_to_folder(int(argv[1]), Path(argv[2]), seed)}))
         return
     events = int(argv[0]) if argv else 1_000_000
     rounds = int(argv[1]) if len(argv) > 1 else 2

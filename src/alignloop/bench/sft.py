@@ -42,21 +42,32 @@ the same ids (`same_token_ids`).
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import random
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from alignloop.ui import console, say, set_quiet
+from alignloop.bench.training import (
+    PeerClock,
+    Side,
+    alternate,
+    answer,
+    bench_prompts,
+    bench_threads,
+    describe,
+    hf_quiet,
+    load_average,
+    require_trl,
+    run_our_loop,
+    table,
+    torch_threads,
+    trl_version,
+)
+from alignloop.ui import say
 
 BATCH = 4             # rows per optimizer step, both sides
 MAX_SEQ_LEN = 512     # our packed row length; every bench conversation fits (TRL's max_length stays 1024)
@@ -65,42 +76,22 @@ LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 N_CONVERSATIONS = 256
 SEED = 0
 
-_WORDS = (
-    "the a model answer question simple clear idea reason because example often people water light "
-    "small large time place first next then finally important careful quick slow warm cold bright "
-    "river mountain city garden kitchen recipe number pattern story language music color energy "
-    "plant animal friend question helpful step method result change keep make take give find show "
-    "think know see use try start stop learn teach build grow read write explain compare describe"
-).split()
-
 
 # --- the work ------------------------------------------------------------------------------------
 
 
 def bench_conversations(n: int = N_CONVERSATIONS, seed: int = SEED) -> list[list[dict[str, str]]]:
     """n chat conversations, the same on every call: 1-4 turns of a bench prompt and an answer."""
-    prompts = json.loads(resources.files("alignloop.assets").joinpath("bench_prompts.json").read_text())
+    prompts = bench_prompts()
     rng = random.Random(seed)
     conversations = []
     for _ in range(n):
         messages: list[dict[str, str]] = []
         for _ in range(rng.choice((1, 1, 2, 2, 3, 4))):
             messages.append({"role": "user", "content": rng.choice(prompts)})
-            messages.append({"role": "assistant", "content": _answer(rng, rng.randint(12, 70))})
+            messages.append({"role": "assistant", "content": answer(rng, rng.randint(12, 70))})
         conversations.append(messages)
     return conversations
-
-
-def _answer(rng: random.Random, n_words: int) -> str:
-    sentences, words = [], []
-    for _ in range(n_words):
-        words.append(rng.choice(_WORDS))
-        if len(words) >= rng.randint(6, 14):
-            sentences.append(" ".join(words).capitalize() + ".")
-            words = []
-    if words:
-        sentences.append(" ".join(words).capitalize() + ".")
-    return " ".join(sentences)
 
 
 def bench_settings() -> dict[str, Any]:
@@ -140,34 +131,6 @@ def peer_lora_config():
                       target_modules=LORA["targets"], task_type="CAUSAL_LM", bias="none")
 
 
-class _RoundOver(Exception):
-    """Raised from a step callback to end one time-boxed round of our loop."""
-
-
-@dataclass
-class Side:
-    name: str
-    steps: list[tuple[int, float]] = field(default_factory=list)  # (trained tokens, seconds) per timed step
-    warm: bool = False  # True once the warm-up step is done
-
-    def add(self, tokens: int, seconds: float) -> None:
-        if self.warm:
-            self.steps.append((tokens, seconds))
-        self.warm = True
-
-    @property
-    def tokens(self) -> int:
-        return sum(t for t, _ in self.steps)
-
-    @property
-    def seconds(self) -> float:
-        return sum(s for _, s in self.steps)
-
-    @property
-    def tok_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-
 class Ours:
     """Our SFT (TokenLogprobs + SFTObjective + PackedBatches + the shared loop), in rounds."""
 
@@ -195,31 +158,17 @@ class Ours:
         return [list(e.input_ids) for e in self.batches.examples]
 
     def describe(self) -> dict[str, Any]:
-        return _describe(self.model, batch=self.config.micro_batch, grad_accum=self.config.grad_accum,
-                         lr=self.config.lr, max_grad_norm=self.config.max_grad_norm, bf16_autocast=self.config.bf16)
+        return describe(self.model, batch=self.config.micro_batch, grad_accum=self.config.grad_accum,
+                        lr=self.config.lr, max_grad_norm=self.config.max_grad_norm, bf16_autocast=self.config.bf16)
 
     def run(self, side: Side, seconds: float) -> float:
         """Train until `seconds` of step time are spent (at least one step); return the time spent."""
-        from alignloop.runs import Stage
-        from alignloop.train.loop import train
         from alignloop.train.sft import SFTObjective
 
         self.rounds += 1
         self.batches.seed = SEED + self.rounds  # each round its own draw of rows, like TRL's below
-        stage = Stage(self.workdir, f"{side.name}-{self.rounds}", "sft", {"bench": side.name, "round": self.rounds})
-        spent = 0.0
-
-        def clock(step: int, metrics: dict[str, Any]) -> None:
-            nonlocal spent
-            side.add(int(metrics["tokens"]), float(metrics["seconds"]))
-            spent += float(metrics["seconds"])
-            if spent >= seconds:
-                raise _RoundOver
-
-        with contextlib.suppress(_RoundOver):
-            train(self.module, SFTObjective(), self.batches, self.config, stage, callbacks=[clock],
-                  description=f"{side.name} round {self.rounds}")
-        return spent
+        return run_our_loop(self.module, SFTObjective(), self.batches, self.config, self.workdir, "sft",
+                            side, seconds, self.rounds)
 
 
 class Peer:
@@ -227,42 +176,21 @@ class Peer:
 
     def __init__(self, model_name: str, conversations, workdir: Path) -> None:
         from datasets import Dataset
-        from transformers import TrainerCallback
         from trl import SFTTrainer
 
         from alignloop.models import load_model
 
         model, tokenizer = load_model(model_name, dtype="bfloat16")
         torch.manual_seed(SEED)
-        bench = self
-
-        class Clock(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                bench._began = time.perf_counter()
-                bench._tokens = 0
-
-            def on_step_end(self, args, state, control, **kwargs):
-                bench.side.add(bench._tokens, time.perf_counter() - bench._began)
-                bench._spent += time.perf_counter() - bench._began
-                if bench._spent >= bench._budget:
-                    control.should_training_stop = True
-
-        with warnings.catch_warnings(), _hf_quiet():
+        self.clock = PeerClock()
+        with warnings.catch_warnings(), hf_quiet():
             warnings.simplefilter("ignore")
             self.trainer = SFTTrainer(
                 model=model, args=peer_sft_config(workdir / "trl"), processing_class=tokenizer,
                 train_dataset=Dataset.from_list([{"messages": m} for m in conversations]),
-                peft_config=peer_lora_config(), callbacks=[Clock()])
-        self.trainer.model.register_forward_pre_hook(self._count, with_kwargs=True)
-        self.side: Side | None = None
+                peft_config=peer_lora_config(), callbacks=[self.clock.callback()])
+        self.clock.count_tokens(self.trainer.model)
         self.rounds = 0
-        self._began, self._tokens, self._spent, self._budget = 0.0, 0, 0.0, 0.0
-
-    def _count(self, module, args, kwargs):
-        if module.training:
-            mask = kwargs.get("attention_mask")
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self._tokens += int(mask.sum()) if mask is not None else int(ids.numel())
 
     def tokens_per_step(self) -> float:
         lengths = [len(x) for x in self.trainer.train_dataset["input_ids"]]
@@ -273,47 +201,15 @@ class Peer:
 
     def describe(self) -> dict[str, Any]:
         args = self.trainer.args
-        return {**_describe(self.trainer.model, batch=args.per_device_train_batch_size,
-                            grad_accum=args.gradient_accumulation_steps, lr=args.learning_rate,
-                            max_grad_norm=args.max_grad_norm, bf16_autocast=bool(args.bf16)),
+        return {**describe(self.trainer.model, batch=args.per_device_train_batch_size,
+                           grad_accum=args.gradient_accumulation_steps, lr=args.learning_rate,
+                           max_grad_norm=args.max_grad_norm, bf16_autocast=bool(args.bf16)),
                 "gradient_checkpointing": bool(args.gradient_checkpointing), "packing": bool(args.packing)}
 
     def run(self, side: Side, seconds: float) -> float:
         """Train until `seconds` of step time are spent (at least one step); return the time spent."""
         self.rounds += 1
-        self.side, self._spent, self._budget = side, 0.0, seconds
-        # Each train() starts its data loader afresh, shuffled from the seed: a new seed per round
-        # draws new batches instead of timing the same first batch again.
-        self.trainer.args.seed = SEED + self.rounds
-        with warnings.catch_warnings(), _hf_quiet():
-            warnings.simplefilter("ignore")
-            self.trainer.train()
-        return self._spent
-
-
-def _describe(model: torch.nn.Module, **settings: Any) -> dict[str, Any]:
-    """The parity facts of one side, read off the model it actually trains."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    config = next(iter(model.peft_config.values()))
-    return {**settings, "lora_r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-            "lora_layers": len(layers), "trainable_params": sum(p.numel() for p in trainable),
-            "adapter_dtype": str(trainable[0].dtype).removeprefix("torch."),
-            "base_dtype": str(layers[0].get_base_layer().weight.dtype).removeprefix("torch.")}
-
-
-@contextlib.contextmanager
-def _hf_quiet():
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
+        return self.clock.run(self.trainer, side, seconds, SEED + self.rounds)
 
 
 # --- the bench ----------------------------------------------------------------------------------
@@ -328,33 +224,10 @@ def run_bench(model: str = "smollm2-135m", rounds: int = 3, fp32: bool = True,
     step of ours in fp32. The first step of each side is a warm-up. `threads`: torch threads for
     both sides (default `bench_threads()`).
     """
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        from alignloop.errors import AlignloopError
-
-        raise AlignloopError("bench sft compares with TRL: pip install trl (or the dev extra)") from None
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = threads or bench_threads()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    require_trl("sft")
+    load = load_average()
+    with torch_threads(threads or bench_threads()):
         return _run(model, rounds, fp32, n_conversations, load)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def bench_threads() -> int:
-    """torch's thread count, less the cores other processes keep busy (by the 1-minute load).
-
-    Threads beyond the free cores do not add speed, they wait: every parallel op ends on a barrier
-    that waits for its slowest thread, and a thread sharing a core with another process is slow.
-    Measured here with ~4 other busy threads on 2 cores: one training step took 25 s with 1 thread
-    and 60-110 s with 2. Both sides get the same count; the JSON line reports it.
-    """
-    cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(torch.get_num_threads(), int(cores - busy + 0.5)))
 
 
 def _run(model: str, rounds: int, fp32: bool, n_conversations: int, load: float) -> dict:
@@ -367,25 +240,10 @@ def _run(model: str, rounds: int, fp32: bool, n_conversations: int, load: float)
         ours = Ours(model, conversations, work, base_dtype="bfloat16", bf16=True)
         ours32 = Ours(model, conversations, work, base_dtype="float32", bf16=False) if fp32 else None
         peer = Peer(model, conversations, work)
-        sides = {"ours": Side("ours"), "peer": Side("peer"), "ours_fp32": Side("ours_fp32")}
-        quiet, ours_took = console.quiet, 0.0
-        for r in range(1, rounds + 1):
-            # Alternate who goes first, so neither side always runs right after the other.
-            order = ["ours", "peer"] if r % 2 else ["peer", "ours"]
-            if ours32 is not None:
-                order.append("ours_fp32")
-            for name in order:
-                set_quiet(True)  # no per-round progress bars: the table at the end says it all
-                try:
-                    if name == "peer":
-                        peer.run(sides[name], ours_took)
-                    else:
-                        took = (ours if name == "ours" else ours32).run(sides[name], 0.0)
-                        ours_took = took if name == "ours" else ours_took
-                finally:
-                    set_quiet(quiet)
-                s = sides[name]
-                say(f"round {r}/{rounds} {name}: {s.tok_s:.1f} tok/s over {len(s.steps)} timed step(s)")
+        runners = {"ours": ours.run, "peer": peer.run}
+        if ours32 is not None:
+            runners["ours_fp32"] = ours32.run
+        sides = alternate("sft", runners, rounds, extra=("ours_fp32",) if ours32 is not None else ())
         per_step = {"ours": ours.tokens_per_step(), "peer": peer.tokens_per_step()}
         counts, ours_setup, peer_setup = ours.counts, ours.describe(), peer.describe()
         same_tokens = sorted(ours.token_ids()) == sorted(peer.token_ids())
@@ -405,24 +263,8 @@ def _run(model: str, rounds: int, fp32: bool, n_conversations: int, load: float)
             "ours_setup": ours_setup, "peer_setup": peer_setup,
             "torch_threads": torch.get_num_threads(), "load_at_start": round(load, 1),
             "seconds": round(time.perf_counter() - started, 1)}
-    if sides["ours_fp32"].steps:
+    if "ours_fp32" in sides and sides["ours_fp32"].steps:
         line["ours_fp32"] = round(sides["ours_fp32"].tok_s, 1)
         line["ours_fp32_over_bf16"] = round(sides["ours_fp32"].tok_s / max(sides["ours"].tok_s, 1e-9), 2)
-    _table(sides)
+    table("bench sft", sides)
     return line
-
-
-def trl_version() -> str:
-    import trl
-
-    return trl.__version__
-
-
-def _table(sides: dict[str, Side]) -> None:
-    from rich.table import Table
-
-    table = Table("side", "timed steps", "trained tokens", "seconds", "tokens/s", title="bench sft")
-    for name, s in sides.items():
-        if s.steps:
-            table.add_row(name, str(len(s.steps)), str(s.tokens), f"{s.seconds:.1f}", f"{s.tok_s:.1f}")
-    console.print(table)

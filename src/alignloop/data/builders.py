@@ -18,8 +18,9 @@ at a user message. Each has a `weight` (the per-user cap's down-weighting, 1 oth
                        (censored outcomes left out), safety (1 = the user reported the answer).
     distill.parquet    prompts (messages ending with a user turn) for a teacher to answer.
 
-`build_partition` turns one partition of users into these frames, so the same code runs per
-block on Ray Data; `build_datasets` streams partitions into the files and returns a `BuildReport`.
+`iter_partition` turns one partition of users into these datasets (Arrow tables, one at a time),
+so the same code runs per block on Ray Data; `DatasetWriter` appends them, partition after
+partition, into the files; `build_datasets` does both in this process and returns a `BuildReport`.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from alignloop.data.filters import FILTERED_SCHEMAS, Frames, prepare, split_partitions
 from alignloop.data.parts import partitions_in, read_partition
-from alignloop.data.stablehash import hash_column, unit_interval
+from alignloop.data.stablehash import hash_column, hash_strings, unit_interval
 from alignloop.recipes import Section
 from alignloop.runs import atomic_path
 
@@ -149,13 +151,15 @@ class BuildConfig(Section):
 
 
 class _Context:
-    """The messages of a partition, pooled once; every example's messages are a gather from the pool.
+    """The messages of a partition, pooled once; every example's messages are pool indices.
 
     Pool: the selected path of every conversation in order (edited text when `use_edits`), then one
     system message per conversation, then every assistant turn as originally written. An example is
-    (system?) + path[start:end] + (target?): a list of pool indices computed with numpy, turned into
-    an Arrow list array with a single `take`. Concatenating nested lists in Polars would copy every
-    string several times over.
+    (system?) + path[start:end] + (target?): a list of pool indices computed with numpy. The rows
+    carry those index lists (8 bytes a message) through every join, sort and filter, and the
+    strings are gathered once, straight into the Arrow column that is written (`materialize`).
+    Concatenating nested string lists in Polars, or carrying them through the row operations,
+    would copy every message several times over.
     """
 
     def __init__(self, frames: Frames, config: BuildConfig):
@@ -199,12 +203,14 @@ class _Context:
         content = pa.concat_arrays([_large(path["content"]), _large(convs["system_prompt"]),
                                     _large(originals["text"])])
         self.pool = pa.StructArray.from_arrays([role, content], names=["role", "content"])
+        self._pool_hash: np.ndarray | None = None
+        self._last: list[tuple[pl.Series, pa.ChunkedArray]] = []
 
     def attach(self, df: pl.DataFrame, end: str = "end", target: str | None = None, name: str = "messages"
                ) -> pl.DataFrame:
         """Rows with conversation_id and an exclusive path index `end` (and, with `target`, the
         turn id of an assistant message to end with), plus user_id, character_id, weight and the
-        messages column `name`."""
+        messages column `name` (pool indices until `materialize`)."""
         rows = df.join(self.convs, on="conversation_id", how="inner", maintain_order="left")
         if target is not None:
             rows = rows.join(self.original, left_on=target, right_on="turn_id", how="inner", maintain_order="left")
@@ -226,10 +232,8 @@ class _Context:
         flat[np.repeat(first + has_sys, length) + within] = np.repeat(rows["base"].to_numpy() + start, length) + within
         if target is not None:
             flat[first + has_sys + length] = rows["target"].to_numpy()
-        values = self.pool.take(pa.array(flat))
-        messages = pa.LargeListArray.from_arrays(pa.array(offsets), values)
         out = rows.drop("base", "sys", *(["target"] if target is not None else []))
-        return out.with_columns(pl.Series(name, messages))
+        return out.with_columns(_index_lists(name, offsets, flat))
 
     def at_parent(self, df: pl.DataFrame) -> pl.DataFrame:
         """Rows answering a user turn `parent_id` on the path, with `end` = just after that turn."""
@@ -237,13 +241,67 @@ class _Context:
         return df.join(parent, on="parent_id", how="inner", maintain_order="left")
 
     def one(self, df: pl.DataFrame, turn: str, name: str) -> pl.DataFrame:
-        """A one-message list column `name`: the assistant turn `turn` as originally written."""
+        """A one-message column `name`: the assistant turn `turn` as originally written."""
         rows = df.join(self.original.rename({"target": "_t"}), left_on=turn, right_on="turn_id", how="inner",
                        maintain_order="left")
-        flat = rows["_t"].to_numpy()
-        values = self.pool.take(pa.array(flat))
-        messages = pa.LargeListArray.from_arrays(pa.array(np.arange(len(flat) + 1, dtype=np.int64)), values)
-        return rows.drop("_t").with_columns(pl.Series(name, messages))
+        flat = rows["_t"].to_numpy().astype(np.int64)
+        return rows.drop("_t").with_columns(_index_lists(name, np.arange(len(flat) + 1, dtype=np.int64), flat))
+
+    def key(self, df: pl.DataFrame, column: str = "messages") -> pl.Series:
+        """A 64-bit hash of each row's messages by content (role and text), equal across partitions
+        for equal messages: what deduplication compares, without gathering the strings."""
+        if self._pool_hash is None:
+            pool = pl.from_arrow(pa.Table.from_arrays([self.pool.field("role"), self.pool.field("content")],
+                                                      names=["role", "content"]))
+            self._pool_hash = pool.select(h=pl.struct("role", "content").hash(seed=13))["h"].to_numpy()
+        offsets, flat = _lists(df[column])
+        hashes = _index_lists("_h", offsets, self._pool_hash[flat]).to_frame()
+        return hashes.select(pl.col("_h").hash(seed=13))["_h"]
+
+    def materialize(self, df: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+        """The rows as an Arrow table of `schema`: message columns gathered from the pool, the
+        others cast to their types."""
+        df = df.select(schema.names)
+        arrow = df.select([f.name for f in schema if f.type != MESSAGES]).to_arrow()
+        columns = [self.messages(df[f.name]) if f.type == MESSAGES else arrow.column(f.name).cast(f.type)
+                   for f in schema]
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def messages(self, indices: pl.Series, chunk_rows: int = 32768) -> pa.ChunkedArray:
+        """A list-of-messages column from a column of pool-index lists, gathered in chunks of rows
+        (so no chunk's strings outgrow 32-bit offsets). The scalar reward sets share most of their
+        rows (continue, turns_after, time_to_next: the same ones), so the last column gathered is
+        reused when the same indices come again."""
+        for seen, column in self._last:
+            if seen.equals(indices):
+                return column
+        offsets, flat = _lists(indices)
+        chunks = []
+        for lo in range(0, len(indices), chunk_rows):
+            hi = min(lo + chunk_rows, len(indices))
+            a, b = int(offsets[lo]), int(offsets[hi])
+            values = self.pool.take(pa.array(flat[a:b])).cast(MESSAGE)
+            chunks.append(pa.ListArray.from_arrays(pa.array((offsets[lo:hi + 1] - a).astype(np.int32)), values))
+        out = pa.chunked_array(chunks, type=MESSAGES)
+        self._last = [*self._last[-1:], (indices, out)]  # a train and an eval column
+        return out
+
+
+def _index_lists(name: str, offsets: np.ndarray, flat: np.ndarray) -> pl.Series:
+    """A Polars list column from numpy offsets and values (no per-row Python)."""
+    return pl.Series(name, pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(flat)))
+
+
+def _lists(series: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, values) of a list column, whatever its chunks and slicing."""
+    arr = series.to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return offsets, flat.astype(np.int64, copy=False)
 
 
 def _large(series: pl.Series) -> pa.Array:
@@ -253,17 +311,31 @@ def _large(series: pl.Series) -> pa.Array:
     return arr.cast(pa.large_string())
 
 
+DISTILL_SPILL = pa.schema([*DISTILL, pa.field("_key", pa.uint64())])
+"""A distillation piece as a partition yields it: with the key its prompt is deduplicated by."""
+
+
 def build_partition(frames: Frames, config: BuildConfig | None = None) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
     """The datasets of one partition of users: ({dataset: frame}, {skipped reason: count}).
 
     RM frames carry a `split` column ("train"/"eval") that `build_datasets` writes to separate files.
     """
     skipped: dict[str, int] = {}
-    return dict(iter_partition(frames, config or BuildConfig(), skipped)), skipped
+    out: dict[str, pl.DataFrame] = {}
+    for name, table in iter_partition(frames, config or BuildConfig(), skipped):
+        df = pl.from_arrow(table)
+        if name.startswith("rm/"):
+            name, split = name.rsplit("/", 1)
+            df = df.with_columns(split=pl.lit(split))
+            df = pl.concat([out[name], df]) if name in out else df
+        out[name] = df
+    return out, skipped
 
 
-def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int]) -> Iterator[tuple[str, pl.DataFrame]]:
-    """`build_partition`, one dataset at a time (so a writer can let go of each before the next)."""
+def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int]) -> Iterator[tuple[str, pa.Table]]:
+    """The datasets of one partition, one output at a time (so a writer can let go of each before
+    the next): (name, Arrow table of its schema), RM sets as `rm/<signal>/train` and `.../eval`,
+    distillation prompts with a `_key` column (`DISTILL_SPILL`) for deduplication across partitions."""
     ctx = _Context(frames, config)
     turns, events = frames["turns"], frames["events"]
     flagged = frames["target_flags"].select("turn_id")
@@ -281,11 +353,12 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
         rows = ctx.at_parent(kept).join(swiped, on="turn_id", how="left").sort("turn_id")
         rows = ctx.attach(rows, target="turn_id")
         skipped["sft:not_on_a_path"] = kept.height - rows.height  # parent missing, or a malformed conversation
-        yield "sft", rows.select(
+        yield "sft", ctx.materialize(rows.select(
             example_id=pl.lit("sft:") + pl.col("turn_id"), user_id="user_id", conversation_id="conversation_id",
             turn_id="turn_id", character_id="character_id",
             source=pl.when(pl.col("swiped").fill_null(False)).then(pl.lit("swipe")).otherwise(pl.lit("selected")),
-            messages="messages", weight="weight")
+            messages="messages", weight="weight"), SFT)
+        del rows
 
     want_pairs = config.dpo.enabled or (config.rm.enabled and "preference" in config.rm.signals)
     if want_pairs:
@@ -293,9 +366,10 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
         if config.dpo.enabled:
             dpo = pairs.join(flagged, left_on="chosen_turn_id", right_on="turn_id", how="anti")
             skipped["dpo:flagged_chosen"] = pairs.height - dpo.height
-            yield "dpo", dpo
+            yield "dpo", ctx.materialize(dpo, PAIRS)
+            del dpo
         if config.rm.enabled and "preference" in config.rm.signals:
-            yield "rm/preference", _split(pairs, config.rm)
+            yield from _splits(ctx, "rm/preference", pairs, PAIRS, config.rm)
         del pairs
 
     if config.rm.enabled:
@@ -305,7 +379,8 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
             frame, censored_out = _scalar(signal, ctx, frames, assistant, config.rm)
             if censored_out:
                 skipped[f"rm/{signal}:censored"] = censored_out
-            yield f"rm/{signal}", _split(frame, config.rm)
+            yield from _splits(ctx, f"rm/{signal}", frame, SCALAR, config.rm)
+            del frame
 
     if config.distill.enabled:
         users = turns.filter((pl.col("role") == "user") & pl.col("selected")).select("turn_id", "conversation_id")
@@ -316,11 +391,13 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
                               conversation_id="conversation_id", turn_id="turn_id", character_id="character_id",
                               messages="messages", weight="weight")
         if config.distill.dedup:  # the smallest example id of each distinct prompt stays
-            distill = distill.with_columns(_key=pl.col("messages").hash(seed=13))
+            distill = distill.with_columns(_key=ctx.key(distill))
             before = distill.height
             distill = distill.unique("_key", keep="first", maintain_order=True)
             skipped["distill:duplicate"] = before - distill.height
-        yield "distill", distill
+        else:
+            distill = distill.with_columns(_key=pl.lit(None, pl.UInt64))
+        yield "distill", ctx.materialize(distill, DISTILL_SPILL)
 
 
 def _pairs(ctx: _Context, assistant: pl.DataFrame, chosen: pl.DataFrame, events: pl.DataFrame,
@@ -395,6 +472,14 @@ def _split(df: pl.DataFrame, config: RMConfig) -> pl.DataFrame:
     return df.with_columns(split_of(df["user_id"], config.eval_fraction, config.salt))
 
 
+def _splits(ctx: _Context, name: str, df: pl.DataFrame, schema: pa.Schema, config: RMConfig
+            ) -> Iterator[tuple[str, pa.Table]]:
+    """`name/train` and `name/eval`: the rows split by user, each materialized."""
+    df = _split(df, config)
+    for split in ("train", "eval"):
+        yield f"{name}/{split}", ctx.materialize(df.filter(pl.col("split") == split), schema)
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 
@@ -419,6 +504,7 @@ class BuildReport:
         if any(self.skipped.values()):
             lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v))
         return "\n".join(lines)
+
 
 
 class _Sinks:
@@ -451,20 +537,23 @@ class _Sinks:
             self.tmp[path] = self.stack.enter_context(atomic_path(path))
             self.schemas[path] = schema
             if path.suffix == ".parquet":
-                # A big dictionary page lets repeated message texts (shared contexts) be stored once.
+                # Min/max statistics of message texts would cost about a third of the writing and
+                # serve no query: only the scalar columns get them.
+                stats = [f.name for f in schema if f.type != MESSAGES]
                 self.writers[path] = pq.ParquetWriter(self.tmp[path], schema, compression="zstd",
-                                                      compression_level=1, dictionary_pagesize_limit=64 << 20)
+                                                      compression_level=1, write_statistics=stats)
             else:
                 self.writers[path] = open(self.tmp[path], "wb")  # noqa: SIM115 (closed in close())
 
-    def write(self, name: str, df: pl.DataFrame) -> None:
-        if df.height == 0:
+    def write(self, name: str, table: pa.Table) -> None:
+        if table.num_rows == 0:
             return
         for path in self.files(name):
+            table = _to_schema(table, self.schemas[path])
             if path.suffix == ".parquet":
-                job = (self.writers[path].write_table, _to_schema(df, self.schemas[path]))
+                job = (self.writers[path].write_table, table)
             else:
-                job = (df.select(self.schemas[path].names).write_ndjson, self.writers[path])
+                job = (pl.from_arrow(table).write_ndjson, self.writers[path])
             self.pending.append(self.pool.submit(*job))
         while len(self.pending) > self.backlog:
             self.pending.pop(0).result()
@@ -492,8 +581,10 @@ class _Sinks:
         self.stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def _to_schema(df: pl.DataFrame, schema: pa.Schema) -> pa.Table:
-    table = df.select(schema.names).to_arrow()
+def _to_schema(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    if table.schema == schema:
+        return table
+    table = table.select(schema.names)
     return pa.Table.from_arrays([table.column(f.name).cast(f.type) for f in schema], schema=schema)
 
 
@@ -512,6 +603,101 @@ def _outputs(config: BuildConfig) -> dict[str, pa.Schema]:
     return names
 
 
+class DatasetWriter:
+    """Every dataset of one build, appended piece by piece (in partition order) into its files,
+    with the `BuildReport`. `build_datasets` feeds it from `iter_partition` in this process; the Ray
+    engine feeds it the pieces its tasks built.
+
+    Distillation prompts are deduplicated across partitions and capped at the end, from a spill
+    file (Arrow IPC: written and read back at disk speed), so that which prompt stays never
+    depends on how users were partitioned.
+    """
+
+    def __init__(self, out_dir: str | Path, config: BuildConfig, partitions: int):
+        self.out_dir = Path(out_dir)
+        self.config = config
+        outputs = _outputs(config)
+        self.report = BuildReport(datasets={name: {"rows": 0, "users": 0} for name in outputs}, partitions=partitions)
+        self.sinks = _Sinks(self.out_dir, list(config.formats))
+        self.spill = self.out_dir / ".distill-spill.arrow"
+        self._spill: Any = None
+        try:
+            for name, schema in outputs.items():
+                self.sinks.open(name, schema)
+        except BaseException as e:
+            self.sinks.abort(e)
+            raise
+
+    def add(self, name: str, table: pa.Table) -> None:
+        """One piece of dataset `name` (as `iter_partition` yields it)."""
+        if name == "distill":
+            order = (hash_strings(table.column("example_id"), "distill") if self.config.distill.max_prompts is not None
+                     else np.zeros(table.num_rows, dtype=np.uint64))
+            table = table.append_column("_h", pa.array(order, pa.uint64()))
+            if self._spill is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._spill = pa.ipc.new_file(str(self.spill), table.schema)
+            self._spill.write_table(table)
+        else:
+            self._emit(name, table)
+
+    def add_skipped(self, skipped: Mapping[str, int]) -> None:
+        for k, v in skipped.items():
+            self.report.skipped[k] = self.report.skipped.get(k, 0) + v
+
+    def close(self) -> BuildReport:
+        try:
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
+                self._emit_distill()
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self.spill.unlink(missing_ok=True)
+        self.report.files = [str(p) for p in self.sinks.close()]
+        return self.report
+
+    def abort(self, exc: BaseException) -> None:
+        if self._spill is not None:
+            with contextlib.suppress(Exception):
+                self._spill.close()
+        self.spill.unlink(missing_ok=True)
+        self.sinks.abort(exc)
+
+    def _emit(self, name: str, table: pa.Table) -> None:
+        self.sinks.write(name, table)
+        entry = self.report.datasets[name]
+        entry["rows"] += table.num_rows
+        # Partitions split users, so each user counts in one piece only.
+        entry["users"] += pc.count_distinct(table.column("user_id")).as_py() if table.num_rows else 0
+
+    def _emit_distill(self) -> None:
+        config = self.config.distill
+        # Read, not memory-mapped: mapped pages would count as resident memory; one piece at a time.
+        with pa.OSFile(str(self.spill)) as source:
+            spilled = pa.ipc.open_file(source)
+            n = spilled.num_record_batches
+            keys = pl.from_arrow(pa.Table.from_batches(
+                [spilled.get_batch(i).select(["example_id", "_key", "_h"]) for i in range(n)]))
+            if config.dedup:
+                winners = keys.sort("example_id").unique("_key", keep="first")
+                self.add_skipped({"distill:duplicate": keys.height - winners.height})
+            else:
+                winners = keys
+            if config.max_prompts is not None and winners.height > config.max_prompts:
+                self.report.skipped["distill:over_max_prompts"] = winners.height - config.max_prompts
+                winners = winners.sort("_h").head(config.max_prompts)
+            everything = winners.height == keys.height
+            keep = winners["example_id"].to_arrow()
+            del keys, winners
+            for i in range(n):
+                piece = pa.Table.from_batches([spilled.get_batch(i)]).drop_columns(["_key", "_h"])
+                if not everything:
+                    piece = piece.filter(pc.is_in(piece.column("example_id"), value_set=keep))
+                self._emit("distill", piece)
+
+
 def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path, config: BuildConfig | None = None,
                    out_dir: str | Path = "datasets") -> BuildReport:
     """Build every enabled dataset from filtered logs (tables, or a folder of them) into `out_dir`."""
@@ -519,8 +705,6 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
 
     config = config or BuildConfig()
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    outputs = _outputs(config)
     if isinstance(filtered, (str, Path)) and partitions_in(filtered):
         # Written by the filter stage partition by partition: read (and hold) one at a time.
         folder, n = Path(filtered), partitions_in(filtered)
@@ -529,81 +713,28 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
         tables = read_tables(filtered, FILTERED_SCHEMAS) if isinstance(filtered, (str, Path)) else filtered
         n = config.partitions
         parts = split_partitions(prepare(tables), n)
-    report = BuildReport(datasets={name: {"rows": 0, "users": 0} for name in outputs}, partitions=n)
-    sinks = _Sinks(out_dir, list(config.formats))
-    # Distillation prompts are deduplicated across partitions and capped at the end, from a spill
-    # file, so that which prompt stays never depends on how users were partitioned.
-    spill = out_dir / ".distill-spill.parquet"
-    spill_writer: pq.ParquetWriter | None = None
+    writer = DatasetWriter(out_dir, config, n)
     try:
-        for name, schema in outputs.items():
-            sinks.open(name, schema)
-        for part in _bounded(parts, config.events_per_partition):
-            skipped: dict[str, int] = {}
-            for name, df in iter_partition(part, config, skipped):
-                if name == "distill":
-                    if "_key" not in df.columns:
-                        df = df.with_columns(_key=pl.lit(None, pl.UInt64))
-                    order = (hash_column(df, "example_id", "distill", unique=False)
-                             if config.distill.max_prompts is not None else pl.lit(0, pl.UInt64))
-                    table = df.with_columns(_h=order).to_arrow()
-                    if spill_writer is None:
-                        out_dir.mkdir(parents=True, exist_ok=True)
-                        spill_writer = pq.ParquetWriter(spill, table.schema, compression="lz4")
-                    spill_writer.write_table(table)
-                elif name.startswith("rm/"):
-                    for split in ("train", "eval"):
-                        _emit(sinks, report, f"{name}/{split}", df.filter(pl.col("split") == split))
-                else:
-                    _emit(sinks, report, name, df)
-                del df
-            for k, v in skipped.items():
-                report.skipped[k] = report.skipped.get(k, 0) + v
-        if spill_writer is not None:
-            spill_writer.close()
-            spill_writer = None
-            _emit_distill(sinks, report, spill, config.distill)
+        for part in parts:
+            for piece in bounded_partitions(part, config.events_per_partition):
+                skipped: dict[str, int] = {}
+                for name, table in iter_partition(piece, config, skipped):
+                    writer.add(name, table)
+                    del table
+                writer.add_skipped(skipped)
     except BaseException as e:
-        if spill_writer is not None:
-            spill_writer.close()
-        sinks.abort(e)
+        writer.abort(e)
         raise
-    finally:
-        spill.unlink(missing_ok=True)
-    report.files = [str(p) for p in sinks.close()]
+    report = writer.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _bounded(parts: Iterable[Frames], events_per_partition: int) -> Iterator[Frames]:
-    """Each partition, cut further (by user, in memory) when it has more events than the bound:
+def bounded_partitions(part: Frames, events_per_partition: int) -> list[Frames]:
+    """A partition, cut further (by user, in memory) when it has more events than the bound:
     examples carry their whole context, so they take many times the memory of the logs."""
-    for part in parts:
-        n = -(-part["events"].height // events_per_partition)
-        yield from split_partitions(part, n) if n > 1 else [part]
-
-
-def _emit_distill(sinks: _Sinks, report: BuildReport, spill: Path, config: DistillConfig) -> None:
-    keys = pl.read_parquet(spill, columns=["example_id", "_key", "_h"])
-    if config.dedup:
-        winners = keys.sort("example_id").unique("_key", keep="first")
-        report.skipped["distill:duplicate"] = report.skipped.get("distill:duplicate", 0) + keys.height - winners.height
-    else:
-        winners = keys
-    if config.max_prompts is not None and winners.height > config.max_prompts:
-        report.skipped["distill:over_max_prompts"] = winners.height - config.max_prompts
-        winners = winners.sort("_h").head(config.max_prompts)
-    keep = winners.select("example_id")
-    for batch in pq.ParquetFile(spill).iter_batches(batch_size=65536):
-        df = pl.from_arrow(batch)
-        _emit(sinks, report, "distill", df.join(keep, on="example_id", how="semi", maintain_order="left"))
-
-
-def _emit(sinks: _Sinks, report: BuildReport, name: str, df: pl.DataFrame) -> None:
-    sinks.write(name, df)
-    entry = report.datasets[name]
-    entry["rows"] += df.height
-    entry["users"] += df.select(pl.col("user_id").n_unique()).item() if df.height else 0  # partitions split users
+    n = -(-part["events"].height // events_per_partition)
+    return split_partitions(part, n) if n > 1 else [part]
 
 
 def write_report(report: BuildReport, path: str | Path) -> None:

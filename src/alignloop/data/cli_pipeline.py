@@ -67,18 +67,30 @@ _SetOption = Annotated[list[str] | None, typer.Option(
 _RecipeArg = Annotated[Path, typer.Argument(help="A log pipeline recipe (TOML), e.g. recipes/logs.toml.")]
 _RunOption = Annotated[str | None, typer.Option(help="Run folder name (overrides run.name).")]
 _ForceOption = Annotated[bool, typer.Option(help="Re-run even if inputs and config are unchanged.")]
+_EngineOption = Annotated[str, typer.Option(
+    help="polars: partitions one after another in this process; ray: mapped over Ray Data (a local Ray "
+         "unless RAY_ADDRESS names a cluster). Same outputs either way.")]
 
 
 def filter_command(recipe: _RecipeArg, set_: _SetOption = None, run: _RunOption = None,
-                   force: _ForceOption = False) -> None:
+                   force: _ForceOption = False, engine: _EngineOption = "polars") -> None:
     """Filter logs (bots, skimmers, repeats, quality, diversity, per-user cap): runs/<run>/filter/."""
-    run_filter_stage(load_recipe(recipe, LogsRecipe, set_ or []), run=run, force=force)
+    run_filter_stage(load_recipe(recipe, LogsRecipe, set_ or []), run=run, force=force, engine=engine)
 
 
 def build_command(recipe: _RecipeArg, set_: _SetOption = None, run: _RunOption = None,
-                  force: _ForceOption = False) -> None:
+                  force: _ForceOption = False, engine: _EngineOption = "polars") -> None:
     """Build SFT, DPO, reward-model and distillation sets from filtered logs: runs/<run>/build/."""
-    run_build_stage(load_recipe(recipe, LogsRecipe, set_ or []), run=run, force=force)
+    run_build_stage(load_recipe(recipe, LogsRecipe, set_ or []), run=run, force=force, engine=engine)
+
+
+def check_engine(engine: str) -> None:
+    from alignloop.data.ray_engine import ENGINES, ray_available
+
+    if engine not in ENGINES:
+        raise AlignloopError(f"--engine must be one of {', '.join(ENGINES)}, not '{engine}'")
+    if engine == "ray" and not ray_available():
+        raise AlignloopError('--engine ray needs Ray Data: pip install "alignloop[ray]"')
 
 
 # --- stages ------------------------------------------------------------------------------------
@@ -117,7 +129,11 @@ def truth_folder(recipe: LogsRecipe, run: str, source: Path) -> Path | None:
     return folder
 
 
-def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = False) -> Stage:
+def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = False, engine: str = "polars"
+                     ) -> Stage:
+    """The filter stage. Both engines give the same files; the engine is not part of the config
+    hash (switching engines never re-runs a finished stage)."""
+    check_engine(engine)
     run_name = run or recipe.run.name or default_run_name()
     source = source_folder(recipe, run_name)
     truth_dir = truth_folder(recipe, run_name, source)
@@ -130,8 +146,14 @@ def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = F
     stage.start()
     partitions = recipe.filter.partitions or auto_partitions(count_rows(source), recipe.filter.events_per_partition)
     tables_dir = stage.path("tables")
-    with status(f"filtering {source}" + (f" in {partitions} partitions" if partitions > 1 else "")):
-        if partitions == 1:  # all in memory: fastest
+    with status(f"filtering {source}" + (f" in {partitions} partitions" if partitions > 1 else "")
+                + (" on Ray" if engine == "ray" else "")):
+        if engine == "ray":
+            from alignloop.data.ray_engine import run_filters_ray
+
+            files, report = run_filters_ray(source, tables_dir, recipe.filter, partitions, work_dir=stage.dir,
+                                            keep_inputs=truth_dir is not None)
+        elif partitions == 1:  # all in memory: fastest
             filtered, report = run_filters(read_logs(source), recipe.filter, keep_inputs=truth_dir is not None)
             with PartitionedWriter(tables_dir, FILTERED_SCHEMAS, TABLE_ORDER) as writer:
                 writer.write(to_arrow(filtered))
@@ -159,17 +181,24 @@ def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = F
     outputs.append(stage.path("funnel.json"))
     stage.log_metrics(seconds=round(report.seconds, 3), **{f"rows_{k}": v for k, v in report.output_rows.items()})
     stage.finish(outputs, extra={"rows_in": report.input_rows, "rows_out": report.output_rows,
-                                 "filters": summary["filters"], "precision_recall": pr})
+                                 "filters": summary["filters"], "precision_recall": pr, "engine": engine,
+                                 "allocators": allocator_settings()})
     say(report.summary())
     if pr:
         for name, v in pr.items():
-            say(f"{name}: precision {_fmt(v['precision'])}, recall {_fmt(v['recall'])} (vs ground truth)")
+            target = ""
+            if "target" in v:
+                met = "[green]met[/]" if v["meets_target"] else "[bold red]NOT met[/]"
+                target = f"; target >= {v['target']['precision']} / >= {v['target']['recall']}: {met}"
+            say(f"{name}: precision {_fmt(v['precision'])}, recall {_fmt(v['recall'])} (vs ground truth{target})")
     say(f"[green]filter: {report.input_rows['events']:,} -> {report.output_rows['events']:,} events[/] "
         f"in {report.seconds:.2f}s -> {stage.dir}")
     return stage
 
 
-def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = False) -> Stage:
+def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = False, engine: str = "polars"
+                    ) -> Stage:
+    check_engine(engine)
     run_name = run or recipe.run.name or default_run_name()
     tables = Path(recipe.run.dir) / run_name / "filter" / "tables"
     if not tables.is_dir():
@@ -180,18 +209,32 @@ def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = Fa
         say(f"[green]build: up to date[/] ({stage.dir}), skipped")
         return stage
     stage.start()
-    with status(f"building datasets from {tables}"):
-        report = build_datasets(tables, recipe.build, stage.dir)
+    with status(f"building datasets from {tables}" + (" on Ray" if engine == "ray" else "")):
+        if engine == "ray":
+            from alignloop.data.ray_engine import build_datasets_ray
+
+            report = build_datasets_ray(tables, recipe.build, stage.dir, work_dir=stage.dir)
+        else:
+            report = build_datasets(tables, recipe.build, stage.dir)
     for name, d in report.datasets.items():
         stage.log_metrics(dataset=name, **d)
     stage.log_metrics(seconds=round(report.seconds, 3), skipped=report.skipped)
     atomic_write_json(stage.path("build_report.json"), report.to_dict())
     stage.finish([*report.files, stage.path("build_report.json")], extra={"datasets": report.datasets,
-                                                                          "skipped": report.skipped})
+                                                                          "skipped": report.skipped,
+                                                                          "engine": engine,
+                                                                          "allocators": allocator_settings()})
     say(report.summary())
     say(f"[green]build: {sum(d['rows'] for d in report.datasets.values()):,} examples[/] "
         f"in {report.seconds:.2f}s -> {stage.dir}")
     return stage
+
+
+def allocator_settings() -> dict[str, str | None]:
+    """The allocator settings this process runs with (memory depends on them; see `alignloop.cli`)."""
+    import os
+
+    return {k: os.environ.get(k) for k in ("_RJEM_MALLOC_CONF", "MIMALLOC_PURGE_DELAY")}
 
 
 def _fmt(x: float | None) -> str:

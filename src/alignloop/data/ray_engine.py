@@ -12,18 +12,19 @@ How the Ray path runs (`run_filters_ray`, `build_datasets_ray`):
    Polars path does). A Ray Dataset holds one row per partition; each stage is a `map` over it
    whose task loads its partition from the shared work folder, runs the project's stage functions
    on it, and writes what it produced back there (only small counts travel through Ray).
-2. Filters: the passes are planned exactly as `filters._drive` plans them. A pass applies the
-   global decisions of the previous pass, runs the local filters (`signature -> resolve ->
-   apply`, all inside the partition) and computes the signatures of the next global filters
-   (repeats, diversity). Between passes the driver concatenates the signatures in partition
-   order and resolves them once, with the filters' own `resolve` -- the same global step as the
-   Polars path, so the same conversations are dropped.
+2. Filters: the passes are the Polars path's (`filters.plan_passes`), and each task runs its
+   partition's share of a pass with the same function (`filters.run_pass`): apply the global
+   decisions of the previous pass, run the local filters (`signature -> resolve -> apply`, all
+   inside the partition), compute the signatures of the next global filters (repeats,
+   diversity). The driver adds the tasks' reports in partition order and resolves the global
+   filters once (`filters.Tallies`) -- the same global step as the Polars path, so the same
+   conversations are dropped.
 3. The last pass writes each filtered partition; the driver appends them, in partition order,
    to the output tables (`parts.PartitionedWriter`).
 4. Build: one task per filtered partition runs `builders.iter_partition` (cut by
-   `events_per_partition` like `build_datasets` cuts it); the driver appends every dataset in
-   partition order with the builders' own writers, and deduplicates and caps distillation
-   prompts across partitions from the spill file as `build_datasets` does.
+   `builders.bounded_partitions` like `build_datasets` cuts it); the driver appends every piece
+   in partition order to the builders' own `DatasetWriter`, which deduplicates and caps
+   distillation prompts across partitions as `build_datasets` does.
 
 Identical outputs: the Ray path writes the same rows in the same order as the Polars path given
 the same partition count (the partition count is also the Ray parallelism; the Polars filters
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import shutil
 import tempfile
 import time
@@ -49,18 +51,32 @@ from typing import Any, Literal
 import polars as pl
 import pyarrow as pa
 
-from alignloop.data.builders import BuildConfig, BuildReport, build_datasets
+from alignloop.data.builders import (
+    BuildConfig,
+    BuildReport,
+    DatasetWriter,
+    bounded_partitions,
+    build_datasets,
+    iter_partition,
+)
 from alignloop.data.filters import (
     FILTERED_SCHEMAS,
     TABLE_ORDER,
     Filter,
     FilterConfig,
     FunnelReport,
+    Pass,
+    Tallies,
+    auto_partitions,
+    load_raw_partition,
+    load_state,
     make_filters,
+    plan_passes,
     prepare,
-    rows,
     run_filters,
     run_filters_on_disk,
+    run_pass,
+    save_state,
     to_arrow,
 )
 from alignloop.data.parts import (
@@ -68,19 +84,12 @@ from alignloop.data.parts import (
     count_rows,
     partition_folder,
     partitions_in,
+    read_partition,
+    read_scratch,
 )
 
 Engine = Literal["polars", "ray"]
 ENGINES: tuple[str, ...] = ("polars", "ray")
-
-
-def _auto_partitions(events: int, events_per_partition: int) -> int:
-    """The partition count the Polars path picks for this many events."""
-    try:
-        from alignloop.data.filters import auto_partitions
-    except ImportError:  # older filters: about `events_per_partition` events each
-        return max(1, -(-events // events_per_partition))
-    return auto_partitions(events, events_per_partition)
 
 
 # --- Ray ---------------------------------------------------------------------------------------
@@ -158,124 +167,21 @@ class _Task:
 # --- filters -----------------------------------------------------------------------------------
 
 
-def plan_passes(filters: list[Filter]) -> list[tuple[list[Filter], list[Filter]]]:
-    """The passes of `filters._drive`: (local filters, global filters whose signatures it computes)
-    per pass; the last pass has no global filters. Consecutive global filters about conversations
-    share a pass."""
-    passes = []
-    i = 0
-    while True:
-        g = next((j for j in range(i, len(filters)) if filters[j].scope == "global"), len(filters))
-        h = g
-        while h < len(filters) and filters[h].scope == "global" and (
-                h == g or filters[h].unit == "conversations" and filters[h - 1].unit == "conversations"):
-            h += 1
-        passes.append((filters[i:g], filters[g:h]))
-        if g == h:
-            return passes
-        i = h
-
-
-def _ipc(df: pl.DataFrame, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.write_ipc(path, compression="lz4")
-    return str(path)
-
-
-def _read_ipcs(paths: list[str]) -> list[pl.DataFrame]:
-    return [pl.read_ipc(p) for p in paths]
-
-
-def _load(k: int, raw: str, state: str | None, until: str | None, n: int) -> dict[str, pl.DataFrame]:
-    """Partition k: the state a previous pass saved, else its raw logs as the Polars path loads them."""
-    if state is not None:
-        return _read_state(partition_folder(state, k))
-    from alignloop.data.filters import _Disk
-
-    observed = datetime.fromisoformat(until) if until else None
-    return _Disk(Path(raw), Path(raw).parent / "unused", n, observed).load(k)
-
-
-def _save_state(frames: dict[str, pl.DataFrame], folder: Path) -> None:
-    """Frames as Arrow IPC files (conformed to their schemas, as the Polars path saves them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, table in to_arrow(frames).items():
-        with pa.OSFile(str(folder / f"{name}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
-
-
-def _read_state_tables(folder: Path) -> dict[str, pa.Table]:
-    out = {}
-    for name in TABLE_ORDER:
-        path = folder / f"{name}.arrow"
-        if path.is_file():
-            with pa.OSFile(str(path), "rb") as source:
-                out[name] = pa.ipc.open_file(source).read_all()
-    return out
-
-
-def _read_state(folder: Path) -> dict[str, pl.DataFrame]:
-    return {name: pl.from_arrow(t) for name, t in _read_state_tables(folder).items()}
-
-
-def _filter_pass(k: int, *, number: int, n: int, work: str, raw: str, until: str | None,
-                 pending: list[tuple[Filter, pl.DataFrame]], local: list[Filter], batch: list[Filter],
-                 keep_inputs: bool) -> dict[str, Any]:
-    """One partition's share of one pass (the body of the partition loop of `filters._drive`)."""
+def _filter_pass(k: int, *, number: int, work: str, until: str | None, step: Pass,
+                 pending: list[tuple[Filter, pl.DataFrame]], keep_inputs: bool) -> dict[str, Any]:
+    """Partition k's share of pass `number`: `filters.run_pass` on the state the previous pass saved
+    (or the raw partition); saves the new state and the pass's report (pickled) in the work folder."""
     w = Path(work)
-    frames = _load(k, raw, str(w / f"state-{number - 1}") if number else None, until, n)
-    out: dict[str, Any] = {"input": rows(frames) if number == 0 else None, "before": {}, "after": {},
-                           "n_items": {}, "seconds": {}, "decisions": {}, "items": {}, "signatures": {}}
-    for flt, decisions in pending:
-        start = time.perf_counter()
-        if flt is not pending[0][0]:
-            out["before"][flt.name] = rows(frames)
-        frames = flt.apply(frames, decisions)
-        out["after"][flt.name] = rows(frames)
-        out["seconds"][flt.name] = time.perf_counter() - start
-    for flt in local:
-        start = time.perf_counter()
-        out["before"][flt.name] = rows(frames)
-        items = flt.items(frames)
-        decisions = flt.resolve(flt.signature(frames))
-        unknown = decisions.join(items, on="id", how="anti").height
-        if unknown:
-            raise RuntimeError(f"filter {flt.name}: {unknown} decision(s) about items it was not given")
-        frames = flt.apply(frames, decisions)
-        out["after"][flt.name] = rows(frames)
-        out["n_items"][flt.name] = items.height
-        out["decisions"][flt.name] = _ipc(decisions, w / "decisions" / flt.name / f"part-{k:05d}.arrow")
-        if keep_inputs:
-            out["items"][flt.name] = _ipc(items, w / "items" / flt.name / f"part-{k:05d}.arrow")
-        out["seconds"][flt.name] = time.perf_counter() - start
-    for j, flt in enumerate(batch):
-        start = time.perf_counter()
-        if j == 0:
-            out["before"][flt.name] = rows(frames)
-        out["items"][flt.name] = _ipc(flt.items(frames), w / f"items-{number}" / flt.name / f"part-{k:05d}.arrow")
-        out["signatures"][flt.name] = _ipc(flt.signature(frames),
-                                           w / f"signatures-{number}" / flt.name / f"part-{k:05d}.arrow")
-        out["seconds"][flt.name] = time.perf_counter() - start
-    _save_state(frames, partition_folder(w / f"state-{number}", k))
-    return out
-
-
-@dataclass
-class _Tally:
-    n_items: int = 0
-    before: dict[str, int] | None = None
-    after: dict[str, int] | None = None
-    seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.before, self.after = {}, {}
-        self.decisions: list[pl.DataFrame] = []
-        self.items: list[pl.DataFrame] = []
-
-
-def _add(which: dict[str, int], counts: Mapping[str, int]) -> None:
-    for key, v in counts.items():
-        which[key] = which.get(key, 0) + v
+    if number:
+        frames = load_state(partition_folder(w / f"state-{number - 1}", k))
+    else:
+        frames = load_raw_partition(w / "raw", k, datetime.fromisoformat(until) if until else None)
+    frames, out = run_pass(frames, step, pending, keep_inputs, first=number == 0)
+    save_state(partition_folder(w / f"state-{number}", k), frames)
+    path = w / f"reports-{number}" / f"part-{k:05d}.pkl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+    return {"report": str(path)}
 
 
 def run_filters_ray(source: str | Path, out_dir: str | Path, config: FilterConfig | None = None,
@@ -284,15 +190,13 @@ def run_filters_ray(source: str | Path, out_dir: str | Path, config: FilterConfi
     """`filters.run_filters_on_disk` on Ray Data: the same files (rows and order) and report.
 
     Needs a running Ray or starts a local one (`ray_session`)."""
-    from alignloop.data.filters import _dropped_rows, _filter_report, _no_decisions
     from alignloop.data.parts import repartition
 
     config = config or FilterConfig()
     t0 = time.perf_counter()
-    n = partitions or config.partitions or _auto_partitions(count_rows(source), config.events_per_partition)
+    n = partitions or config.partitions or auto_partitions(count_rows(source), config.events_per_partition)
     filters = make_filters(config)
-    tallies = {f.name: _Tally() for f in filters}
-    input_rows: dict[str, int] = {}
+    tallies = Tallies(filters, keep_inputs)
     out_dir = Path(out_dir)
     with ray_session(), tempfile.TemporaryDirectory(prefix="alignloop-ray-filter-", dir=work_dir) as tmp:
         work = Path(tmp)
@@ -300,69 +204,20 @@ def run_filters_ray(source: str | Path, out_dir: str | Path, config: FilterConfi
         until = info["observed_until"].isoformat() if info["observed_until"] is not None else None
         pending: list[tuple[Filter, pl.DataFrame]] = []
         passes = plan_passes(filters)
-        for number, (local, batch) in enumerate(passes):
-            results = _map_partitions(n, _filter_pass, number=number, n=n, work=str(work), raw=str(work / "raw"),
-                                      until=until, pending=pending, local=local, batch=batch,
-                                      keep_inputs=keep_inputs)
-            if number:
-                shutil.rmtree(work / f"state-{number - 1}", ignore_errors=True)
-            for r in results:
-                if r["input"] is not None:
-                    _add(input_rows, r["input"])
-                for name, counts in r["before"].items():
-                    _add(tallies[name].before, counts)
-                for name, counts in r["after"].items():
-                    _add(tallies[name].after, counts)
-                for name, s in r["seconds"].items():
-                    tallies[name].seconds += s
-                for flt in local:
-                    t = tallies[flt.name]
-                    t.n_items += r["n_items"][flt.name]
-                    t.decisions.extend(_read_ipcs([r["decisions"][flt.name]]))
-                    if keep_inputs:
-                        t.items.extend(_read_ipcs([r["items"][flt.name]]))
-            pending = []
-            gone = pl.DataFrame(schema={"conversation_id": pl.String})
-            for flt in batch:  # the global step, as `filters._drive` resolves it
-                t = tallies[flt.name]
-                start = time.perf_counter()
-                items = pl.concat(_read_ipcs([r["items"][flt.name] for r in results]))
-                items = items.join(gone, left_on="id", right_on="conversation_id", how="anti")
-                t.n_items += items.height
-                if keep_inputs:
-                    t.items.append(items)
-                signature = pl.concat(_read_ipcs([r["signatures"][flt.name] for r in results]))
-                if "conversation_id" in signature.columns and gone.height:
-                    signature = signature.join(gone, on="conversation_id", how="anti")
-                decisions = flt.resolve(signature)
-                unknown = decisions.join(items, on="id", how="anti").height
-                if unknown:
-                    raise RuntimeError(f"filter {flt.name}: {unknown} decision(s) about items it was not given")
-                t.decisions.append(decisions)
-                t.seconds += time.perf_counter() - start
-                pending.append((flt, decisions))
-                if flt.unit == "conversations" and not (flt.name == "user_cap" and flt.config.mode == "weight"):
-                    gone = pl.concat([gone, decisions.select(conversation_id="id")])
+        for number, step in enumerate(passes):
+            results = _map_partitions(n, _filter_pass, number=number, work=str(work), until=until, step=step,
+                                      pending=pending, keep_inputs=keep_inputs)
+            shutil.rmtree(work / ("raw" if number == 0 else f"state-{number - 1}"), ignore_errors=True)
+            for r in results:  # partition order
+                tallies.add(step, pickle.loads(Path(r["report"]).read_bytes()))
+            shutil.rmtree(work / f"reports-{number}", ignore_errors=True)
+            pending = tallies.resolve(step)
         final = work / f"state-{len(passes) - 1}"
         with PartitionedWriter(out_dir, FILTERED_SCHEMAS, TABLE_ORDER) as writer:
             for k in range(n):
-                writer.write(_read_state_tables(partition_folder(final, k)))
+                writer.write(read_scratch(partition_folder(final, k), FILTERED_SCHEMAS))
         files = writer.close()
-    report = FunnelReport(input_rows=input_rows, output_rows={})
-    dropped = []
-    previous = input_rows
-    for flt in filters:
-        t = tallies[flt.name]
-        decisions = pl.concat(t.decisions) if t.decisions else _no_decisions()
-        report.filters.append(_filter_report(flt, t.n_items, decisions, t.before, t.after, t.seconds))
-        dropped.append(_dropped_rows(flt, decisions))
-        if keep_inputs:
-            report.inputs[flt.name] = (pl.concat(t.items) if t.items
-                                       else pl.DataFrame(schema={"id": pl.String, "user_id": pl.String}))
-        previous = t.after
-    report.output_rows = dict(previous)
-    if dropped:
-        report.dropped = pl.concat(dropped)
+    report = tallies.report()
     report.seconds = time.perf_counter() - t0
     return files, report
 
@@ -370,24 +225,21 @@ def run_filters_ray(source: str | Path, out_dir: str | Path, config: FilterConfi
 # --- build -------------------------------------------------------------------------------------
 
 
-def _piece_name(name: str) -> str:
-    return name.replace("/", "__")
-
-
 def _build_task(k: int, *, folder: str, work: str, config: BuildConfig) -> dict[str, Any]:
-    """One filtered partition's datasets, each piece written to the work folder in emit order."""
-    from alignloop.data.builders import _bounded, iter_partition
-    from alignloop.data.parts import read_partition
-
+    """One filtered partition's datasets (`builders.iter_partition`), each piece written to the work
+    folder (Arrow IPC) in the order it came."""
     frames = prepare(read_partition(folder, k, FILTERED_SCHEMAS))
     pieces: list[tuple[str, str]] = []
     skipped_total: dict[str, int] = {}
-    for sub, part in enumerate(_bounded([frames], config.events_per_partition)):
+    for sub, part in enumerate(bounded_partitions(frames, config.events_per_partition)):
         skipped: dict[str, int] = {}
-        for name, df in iter_partition(part, config, skipped):
-            path = Path(work) / f"part-{k:05d}" / f"{sub:04d}-{_piece_name(name)}.arrow"
-            pieces.append((name, _ipc(df, path)))
-            del df
+        for name, table in iter_partition(part, config, skipped):
+            path = Path(work) / f"part-{k:05d}" / f"{sub:04d}-{name.replace('/', '__')}.arrow"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+            pieces.append((name, str(path)))
+            del table
         for key, v in skipped.items():
             skipped_total[key] = skipped_total.get(key, 0) + v
     return {"pieces": pieces, "skipped": skipped_total}
@@ -397,62 +249,28 @@ def build_datasets_ray(filtered: str | Path, config: BuildConfig | None = None, 
                        work_dir: str | Path | None = None) -> BuildReport:
     """`builders.build_datasets` on Ray Data, from a partitioned folder of filtered logs (as the
     filter stage writes it): the same files, rows and order, and the same report."""
-    import pyarrow.parquet as pq
-
-    from alignloop.data.builders import _emit, _emit_distill, _outputs, _Sinks
-    from alignloop.data.stablehash import hash_column
-
     config = config or BuildConfig()
     t0 = time.perf_counter()
     folder = Path(filtered)
     n = partitions_in(folder)
     if n is None:
         raise ValueError(f"{folder}: not a partitioned folder of filtered logs (no partitions.json)")
-    out_dir = Path(out_dir)
-    outputs = _outputs(config)
-    report = BuildReport(datasets={name: {"rows": 0, "users": 0} for name in outputs}, partitions=n)
     with ray_session(), tempfile.TemporaryDirectory(prefix="alignloop-ray-build-", dir=work_dir) as tmp:
         results = _map_partitions(n, _build_task, folder=str(folder), work=tmp, config=config)
-        sinks = _Sinks(out_dir, list(config.formats))
-        spill = out_dir / ".distill-spill.parquet"
-        spill_writer: pq.ParquetWriter | None = None
+        writer = DatasetWriter(out_dir, config, n)
         try:
-            for name, schema in outputs.items():
-                sinks.open(name, schema)
             for r in results:  # partition order, then the order each partition emitted
                 for name, path in r["pieces"]:
-                    df = pl.read_ipc(path)
-                    if name == "distill":
-                        if "_key" not in df.columns:
-                            df = df.with_columns(_key=pl.lit(None, pl.UInt64))
-                        order = (hash_column(df, "example_id", "distill", unique=False)
-                                 if config.distill.max_prompts is not None else pl.lit(0, pl.UInt64))
-                        table = df.with_columns(_h=order).to_arrow()
-                        if spill_writer is None:
-                            out_dir.mkdir(parents=True, exist_ok=True)
-                            spill_writer = pq.ParquetWriter(spill, table.schema, compression="lz4")
-                        spill_writer.write_table(table)
-                    elif name.startswith("rm/"):
-                        for split in ("train", "eval"):
-                            _emit(sinks, report, f"{name}/{split}", df.filter(pl.col("split") == split))
-                    else:
-                        _emit(sinks, report, name, df)
-                    del df
+                    with pa.OSFile(path) as source:
+                        table = pa.ipc.open_file(source).read_all()
+                    writer.add(name, table)
+                    del table
                     Path(path).unlink()
-                for key, v in r["skipped"].items():
-                    report.skipped[key] = report.skipped.get(key, 0) + v
-            if spill_writer is not None:
-                spill_writer.close()
-                spill_writer = None
-                _emit_distill(sinks, report, spill, config.distill)
+                writer.add_skipped(r["skipped"])
         except BaseException as e:
-            if spill_writer is not None:
-                spill_writer.close()
-            sinks.abort(e)
+            writer.abort(e)
             raise
-        finally:
-            spill.unlink(missing_ok=True)
-        report.files = [str(p) for p in sinks.close()]
+        report = writer.close()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -499,7 +317,7 @@ def run_pipeline(source: str | Path | Mapping[str, pa.Table | pl.DataFrame], out
             write_tables(tmp, {k: v.to_arrow() if isinstance(v, pl.DataFrame) else v
                                for k, v in source.items() if k in SCHEMAS})
             source = tmp
-        n = partitions or filter_config.partitions or _auto_partitions(count_rows(source),
+        n = partitions or filter_config.partitions or auto_partitions(count_rows(source),
                                                                        filter_config.events_per_partition)
         if engine == "ray":
             with ray_session():

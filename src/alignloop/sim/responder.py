@@ -128,12 +128,24 @@ class TemplateResponder:
         # u < s.topic, so u / s.topic is again uniform: it picks the word.
         pick = (u[on_topic] / max(s.topic, 1e-12) * WORDS_PER_TOPIC).astype(np.int64)
         word[on_topic] = topic[row[on_topic]] * WORDS_PER_TOPIC + pick
-        v = rng.random(row.size)
+        # Templates are drawn without replacement within an answer (the k-th sentence of a kind
+        # takes the k-th template of the row's own shuffle), so an answer repeats a sentence only
+        # when `repeat_within` says so: drawn with replacement, 16 fillers would collide in about
+        # a third of the answers.
         n_slot = PIECES.count("bot_slot") // N_WORDS
+        n_plain = PIECES.count("bot_plain")
+        # There are only so many fillers: a long answer's further sentences are about its topic.
+        plain_rank = _rank_in_row(word < 0, starts, row)
+        overflow = np.flatnonzero((word < 0) & (plain_rank >= n_plain))
+        shift = uniform_ints(rng, WORDS_PER_TOPIC, n)[row[overflow]] + plain_rank[overflow]
+        word[overflow] = topic[row[overflow]] * WORDS_PER_TOPIC + shift % WORDS_PER_TOPIC
+        slot = word >= 0
+        slot_template = np.argsort(rng.random((n, n_slot)), axis=1)
+        plain_template = np.argsort(rng.random((n, n_plain)), axis=1)
         body = np.where(
-            word >= 0,
-            PIECES.first("bot_slot") + (v * n_slot).astype(np.int64) * N_WORDS + word,
-            PIECES.first("bot_plain") + (v * PIECES.count("bot_plain")).astype(np.int64),
+            slot,
+            PIECES.first("bot_slot") + slot_template[row, _rank_in_row(slot, starts, row) % n_slot] * N_WORDS + word,
+            PIECES.first("bot_plain") + plain_template[row, _rank_in_row(~slot, starts, row) % n_plain],
         )
         unsafe = np.flatnonzero(rng.random(n) < s.unsafe)
         at = starts[unsafe] + (rng.random(unsafe.size) * n_body[unsafe]).astype(np.int64)
@@ -170,6 +182,13 @@ class TemplateResponder:
         again = np.flatnonzero((rng.random(n) < s.repeat) & (ctx.previous.max(axis=1) >= 0))
         out[again] = ctx.previous[again]
         return out.astype(np.int32)
+
+
+def _rank_in_row(mask: np.ndarray, starts: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """For flat entries grouped by row (row-major, `starts` = each row's first entry): how many
+    entries of the row before this one have `mask` set."""
+    before = np.cumsum(mask) - mask
+    return before - before[starts][row]
 
 
 class EngineResponder:

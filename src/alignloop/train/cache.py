@@ -5,6 +5,9 @@ values depend on; a file with another fingerprint (or a torn one) is recomputed,
 A model named by a local folder is fingerprinted by its files' names, sizes and modification
 times, so retraining the model in that folder (e.g. an SFT stage that DPO starts from) invalidates
 the cache even though the name did not change.
+
+Under torchrun only rank 0 writes a cache file: call `load_or_compute` inside `dist.main_first()`
+so rank 0 computes and writes it first and the other processes read it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def load_or_compute(path: Path, fingerprint: str, compute: Callable[[], dict[str
         except (OSError, ValueError, SafetensorError):
             say(f"[yellow]{what}: {path.name} is unreadable, computing it again[/]")
     tensors = compute()
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": fingerprint})
+    from alignloop.train import dist
+
+    if dist.is_main():  # under torchrun rank 0 writes; the others compute only if they found no cache
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"fingerprint": fingerprint})
     return tensors

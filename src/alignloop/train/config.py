@@ -1,7 +1,8 @@
 """Recipe sections every trainer shares: the optimizer, the schedule, batching, LoRA, checkpoints.
 
 SFT, DPO and distillation each extend `TrainSection` with their own keys; the loop reads only
-what is here, so one loop serves all of them.
+what is here (`parallel` included: every trainer runs under torchrun alike), so one loop serves
+all of them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class TrainSection(Section):
     # precision and device
     bf16: bool = Field(True, description="bf16 autocast for matmuls; master weights and loss stay fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # several processes (torchrun; see alignloop.train.dist): ignored in a plain single-process run
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: replicate the model (ddp) or shard it (fsdp, FSDP2)")
 
     # full fine-tuning (lora = false / absent) or LoRA
     lora: LoraSection | None = None

@@ -323,7 +323,7 @@ def copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def strategy_of(config: Any) -> str:
-    """The recipe's `train.parallel` (trainers without the key get DDP)."""
+    """The recipe's `train.parallel` (a `TrainSection` key; a config object without it gets DDP)."""
     return getattr(config, "parallel", None) or "ddp"
 
 

@@ -64,7 +64,9 @@ from alignloop.runs import (
     file_hash,
 )
 from alignloop.sections import ModelSection, RunSection, SamplingSection
+from alignloop.train import dist
 from alignloop.train.cache import load_or_compute, local_model_files, model_identity
+from alignloop.train.context import check_fits_context
 from alignloop.train.logprobs import (
     _LOGIT_POSTPROCESSING,
     TokenLogprobs,
@@ -74,7 +76,7 @@ from alignloop.train.logprobs import (
 from alignloop.train.loop import LoopResult, StepCallback, autocast, pick_device, train
 from alignloop.train.lora import add_lora, merged
 from alignloop.train.packing import Example, PackedBatch, collate, pack
-from alignloop.train.sft import SFTObjective, SFTTrainSection, save_model
+from alignloop.train.sft import SFTObjective, SFTTrainSection, final_model, save_model
 from alignloop.train.sft_data import (
     Conversation,
     PackedBatches,
@@ -443,6 +445,8 @@ def _generate(stage: Stage, recipe: DistillRecipe, teacher: _Teacher) -> tuple[P
             return out, meta["counts"]
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if not dist.is_main():  # run under main_first: rank 0 has just written them
+        raise RuntimeError(f"rank {dist.context().rank}: rank 0 left no readable teacher answers in {out}")
     from alignloop.engine.engine import Engine
 
     model, tokenizer = teacher.get()
@@ -467,29 +471,39 @@ def _examples_digest(examples: Sequence[Example]) -> str:
 
 def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = False,
                 callbacks: Sequence[StepCallback] = ()) -> Stage:
-    """Distil the teacher into the student; write runs/<run>/distill/ and return the stage."""
+    """Distil the teacher into the student; write runs/<run>/distill/ and return the stage.
+
+    Under torchrun every process runs this with the same recipe; rank 0 alone generates the
+    teacher's answers and computes the teacher's top-k (and writes them, with metrics, checkpoints,
+    the model and the manifest); the others wait for it and read its files.
+    """
     from alignloop.models import load_model, load_tokenizer
 
     cfg, dcfg = recipe.train, recipe.distill
+    ctx = dist.init_from_env()  # under torchrun: join the process group; else a world of one
+    run = dist.broadcast_object(run or recipe.run.name or default_run_name())  # one name for all processes
     # Models given as folders are inputs: retraining the teacher or the student's start reruns the stage.
-    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "distill", recipe_to_dict(recipe),
+    stage = Stage(recipe.run.dir, run, "distill", recipe_to_dict(recipe),
                   inputs=[recipe.data.path, *local_model_files(recipe.model.name),
                           *local_model_files(recipe.teacher.name)])
-    if not force and stage.is_complete():
+    if dist.broadcast_object(not force and ctx.is_main and stage.is_complete()):
         say(f"[green]distill: up to date[/] ({stage.dir}), skipped")
         return stage
 
     # Refuse a tokenizer mismatch before anything is loaded, generated or written.
-    student_tokenizer = load_tokenizer(recipe.model.name)
-    if dcfg.level == "logit":
-        check_same_tokenizer(student_tokenizer, load_tokenizer(recipe.teacher.name), recipe.model.name,
-                             recipe.teacher.name)
-    stage.start()
+    with dist.main_first():  # a first load converts into the cache: once, not racing
+        student_tokenizer = load_tokenizer(recipe.model.name)
+        if dcfg.level == "logit":
+            check_same_tokenizer(student_tokenizer, load_tokenizer(recipe.teacher.name), recipe.model.name,
+                                 recipe.teacher.name)
+    if ctx.is_main:
+        stage.start()
     teacher = _Teacher(recipe.teacher)
 
     extra: dict[str, Any] = {}
     if dcfg.responses == "teacher":
-        source, extra["generation"] = _generate(stage, recipe, teacher)
+        with dist.main_first():  # rank 0 generates and writes; the others find its answers cached
+            source, extra["generation"] = _generate(stage, recipe, teacher)
     else:
         source = recipe.data.path
     conversations = read_conversations(source)
@@ -500,10 +514,13 @@ def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = Fal
     device = pick_device(cfg.device)
 
     dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
-    model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    with dist.main_first():
+        model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    check_fits_context(model, cfg.max_seq_len, "student")
     if dcfg.level == "logit":
         def compute() -> TopKTable:
             t_model, _ = teacher.get()
+            check_fits_context(t_model, cfg.max_seq_len, "teacher")
             t_model.to(device)
             vocab = min(len(student_tokenizer), t_model.get_output_embeddings().weight.shape[0],
                         model.get_output_embeddings().weight.shape[0])
@@ -513,8 +530,9 @@ def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = Fal
         fingerprint = config_hash({"teacher": model_identity(recipe.teacher), "tokens": _examples_digest(examples),
                                    "top_k": dcfg.top_k, "temperature": dcfg.temperature, "bf16": cfg.bf16,
                                    "device": device.type, "version": 1})
-        table = TopKTable(**load_or_compute(stage.path(TOPK_FILE), fingerprint, lambda: asdict(compute()),
-                                            "teacher top-k"))
+        with dist.main_first():  # rank 0 computes and writes the cache; the others read it
+            table = TopKTable(**load_or_compute(stage.path(TOPK_FILE), fingerprint, lambda: asdict(compute()),
+                                                "teacher top-k"))
     teacher.release()
 
     say(f"distill ({dcfg.level}, {dcfg.responses} responses): {len(train_examples)} train / {len(eval_examples)} "
@@ -542,17 +560,29 @@ def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = Fal
     result = train(module, objective, batches, cfg, stage, eval_batches=eval_batches, callbacks=callbacks,
                    description=f"distill ({dcfg.level})")
 
-    outputs = save_model(merged(model), tokenizer, stage.path("model"))
-    if dcfg.responses == "teacher":
-        outputs += [stage.path(GENERATIONS), stage.path(GENERATIONS_META)]
-    if dcfg.level == "logit":
-        outputs.append(stage.path(TOPK_FILE))
-    stage.finish(outputs, extra={**extra, "data": counts.as_dict(), "train": _summary(result)})
+    dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
+    final = final_model(model, lambda: _fresh_student(recipe, dtype))
+    if ctx.is_main:
+        outputs = save_model(merged(final), tokenizer, stage.path("model"))
+        if dcfg.responses == "teacher":
+            outputs += [stage.path(GENERATIONS), stage.path(GENERATIONS_META)]
+        if dcfg.level == "logit":
+            outputs.append(stage.path(TOPK_FILE))
+        stage.finish(outputs, extra={**extra, "data": counts.as_dict(), "train": _summary(result),
+                                     "processes": ctx.world})
+    dist.barrier()
     last = result.last or {}
     say(f"[green]distill: {result.steps} steps[/]" + (f", loss {last['loss']:.4f}" if "loss" in last else "")
         + (f", eval loss {result.eval['eval_loss']:.4f}" if "eval_loss" in result.eval else "")
         + f" -> {stage.path('model')}")
     return stage
+
+
+def _fresh_student(recipe: DistillRecipe, dtype: str) -> torch.nn.Module:
+    from alignloop.models import load_model
+
+    model, _ = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    return add_lora(model, recipe.train.lora) if recipe.train.lora is not None else model
 
 
 def _summary(result: LoopResult) -> dict[str, Any]:

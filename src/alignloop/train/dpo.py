@@ -43,8 +43,10 @@ from pydantic import Field, model_validator
 from alignloop.recipes import ExistingFile, Section, recipe_to_dict
 from alignloop.runs import Stage, config_hash, default_run_name
 from alignloop.sections import ModelSection, RunSection
+from alignloop.train import dist
 from alignloop.train.cache import load_or_compute, local_model_files, model_identity
 from alignloop.train.config import TrainSection
+from alignloop.train.context import check_fits_context
 from alignloop.train.dpo_data import (
     PairBatch,
     PairBatches,
@@ -128,10 +130,15 @@ def preference_loss(
 
 
 def sequence_logps(module: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
-    """[P, 2] summed log-probs of each pair's chosen and rejected response."""
+    """[P, 2] summed log-probs of each pair's chosen and rejected response.
+
+    Both sides of every pair go through one forward, as documents of packed rows; attention runs
+    per document (`segments`), so no dense [B, 1, L, L] mask is built and no query scores a key
+    of another side or pair (see `TokenLogprobs`).
+    """
     pk = batch.packed
     select = pk.loss_mask
-    logp = module(pk.input_ids, pk.position_ids, pk.attention_mask(), select, pk.targets[select])
+    logp = module(pk.input_ids, pk.position_ids, None, select, pk.targets[select], segments=pk.doc_ids)
     sums = torch.zeros(2 * batch.n_pairs, dtype=logp.dtype, device=logp.device).index_add_(0, batch.seq, logp)
     return sums.view(batch.n_pairs, 2)
 
@@ -210,21 +217,31 @@ def compute_reference(module: torch.nn.Module, pairs: Sequence[TokenizedPair], m
 
 def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
             callbacks: Sequence[StepCallback] = ()) -> Stage:
-    """Train, write runs/<run>/dpo/, return the stage; a finished stage with the same inputs is skipped."""
+    """Train, write runs/<run>/dpo/, return the stage; a finished stage with the same inputs is skipped.
+
+    Under torchrun every process runs this with the same recipe; rank 0 alone writes (the
+    reference cache, metrics, checkpoints, the model, the manifest), the others read the
+    reference rank 0 computed (see `alignloop.train.dist`).
+    """
     from alignloop.models import load_model
-    from alignloop.train.sft import save_model
+    from alignloop.train.sft import final_model, save_model
 
     cfg = recipe.train
+    ctx = dist.init_from_env()  # under torchrun: join the process group; else a world of one
+    run = dist.broadcast_object(run or recipe.run.name or default_run_name())  # one name for all processes
     # A model given as a folder (e.g. the SFT stage's model/) is an input: retraining it reruns DPO.
-    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "dpo", recipe_to_dict(recipe),
+    stage = Stage(recipe.run.dir, run, "dpo", recipe_to_dict(recipe),
                   inputs=[recipe.data.path, *local_model_files(recipe.model.name)])
-    if not force and stage.is_complete():
+    if dist.broadcast_object(not force and ctx.is_main and stage.is_complete()):
         say(f"[green]dpo: up to date[/] ({stage.dir}), skipped")
         return stage
-    stage.start()
+    if ctx.is_main:
+        stage.start()
 
     dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
-    model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    with dist.main_first():  # a first load converts into the cache: once, not racing
+        model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    check_fits_context(model, cfg.max_seq_len)  # per side: both sides of a pair restart their positions
     pairs, counts = tokenize_pairs(tokenizer, read_pairs(recipe.data.path), cfg.max_seq_len)
     train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.split_salt)
     if cfg.eval_fraction > 0 and not eval_pairs:
@@ -245,11 +262,14 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
 
     reference = None
     if cfg.loss != "simpo":
+        # version 2: per-document attention (the policy's forward must match the reference's exactly)
         fingerprint = config_hash({"model": model_identity(recipe.model), "tokens": pairs_digest(pairs),
-                                   "bf16": cfg.bf16, "device": device.type, "version": 1})
-        reference = load_or_compute(stage.path(REFERENCE_FILE), fingerprint, lambda: {"logps": compute_reference(
-            module, pairs, cfg.micro_batch, row_len, pad_id, device, cfg.bf16, cfg.packing)},
-            "reference log-probs")["logps"]
+                                   "bf16": cfg.bf16, "device": device.type, "version": 2})
+        # Rank 0 computes and writes the cache; the others then find it there and read it.
+        with dist.main_first():
+            reference = load_or_compute(stage.path(REFERENCE_FILE), fingerprint, lambda: {"logps": compute_reference(
+                module, pairs, cfg.micro_batch, row_len, pad_id, device, cfg.bf16, cfg.packing)},
+                "reference log-probs")["logps"]
 
     batches = PairBatches(train_pairs, row_len, cfg.micro_batch, seed=cfg.seed, pad_id=pad_id,
                           packing=cfg.packing, reference=reference)
@@ -264,12 +284,16 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
     result = train(module, objective, batches, cfg, stage, eval_batches=eval_batches, callbacks=callbacks,
                    description="dpo")
 
-    outputs = save_model(merged(model), tokenizer, stage.path("model"))
-    if reference is not None:
-        outputs.append(stage.path(REFERENCE_FILE))
-    stage.finish(outputs, extra={"data": {**counts.as_dict(), "train_pairs": len(train_pairs),
-                                          "eval_pairs": len(eval_pairs)},
-                                 "baseline": baseline, "train": _summary(result)})
+    dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
+    final = final_model(model, lambda: _fresh_model(recipe, dtype))
+    if ctx.is_main:
+        outputs = save_model(merged(final), tokenizer, stage.path("model"))
+        if reference is not None:
+            outputs.append(stage.path(REFERENCE_FILE))
+        stage.finish(outputs, extra={"data": {**counts.as_dict(), "train_pairs": len(train_pairs),
+                                              "eval_pairs": len(eval_pairs)},
+                                     "baseline": baseline, "train": _summary(result), "processes": ctx.world})
+    dist.barrier()
     ev = result.eval
     say(f"[green]dpo: {result.steps} steps[/]"
         + (f", loss {result.last['loss']:.4f}" if "loss" in result.last else "")
@@ -277,6 +301,13 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
            if "eval_accuracy" in ev else "")
         + f" -> {stage.path('model')}")
     return stage
+
+
+def _fresh_model(recipe: DPORecipe, dtype: str) -> torch.nn.Module:
+    from alignloop.models import load_model
+
+    model, _ = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    return add_lora(model, recipe.train.lora) if recipe.train.lora is not None else model
 
 
 def _summary(result: LoopResult) -> dict[str, Any]:

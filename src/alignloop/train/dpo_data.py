@@ -37,9 +37,9 @@ import torch
 
 from alignloop.chat.masks import mask_conversation, token_mask
 from alignloop.errors import AlignloopError
+from alignloop.train.packing import Example, PackedBatch, collate, pack
 from alignloop.train.rows import read_rows
 from alignloop.train.sft_data import epoch_chunks
-from alignloop.train.packing import Example, PackedBatch, collate, pack
 from alignloop.ui import say
 
 

@@ -109,9 +109,7 @@ def supports_segments(lm: torch.nn.Module, length: int) -> bool:
     if any(getattr(config, k, None) for k in ("attn_logit_softcapping", "attention_chunk_size")):
         return False
     window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True) and window < length:
-        return False
-    return True
+    return not (window is not None and getattr(config, "use_sliding_window", True) and window < length)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import secrets
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -28,6 +28,7 @@ from alignloop.runs import Stage, default_run_name
 from alignloop.sections import ModelSection, RunSection
 from alignloop.train import dist
 from alignloop.train.config import TrainSection
+from alignloop.train.context import check_fits_context
 from alignloop.train.logprobs import TokenLogprobs
 from alignloop.train.loop import LoopResult, StepCallback, pick_device, train
 from alignloop.train.lora import add_lora, merged
@@ -45,8 +46,6 @@ class SFTTrainSection(TrainSection):
     packing: bool = Field(True, description="several conversations per row, isolated from each other")
     last_turn_only: bool = Field(False, description="loss on the final assistant turn only")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="conversations held out for eval loss")
-    parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="under torchrun: replicate the model (ddp) or shard it (fsdp, FSDP2)")
 
 
 class SFTRecipe(Section):
@@ -107,6 +106,7 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
     dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
     with dist.main_first():  # a first load converts into the cache: once, not racing
         model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    check_fits_context(model, cfg.max_seq_len)
     examples, counts = tokenize(tokenizer, read_conversations(recipe.data.path), cfg.max_seq_len,
                                 cfg.last_turn_only)
     train_examples, eval_examples = split(examples, cfg.eval_fraction, cfg.seed)

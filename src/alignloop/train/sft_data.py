@@ -25,8 +25,8 @@ import torch
 
 from alignloop.chat.masks import mask_conversation, token_mask
 from alignloop.errors import AlignloopError
-from alignloop.train.rows import read_rows
 from alignloop.train.packing import Example, PackedBatch, collate, pack
+from alignloop.train.rows import read_rows
 from alignloop.ui import say
 
 

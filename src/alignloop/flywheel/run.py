@@ -1,0 +1,79 @@
+"""`alignloop flywheel RECIPE`: turns of the loop, stage by stage, then the report.
+
+Resuming is the stages' own business: each one skips itself when its manifest matches its config
+and inputs, and the trainers resume from their last checkpoint; so a killed flywheel re-run with
+the same command picks up in the stage it was killed in, and nothing finished is redone.
+`--from STAGE` forces that stage and every later one to run again.
+
+A turn deploys its model for the next turn only if its A/B test said launch; otherwise the next
+turn starts again from the model that stayed deployed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from alignloop.errors import AlignloopError
+from alignloop.flywheel.recipe import STAGES, FlywheelRecipe
+from alignloop.flywheel.stages import TURN_STAGES, Turn
+from alignloop.runs import atomic_write_json, default_run_name
+from alignloop.ui import console, say
+
+
+def planned_stages(recipe: FlywheelRecipe) -> list[str]:
+    """The stages one turn runs, in order."""
+    return [s for s in STAGES if s in TURN_STAGES and s not in recipe.flywheel.skip]
+
+
+def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str | None = None) -> dict:
+    run = run or recipe.run.name or default_run_name()
+    stages = planned_stages(recipe)
+    if from_stage is not None and from_stage not in [*stages, "report"]:
+        raise AlignloopError(f"--from {from_stage}: not a stage of this flywheel; stages: {', '.join(stages)}, report")
+    started = time.perf_counter()
+    deployed = recipe.flywheel.base_model
+    forcing = False
+    timings: list[dict] = []
+    turns: list[dict] = []
+    for number in range(1, recipe.flywheel.turns + 1):
+        turn = Turn(recipe, run, number, deployed=deployed, model=deployed)
+        say(f"[bold]flywheel {run}: turn {number}/{recipe.flywheel.turns}[/], deployed model: {deployed}")
+        for name in stages:
+            forcing = forcing or name == from_stage
+            clock = time.perf_counter()
+            turn.summaries[name] = TURN_STAGES[name](turn, forcing)
+            timings.append({"turn": number, "stage": name, "seconds": round(time.perf_counter() - clock, 2),
+                            "forced": forcing})
+        launched = bool(turn.summaries.get("abtest", {}).get("decision", {}).get("launch"))
+        turns.append({"turn": number, "deployed": deployed, "model": turn.model, "launched": launched,
+                      "summaries": turn.summaries})
+        if launched:
+            deployed = turn.model
+    state = {"run": run, "recipe": recipe.model_dump(mode="json"), "stages": stages, "turns": turns,
+             "timings": timings, "deployed_at_end": deployed}
+    folder = Path(recipe.run.dir) / run
+    clock = time.perf_counter()
+    from alignloop.flywheel.report import write_report
+
+    state["report"] = {k: str(v) for k, v in write_report(state, folder).items()}
+    timings.append({"turn": None, "stage": "report", "seconds": round(time.perf_counter() - clock, 2),
+                    "forced": True})
+    state["seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(folder / "flywheel.json", state)
+    print_timings(state)
+    return state
+
+
+def print_timings(state: dict) -> None:
+    from rich.table import Table
+
+    table = Table("turn", "stage", "seconds", title=f"flywheel {state['run']}: stage timings")
+    for t in state["timings"]:
+        table.add_row("" if t["turn"] is None else str(t["turn"]), t["stage"], f"{t['seconds']:.1f}")
+    table.add_row("", "[bold]total[/]", f"[bold]{state['seconds']:.1f}[/]")
+    console.print(table)
+    for t in state["turns"]:
+        verdict = "[green]launched[/]" if t["launched"] else "[red]not launched[/]"
+        console.print(f"turn {t['turn']}: {t['model']} {verdict}")
+    console.print(f"report: {state['report'].get('html')}")

@@ -1,0 +1,102 @@
+"""A verifiable task (R1-style): generated arithmetic and word problems with exact answers.
+
+The reward is the sum of an exact-answer reward (the number after the last "Answer:" equals the
+truth) and a smaller format reward (the reply ends with "Answer: <integer>"), as DeepSeek-R1's
+rule-based rewards. Problems are drawn from a seed, so a run and its held-out eval set are fixed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from alignloop.rl.env import Step
+
+INSTRUCTION = "Solve the problem. End your reply with 'Answer: ' followed by the number only."
+_ANSWER = re.compile(r"Answer:\s*\**\s*(-?\d[\d,]*)\s*\**\s*\.?\s*$")
+_ANY_ANSWER = re.compile(r"Answer:\s*\**\s*(-?\d[\d,]*)")
+
+_NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo")
+_THINGS = ("apples", "books", "coins", "marbles", "stickers", "pencils", "cards", "shells")
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: int
+
+
+def make_problem(rng: random.Random, max_operand: int = 50) -> Problem:
+    kind = rng.choice(("add", "sub", "mul", "word_add", "word_sub"))
+    a, b = rng.randint(2, max_operand), rng.randint(2, max_operand)
+    if kind == "add":
+        return Problem(f"What is {a} + {b}?", a + b)
+    if kind == "sub":
+        a, b = max(a, b), min(a, b)
+        return Problem(f"What is {a} - {b}?", a - b)
+    if kind == "mul":
+        b = rng.randint(2, 9)
+        return Problem(f"What is {a} * {b}?", a * b)
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    if kind == "word_add":
+        return Problem(f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b)
+    a, b = max(a, b), min(a, b)
+    return Problem(f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b)
+
+
+def parse_answer(text: str, strict: bool = True) -> int | None:
+    """The integer after "Answer:": at the very end of the reply (strict), or the last one anywhere."""
+    text = text.strip()
+    if strict:
+        m = _ANSWER.search(text)
+        return int(m.group(1).replace(",", "")) if m else None
+    found = _ANY_ANSWER.findall(text)
+    return int(found[-1].replace(",", "")) if found else None
+
+
+def score(text: str, answer: int, correct_reward: float = 1.0, format_reward: float = 0.1) -> tuple[float, bool, bool]:
+    """(reward, correct, well_formatted) for one reply."""
+    strict = parse_answer(text, strict=True)
+    formatted = strict is not None
+    got = strict if formatted else parse_answer(text, strict=False)
+    correct = got == answer
+    return correct_reward * correct + format_reward * formatted, correct, formatted
+
+
+class ArithmeticEnv:
+    """Single-turn: the first observation is the problem; the reply ends the episode."""
+
+    name = "arithmetic"
+
+    def __init__(self, max_operand: int = 50, correct_reward: float = 1.0, format_reward: float = 0.1,
+                 system: str | None = None) -> None:
+        self.max_operand = max_operand
+        self.correct_reward = correct_reward
+        self.format_reward = format_reward
+        self.system = system
+        self._episodes: list[Problem] = []
+
+    def sample_tasks(self, n: int, seed: int) -> list[Problem]:
+        rng = random.Random(f"arithmetic:{seed}")
+        return [make_problem(rng, self.max_operand) for _ in range(n)]
+
+    def messages(self, problem: Problem) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": "user", "content": f"{problem.question}\n{INSTRUCTION}"}]
+
+    def reset(self, tasks: list[Problem]) -> list[list[dict]]:
+        self._episodes = list(tasks)
+        return [self.messages(p) for p in tasks]
+
+    def step(self, actions: list[str | None]) -> Step:
+        if len(actions) != len(self._episodes):
+            raise ValueError(f"{len(actions)} actions for {len(self._episodes)} episodes")
+        rewards, info = np.zeros(len(actions)), []
+        for i, (text, problem) in enumerate(zip(actions, self._episodes)):
+            r, correct, formatted = score(text or "", problem.answer, self.correct_reward, self.format_reward)
+            rewards[i] = r
+            info.append({"correct": float(correct), "formatted": float(formatted)})
+        return Step([None] * len(actions), rewards, np.ones(len(actions), dtype=bool), info)

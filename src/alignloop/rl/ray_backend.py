@@ -1,0 +1,157 @@
+"""`--backend ray`: Inference and the Environment as Ray actors, the Trainer in the driver.
+
+The roles keep their interfaces: `RemoteInference` and `RemoteEnv` stand in for `Inference` and an
+`Environment` in `play()`, forwarding each call to an actor (another process, or another machine
+of a Ray cluster). Inference builds its own engine from the same zoo name and seed, so it starts
+from the trainer's exact weights; afterwards weights travel as (name, tensor) lists, as in the
+local backend. Sampling seeds are per request and counter-based, so a seeded run gives the same
+episodes as the local backend (tested on the tiny model).
+
+The Environment actor also holds the safety multiplier (`safety.attach`): the reward that reads
+it lives there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def init(num_cpus: int | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+class InferenceWorker:
+    def __init__(self, model: str, seed: int, dtype: str, engine_dtype: str, max_batch: int, threads: int) -> None:
+        from alignloop.engine.engine import Engine
+        from alignloop.models import load_model
+        from alignloop.rl.inference import Inference
+
+        torch.set_num_threads(threads)
+        weights, tokenizer = load_model(model, dtype=dtype, seed=seed)
+        self.inference = Inference(Engine(weights, tokenizer, dtype=engine_dtype, max_batch=max_batch,
+                                          show_progress=False))
+
+    def generate(self, prompts, params):
+        completions = self.inference.generate(prompts, params)
+        return completions, self.inference.version, self.inference.sync_seconds
+
+    def offer(self, weights: list[tuple[str, torch.Tensor]], version: int) -> None:
+        self.inference.offer(weights, version)
+
+    def apply_pending(self) -> tuple[int, float]:
+        self.inference.apply_pending()
+        return self.inference.version, self.inference.sync_seconds
+
+
+class EnvWorker:
+    def __init__(self, env: Any) -> None:
+        from alignloop.rl.safety import attach
+
+        self.env = env
+        self.dual = attach(env)
+
+    def call(self, method: str, *args):
+        return getattr(self.env, method)(*args)
+
+    def name(self) -> str:
+        return self.env.name
+
+    def dual_call(self, method: str, *args):
+        return getattr(self.dual, method)(*args) if self.dual is not None else None
+
+    def has_dual(self) -> bool:
+        return self.dual is not None
+
+
+class RemoteInference:
+    """`Inference` for `play()`, run by an actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.version = 0
+        self.sync_seconds = 0.0
+
+    def generate(self, prompts, params):
+        import ray
+
+        completions, self.version, self.sync_seconds = ray.get(self.actor.generate.remote(list(prompts), list(params)))
+        return completions
+
+    def offer(self, named, version: int) -> None:
+        import ray
+
+        ray.get(self.actor.offer.remote([(n, t.detach().clone()) for n, t in named], version))
+
+    def apply_pending(self) -> None:
+        import ray
+
+        self.version, self.sync_seconds = ray.get(self.actor.apply_pending.remote())
+
+
+class RemoteDual:
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def _call(self, method: str, *args):
+        import ray
+
+        return ray.get(self.actor.dual_call.remote(method, *args))
+
+    @property
+    def value(self) -> float:
+        return self._call("__getattribute__", "value")
+
+    def set(self, value: float) -> None:
+        self._call("set", value)
+
+    def update(self) -> dict[str, float]:
+        return self._call("update")
+
+
+class RemoteEnv:
+    """An `Environment` for `play()`, run by an actor."""
+
+    def __init__(self, actor: Any) -> None:
+        import ray
+
+        self.actor = actor
+        self.name = ray.get(actor.name.remote())
+        self.dual = RemoteDual(actor) if ray.get(actor.has_dual.remote()) else None
+
+    def _call(self, method: str, *args):
+        import ray
+
+        return ray.get(self.actor.call.remote(method, *args))
+
+    def sample_tasks(self, n: int, seed: int):
+        return self._call("sample_tasks", n, seed)
+
+    def reset(self, tasks):
+        return self._call("reset", tasks)
+
+    def step(self, actions):
+        return self._call("step", actions)
+
+
+def start(env: Any, model: str, seed: int, dtype: str, engine_dtype: str, max_batch: int) -> tuple[RemoteEnv, RemoteInference]:
+    """Actors for the Environment and Inference; proxies with the local roles' interfaces."""
+    import ray
+
+    init()
+    threads = max(1, torch.get_num_threads())
+    inference = ray.remote(num_cpus=0)(InferenceWorker).remote(model, seed, dtype, engine_dtype, max_batch, threads)
+    env_actor = ray.remote(num_cpus=0)(EnvWorker).remote(env)
+    return RemoteEnv(env_actor), RemoteInference(inference)
+
+
+def stop(env: RemoteEnv, inference: RemoteInference) -> None:
+    """End the run's actors (the Ray runtime itself stays up for whoever started it)."""
+    import ray
+
+    for actor in (env.actor, inference.actor):
+        ray.kill(actor)

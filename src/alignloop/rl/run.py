@@ -1,0 +1,272 @@
+"""`alignloop rl grpo|ppo RECIPE`: the RL loop, local backend (one process, a thread for async).
+
+Each step: sample tasks (a pure function of the seed and the step number), play them `group`
+times with the current policy (Inference), score (Environment), update (Trainer), hand the
+weights back to Inference in place. Output in runs/<run>/rl-<algorithm>/: metrics.jsonl (one
+line per step: reward, env metrics, loss terms, mismatch, time split), samples.jsonl (a few
+episodes per step), eval.jsonl (greedy accuracy on held-out tasks, verifiable envs), checkpoints/,
+model/ (the final policy, LoRA merged), manifest.json.
+
+A killed run started again resumes from its newest checkpoint: weights, optimizer, scheduler and
+RNGs come back, and since each step's tasks and sampling seeds derive from the step number, a
+synchronous run continues exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignloop.engine.api import SamplingParams
+from alignloop.errors import AlignloopError
+from alignloop.recipes import recipe_to_dict
+from alignloop.rl.config import RLRecipe
+from alignloop.rl.env import Environment
+from alignloop.rl.hacking import GroundTruthFn, HackingWatch, report_verdict
+from alignloop.rl.inference import Inference
+from alignloop.rl.rollout import Rollout, play
+from alignloop.rl.safety import attach as attach_dual
+from alignloop.rl.trainer import Trainer
+from alignloop.rl.weights import policy_weights
+from alignloop.runs import Stage, atomic_write_text, config_hash, default_run_name
+from alignloop.train import checkpoint as ckpt
+from alignloop.train.loop import pick_device
+from alignloop.ui import progress, say
+
+SAMPLES = "samples.jsonl"
+EVAL = "eval.jsonl"
+HACKING = "reward_hacking.json"
+EVAL_SEED = 10_000_019  # held-out tasks: a seed no training step uses
+
+
+def build_env(recipe: RLRecipe, prompts: list[list[dict]] | None = None) -> Environment:
+    """The recipe's environment; `prompts` (e.g. held-out simulated users' first messages, given by
+    the caller) replace env.prompts for the reward-model environment."""
+    e = recipe.env
+    if e.kind == "arithmetic":
+        from alignloop.rl.arithmetic import ArithmeticEnv
+
+        return ArithmeticEnv(e.max_operand, e.correct_reward, e.format_reward, e.system)
+    from alignloop.rl.reward_env import RewardModelEnv, load_reward, read_prompts
+
+    if e.kind == "reward_model":
+        return RewardModelEnv(load_reward(e.reward), prompts if prompts is not None else read_prompts(e.prompts),
+                              system=e.system)
+    if e.kind == "user_sim":
+        from alignloop.rl.user_env import UserSimEnv, sim_users
+
+        return UserSimEnv(load_reward(e.reward), sim_users(e.users_seed, e.users), n_users=e.users,
+                          max_turns=e.max_turns, stay_component=e.stay_component, system=e.system)
+    from alignloop.rl.tool_env import calculator_env
+
+    return calculator_env(e.max_operand, family=e.tool_family, max_calls=e.max_tool_calls)
+
+
+def step_tasks(env: Environment, recipe: RLRecipe, step: int) -> list[Any]:
+    return env.sample_tasks(recipe.rl.prompts_per_step, seed=recipe.rl.seed * 1_000_003 + step)
+
+
+def sampling_params(recipe: RLRecipe) -> SamplingParams:
+    s = recipe.sampling
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=s.max_tokens)
+
+
+def rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    ts = rollout.trajectories
+    rewards = np.array([t.reward for t in ts])
+    out = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+           "response_tokens": float(np.mean([t.n_policy for t in ts])),
+           "truncated": float(np.mean([t.truncated for t in ts])), "policy_version": rollout.version}
+    out.update(rollout.info)
+    return out
+
+
+def evaluate(env: Environment, inference: Inference, tokenizer: Any, recipe: RLRecipe) -> dict[str, float]:
+    """Greedy answers to the held-out tasks; the env's metrics (e.g. correct, formatted) averaged."""
+    n = recipe.env.eval_tasks
+    if n == 0 or env.name != "arithmetic":
+        return {}
+    tasks = env.sample_tasks(n, seed=EVAL_SEED)
+    greedy = SamplingParams(temperature=0.0, max_tokens=recipe.sampling.max_tokens)
+    r = play(env, inference, tokenizer, tasks, 1, greedy, seed=EVAL_SEED, max_context=recipe.rl.max_context)
+    return {"eval_reward": float(np.mean([t.reward for t in r.trajectories])),
+            **{f"eval_{k}": v for k, v in r.info.items()}}
+
+
+def _trim(path: Path, upto: int) -> None:
+    """Drop lines past step `upto` (a resumed run writes those steps again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= upto:
+                keep.append(line + "\n")
+        except json.JSONDecodeError:
+            continue  # torn by the kill
+    atomic_write_text(path, "".join(keep))
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: Environment | None = None,
+           engine_dtype: str = "float32", groundtruth: GroundTruthFn | None = None, backend: str = "local") -> Stage:
+    """`groundtruth` (evaluation only, passed in from outside rl/): (contexts, responses) -> the true
+    engagement of each reply; logged per step next to the learned reward, never trained on."""
+    from alignloop.engine.engine import Engine
+    from alignloop.models import load_model
+    from alignloop.train.lora import add_lora
+
+    cfg = recipe.rl
+    stage_name = f"rl-{cfg.algorithm}"
+    inputs = [recipe.env.prompts] if recipe.env.prompts else []
+    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), stage_name,
+                  recipe_to_dict(recipe), inputs=inputs)
+    if not force and stage.is_complete():
+        say(f"[green]{stage_name}: up to date[/] ({stage.dir}), skipped")
+        return stage
+    stage.start()
+    env = env if env is not None else build_env(recipe)
+    watch = HackingWatch(groundtruth) if groundtruth is not None else None
+
+    dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
+    model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    # The engine copies the weights into its own fused buffers: build it before adapters exist.
+    max_batch = max(cfg.prompts_per_step * cfg.group, 1)
+    if backend == "ray":
+        from alignloop.rl import ray_backend
+
+        env, inference = ray_backend.start(env, recipe.model.name, recipe.model.seed, dtype, engine_dtype, max_batch)
+        dual = env.dual
+    else:
+        inference = Inference(Engine(model, tokenizer, dtype=engine_dtype, max_batch=max_batch, show_progress=False))
+        dual = attach_dual(env)  # safety: the reward's Lagrangian multiplier moves once per step
+    torch.manual_seed(cfg.seed)  # adapters initialise from torch's RNG
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora)
+    else:
+        model.requires_grad_(True)
+    model.to(pick_device(cfg.device))
+    trainer = Trainer(model, cfg, recipe.sampling.temperature, tokenizer.pad_token_id or 0,
+                      recipe.sampling.max_tokens * recipe.env.max_turns)
+
+    root = stage.path("checkpoints")
+    fingerprint = config_hash(stage.config)
+    start = 0
+    latest = ckpt.latest_checkpoint(root)
+    if latest is not None and ckpt.read_trainer_state(latest).get("config_hash") != fingerprint:
+        say(f"[yellow]checkpoints in {root} belong to another config: starting afresh[/]")
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        latest = None
+    if latest is not None:
+        start = ckpt.load_checkpoint(latest, trainer.module, trainer.optimizer, trainer.scheduler)["step"]
+        if dual is not None and "safety_lambda" in (state := ckpt.read_trainer_state(latest)):
+            dual.set(state["safety_lambda"])
+        inference.offer(policy_weights(model), version=start)
+        say(f"{stage_name}: resuming from {latest.name} ({start}/{cfg.steps} steps done)")
+    for name in ("metrics.jsonl", SAMPLES, EVAL):
+        _trim(stage.path(name), start)
+    if watch is not None and start:
+        watch.reload(stage.path("metrics.jsonl"))
+
+    if start == 0 and (first := evaluate(env, inference, tokenizer, recipe)):
+        _append(stage.path(EVAL), {"step": 0, **first})
+        say(f"{stage_name}: before training " + _fmt(first))
+
+    params = sampling_params(recipe)
+
+    def make_rollout(step: int) -> Rollout:
+        return play(env, inference, tokenizer, step_tasks(env, recipe, step), cfg.group, params,
+                    seed=cfg.seed * 7919 + step, max_turns=recipe.env.max_turns, max_context=cfg.max_context)
+
+    producer = None
+    if cfg.mode == "async" and start < cfg.steps:
+        from alignloop.rl.async_rollouts import AsyncRollouts
+
+        producer = AsyncRollouts(make_rollout, start, cfg.steps, cfg.max_staleness)
+    last: dict[str, Any] = {}
+    try:
+        with progress() as bar:
+            task = bar.add_task(stage_name, total=cfg.steps, completed=start, info="")
+            for step in range(start + 1, cfg.steps + 1):
+                began = time.perf_counter()
+                try:
+                    rollout = producer.get(step) if producer else make_rollout(step)
+                except AlignloopError as e:
+                    kept = ckpt.latest_checkpoint(root)
+                    raise AlignloopError(f"step {step}: {e}; the last checkpoint "
+                                         f"{'(' + str(kept) + ') ' if kept else ''}is intact") from None
+                waited = time.perf_counter() - began
+                metrics = rollout_metrics(rollout)
+                metrics["staleness"] = (step - 1) - rollout.version
+                if dual is not None:
+                    metrics.update(dual.update())
+                if watch is not None:
+                    metrics.update(watch.score(step, rollout.trajectories))
+                metrics.update(trainer.step(rollout.trajectories))
+                inference.offer(policy_weights(model), version=step)
+                if producer is None:
+                    inference.apply_pending()  # sync: in place now, timed as the weight sync
+                else:
+                    producer.trained(step)
+                metrics.update({"generation_s": rollout.seconds["generation"],
+                                "scoring_s": rollout.seconds["environment"],
+                                "training_s": metrics.pop("train_seconds"), "sync_s": inference.sync_seconds,
+                                "wait_s": waited if producer else 0.0, "step_s": time.perf_counter() - began})
+                stage.log_metrics(step=step, **metrics)
+                for t in rollout.trajectories[: cfg.samples_per_step]:
+                    _append(stage.path(SAMPLES), {"step": step, "reward": t.reward, "messages": t.messages,
+                                                  "info": t.info, "truncated": t.truncated})
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    ckpt.save_checkpoint(root, step, trainer.module, trainer.optimizer, trainer.scheduler,
+                                         {"config_hash": fingerprint, "total_steps": cfg.steps,
+                                          **({"safety_lambda": dual.value} if dual is not None else {})},
+                                         keep=cfg.keep_checkpoints)
+                if (producer is None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+                        and (ev := evaluate(env, inference, tokenizer, recipe))):
+                    _append(stage.path(EVAL), {"step": step, **ev})
+                    metrics.update(ev)
+                last = metrics
+                bar.update(task, completed=step, info=f"reward {metrics['reward']:.3f} · {metrics['step_s']:.1f} s/step")
+    finally:
+        if producer is not None:
+            producer.close()
+
+    final = evaluate(env, inference, tokenizer, recipe)
+    if final:
+        _append(stage.path(EVAL), {"step": cfg.steps, **final})
+        say(f"{stage_name}: after {cfg.steps} steps " + _fmt(final))
+    verdict = watch.verdict() if watch is not None else None
+    if verdict is not None:
+        atomic_write_text(stage.path(HACKING), json.dumps(verdict, indent=2) + "\n")
+        report_verdict(stage_name, verdict)
+    outputs = _save_policy(model, tokenizer, stage)
+    outputs += [stage.path(n) for n in ("metrics.jsonl", SAMPLES, EVAL, HACKING) if stage.path(n).exists()]
+    stage.finish(outputs, extra={"steps": cfg.steps, "resumed_from": start, "final_eval": final,
+                                 "reward_hacking": verdict,
+                                 "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}})
+    if backend == "ray":
+        ray_backend.stop(env, inference)
+    say(f"[green]{stage_name}: {cfg.steps} steps[/] -> {stage.dir}")
+    return stage
+
+
+def _save_policy(model: torch.nn.Module, tokenizer: Any, stage: Stage) -> list[Path]:
+    from alignloop.train.lora import merged
+    from alignloop.train.sft import save_model
+
+    return save_model(merged(model), tokenizer, stage.path("model"))
+
+
+def _fmt(ev: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in ev.items())

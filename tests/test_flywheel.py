@@ -1,0 +1,80 @@
+"""The whole loop on the smoke recipe: every stage runs, a crash resumes where it was, the report is written."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from alignloop.errors import AlignloopError
+from alignloop.flywheel import stages as fw_stages
+from alignloop.flywheel.recipe import FlywheelRecipe
+from alignloop.flywheel.report import where_is
+from alignloop.flywheel.run import planned_stages, run_flywheel
+from alignloop.recipes import load_recipe
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.toml"
+
+
+def _recipe(tmp_path, *overrides):
+    return load_recipe(SMOKE, FlywheelRecipe, [f"run.dir={tmp_path}", *overrides])
+
+
+def _mtimes(folder: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in folder.glob("turn-1/*/manifest.json")}
+
+
+def test_flywheel_smoke_runs_resumes_after_a_crash_and_reports(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path)
+    stages = planned_stages(recipe)
+    assert stages[:4] == ["simulate", "filter", "build", "sft"] and stages[-1] == "abtest"
+
+    # First attempt dies in the middle of the evaluation stage (after SFT finished).
+    real_eval = fw_stages.TURN_STAGES["eval"]
+
+    def crash(turn, force):
+        raise KeyboardInterrupt("killed during eval")
+
+    monkeypatch.setitem(fw_stages.TURN_STAGES, "eval", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_flywheel(recipe, run="fw")
+    folder = tmp_path / "fw"
+    done_before = _mtimes(folder)
+    assert set(done_before) == {"simulate", "filter", "build", "sft"}
+    assert not (folder / "flywheel.json").exists()
+    assert [r["stage"] for r in where_is(folder) if r["done"]] == ["simulate", "filter", "build", "sft"]
+
+    # Same command again: the finished stages are skipped (manifests untouched), the rest runs.
+    monkeypatch.setitem(fw_stages.TURN_STAGES, "eval", real_eval)
+    state = run_flywheel(recipe, run="fw")
+    after = _mtimes(folder)
+    assert {k: after[k] for k in done_before} == done_before
+    assert {"eval", "abtest"} <= set(after)
+
+    turn = state["turns"][0]
+    assert turn["model"].endswith("turn-1/sft/model")
+    e = turn["summaries"]["eval"]
+    assert e["prompts"] == 16 and set(e["new"]) >= {"gt_engagement", "rules"}
+    a = turn["summaries"]["abtest"]
+    assert set(a["comparisons"]) >= {"gt_engagement", "continue_rate", "unsafe_rate"}
+    assert turn["launched"] == a["decision"]["launch"]
+    page = (folder / "report.html").read_text()
+    assert "Decision:" in page and "data:image/png;base64," in page and "Stage timings" in page
+    saved = json.loads((folder / "flywheel.json").read_text())
+    assert [t["stage"] for t in saved["timings"]] == [*stages, "report"]
+
+    # --from re-runs that stage and later ones only.
+    before = _mtimes(folder)
+    run_flywheel(recipe, run="fw", from_stage="abtest")
+    again = _mtimes(folder)
+    assert again["abtest"] != before["abtest"]
+    assert all(again[k] == before[k] for k in before if k != "abtest")
+
+
+def test_flywheel_recipe_errors_are_clear(tmp_path):
+    with pytest.raises(AlignloopError, match="abtest.world.seed"):
+        _recipe(tmp_path, "abtest.world.seed=0")
+    with pytest.raises(AlignloopError, match="flywheel.bogus"):
+        _recipe(tmp_path, "flywheel.bogus=1")
+    with pytest.raises(AlignloopError, match="--from"):
+        run_flywheel(_recipe(tmp_path), run="x", from_stage="nope")
