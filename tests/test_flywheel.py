@@ -27,9 +27,9 @@ def _mtimes(folder: Path) -> dict[str, float]:
 def test_flywheel_smoke_runs_resumes_after_a_crash_and_reports(tmp_path, monkeypatch):
     recipe = _recipe(tmp_path)
     stages = planned_stages(recipe)
-    assert stages[:4] == ["simulate", "filter", "build", "sft"] and stages[-1] == "abtest"
+    assert stages == ["simulate", "filter", "build", "sft", "rm", "rl", "eval", "abtest"]
 
-    # First attempt dies in the middle of the evaluation stage (after SFT finished).
+    # First attempt dies in the middle of the evaluation stage (after SFT, reward models and RL finished).
     real_eval = fw_stages.TURN_STAGES["eval"]
 
     def crash(turn, force):
@@ -40,9 +40,10 @@ def test_flywheel_smoke_runs_resumes_after_a_crash_and_reports(tmp_path, monkeyp
         run_flywheel(recipe, run="fw")
     folder = tmp_path / "fw"
     done_before = _mtimes(folder)
-    assert set(done_before) == {"simulate", "filter", "build", "sft"}
+    finished = ["simulate", "filter", "build", "sft", "rm", "rl-grpo", "rm-eval"]
+    assert set(done_before) == set(finished)
     assert not (folder / "flywheel.json").exists()
-    assert [r["stage"] for r in where_is(folder) if r["done"]] == ["simulate", "filter", "build", "sft"]
+    assert sorted(r["stage"] for r in where_is(folder) if r["done"]) == sorted(finished)
 
     # Same command again: the finished stages are skipped (manifests untouched), the rest runs.
     monkeypatch.setitem(fw_stages.TURN_STAGES, "eval", real_eval)
@@ -52,7 +53,8 @@ def test_flywheel_smoke_runs_resumes_after_a_crash_and_reports(tmp_path, monkeyp
     assert {"eval", "abtest"} <= set(after)
 
     turn = state["turns"][0]
-    assert turn["model"].endswith("turn-1/sft/model")
+    assert turn["model"].endswith("turn-1/rl-grpo/model")
+    assert "reward_hacking" in turn["summaries"]["rl"] and turn["summaries"]["rm"]["lines"]
     e = turn["summaries"]["eval"]
     assert e["prompts"] == 16 and set(e["new"]) >= {"gt_engagement", "rules"}
     a = turn["summaries"]["abtest"]

@@ -15,18 +15,20 @@ from alignloop.data.cli_pipeline import FilterSection
 from alignloop.eval.abtest_stage import DecisionSection
 from alignloop.eval.heldout import UsersSection
 from alignloop.recipes import Section
+from alignloop.rewards.config import HEADS, BackboneSection, CombineSection, EvalSection, HeadTrainSection
+from alignloop.rl.config import RLSamplingSection, RLSection
 from alignloop.sections import RunSection, SamplingSection
 from alignloop.sim.config import EngineResponderSection, SimConfig
 from alignloop.train.sft import SFTTrainSection
 
 STAGES: tuple[str, ...] = ("simulate", "filter", "build", "sft", "rm", "rl", "eval", "abtest", "report")
-"""The loop's stages, in order (`report` runs once, after the last turn). A turn runs those that
-`alignloop.flywheel.stages.TURN_STAGES` implements: reward models and RL are not wired in yet."""
+"""The loop's stages, in order (`report` runs once, after the last turn)."""
 
 
 class FlywheelSection(Section):
     turns: int = Field(1, ge=1, description="turns of the loop; turn n+1's logs come from turn n's model")
-    skip: list[Literal["eval"]] = Field(default_factory=list, description="optional stages to leave out")
+    skip: list[Literal["rm", "rl", "eval"]] = Field(
+        default_factory=list, description="optional stages to leave out (without rl, the new model is SFT's)")
     base_model: str = Field("smollm2-135m", description="the deployed model before the first turn")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
@@ -43,6 +45,28 @@ class NextWorldSection(Section):
 class SFTStageSection(Section):
     train: SFTTrainSection = SFTTrainSection()
     dataset: Literal["sft"] = "sft"
+
+
+class RMStageSection(Section):
+    """Reward models on this turn's `build/rm` sets (see `alignloop.rewards`)."""
+
+    heads: list[str] = Field(default_factory=lambda: [h for h in HEADS if h != "quality"])
+    max_train_rows: int | None = Field(4000, ge=1)
+    max_eval_rows: int | None = Field(2000, ge=1)
+    backbone: BackboneSection = BackboneSection()
+    train: HeadTrainSection = HeadTrainSection()
+    eval: EvalSection = EvalSection()
+    combine: CombineSection = CombineSection()
+
+
+class RLStageSection(Section):
+    """GRPO (or another algorithm) from the SFT model against the learned combined reward, on prompts
+    of fresh simulated users; their hidden taste scores every sample for the reward-hacking watch."""
+
+    users: int = Field(64, ge=1, description="simulated users whose first messages are the RL prompts")
+    users_seed: int = Field(2000, description="their seed: neither the log world's nor the eval users'")
+    sampling: RLSamplingSection = RLSamplingSection(max_tokens=48)
+    rl: RLSection = RLSection(steps=10, prompts_per_step=4, group=4, lr=2e-5)
 
 
 class EvalStageSection(Section):
@@ -69,6 +93,8 @@ class FlywheelRecipe(Section):
     filter: FilterSection = FilterSection()
     build: BuildConfig = BuildConfig()
     sft: SFTStageSection = SFTStageSection()
+    rm: RMStageSection = RMStageSection()
+    rl: RLStageSection = RLStageSection()
     eval: EvalStageSection = EvalStageSection()
     abtest: ABStageSection = ABStageSection()
 
@@ -79,4 +105,7 @@ class FlywheelRecipe(Section):
             raise ValueError("abtest.world.seed must differ from world.seed (A/B users must be fresh)")
         if self.eval.users.seed == self.world.seed:
             raise ValueError("eval.users.seed must differ from world.seed (held-out users must be fresh)")
+        if self.rl.users_seed in (self.world.seed, self.eval.users.seed):
+            raise ValueError("rl.users_seed must differ from world.seed and eval.users.seed "
+                             "(RL prompts come from users nobody evaluates on)")
         return self

@@ -114,6 +114,69 @@ def sft(turn: Turn, force: bool) -> dict:
             "metrics": str(stage.path("metrics.jsonl"))}
 
 
+def reward_models(turn: Turn, force: bool) -> dict:
+    """Reward-model heads on the turn's `build/rm` sets, then their held-out-user evaluation."""
+    from alignloop.rewards.config import DataSection, RMRecipe
+    from alignloop.rewards.stages import run_rm_eval, run_rm_train, summary_lines
+
+    section = turn.recipe.rm
+    recipe = RMRecipe(run=turn.run_section,
+                      data=DataSection(build=str(turn.dir("build")), heads=section.heads,
+                                       max_train_rows=section.max_train_rows, max_eval_rows=section.max_eval_rows),
+                      backbone=section.backbone, train=section.train, eval=section.eval, combine=section.combine)
+    trained = run_rm_train(recipe, force=force)
+    evaluated = run_rm_eval(recipe, force=force)
+    report_path = evaluated.path("eval.json")
+    lines = summary_lines(json.loads(report_path.read_text())) if report_path.is_file() else []
+    plot = evaluated.path("rm_metrics.png")
+    html_part = ("<h3>Reward models (held-out users)</h3>" + (_img_tag(plot) if plot.is_file() else "")
+                 + "<pre>" + "\n".join(_escape(line) for line in lines) + "</pre>")
+    return {"rm_dir": str(trained.dir), "eval": str(report_path), "lines": lines,
+            "html": html_part, "markdown": [f"- {line}" for line in lines if "headline" in line]}
+
+
+def rl(turn: Turn, force: bool) -> dict:
+    """RL from the newest model against the learned reward; the reward-hacking watch reads ground truth
+    (evaluation only: it is passed in from here, never seen by the reward or the loss)."""
+    from alignloop.eval.rl_hook import heldout_groundtruth
+    from alignloop.rl.config import EnvSection, RLRecipe
+    from alignloop.rl.run import build_env, run_rl
+    from alignloop.sections import ModelSection
+
+    recipe, section = turn.recipe, turn.recipe.rl
+    rm_dir = turn.dir("rm")
+    env = EnvSection(kind="reward_model", reward=str(rm_dir), groundtruth=True, users=section.users,
+                     users_seed=section.users_seed)
+    rl_recipe = RLRecipe(run=turn.run_section, model=ModelSection(name=turn.model, dtype=recipe.flywheel.dtype),
+                         env=env, sampling=section.sampling, rl=section.rl)
+    prompts, truth = heldout_groundtruth(section.users, section.users_seed)
+    stage = run_rl(rl_recipe, force=force, env=build_env(rl_recipe, prompts), groundtruth=truth)
+    turn.model = str(stage.path("model"))
+    verdict_path = stage.path("reward_hacking.json")
+    verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {}
+    metrics = stage.path("metrics.jsonl")
+    from alignloop.flywheel.report import plot_training_curves
+
+    plot = plot_training_curves(metrics, stage.dir.parent / "rl_curves.png", "RL: learned reward vs ground truth",
+                                keys=("reward", "gt/engagement"))
+    html_part = ("<h3>RL (learned reward vs simulator ground truth)</h3>" + (_img_tag(plot) if plot else "")
+                 + f"<pre>{_escape(json.dumps(verdict, indent=1))}</pre>")
+    return {"model": turn.model, "metrics": str(metrics), "reward_hacking": verdict, "html": html_part,
+            "markdown": [f"- RL reward-hacking watch: {json.dumps(verdict)}"]}
+
+
+def _img_tag(path) -> str:
+    from alignloop.flywheel.report import _img
+
+    return _img(path)
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
 # --- evaluation --------------------------------------------------------------------------------
 
 
@@ -187,6 +250,8 @@ TURN_STAGES: dict[str, StageFn] = {
     "filter": filter_logs,
     "build": build,
     "sft": sft,
+    "rm": reward_models,
+    "rl": rl,
     "eval": evaluate,
     "abtest": abtest,
 }
