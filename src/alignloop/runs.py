@@ -64,6 +64,22 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # --- hashes ------------------------------------------------------------------------------------
 
 
+def trim_jsonl(path: str | Path, upto: int) -> None:
+    """Drop JSON lines whose "step" is past `upto` (a resumed run writes those steps again), and
+    any line torn by a kill; lines without a step stay."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= upto:
+                keep.append(line + "\n")
+        except json.JSONDecodeError:
+            continue  # torn by the kill
+    atomic_write_text(path, "".join(keep))
+
+
 def file_hash(path: str | Path) -> str:
     """sha256 of a file's bytes, read in chunks so multi-GB checkpoints don't fill memory."""
     with open(path, "rb") as f:

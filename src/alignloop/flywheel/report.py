@@ -15,7 +15,7 @@ from typing import Any
 from alignloop.runs import atomic_path, atomic_write_text
 
 
-def _img(path: str | Path | None) -> str:
+def img(path: str | Path | None) -> str:
     if not path or not Path(path).is_file():
         return "<p><em>(plot missing)</em></p>"
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -75,7 +75,7 @@ def _turn_sections(turn: dict, folder: Path) -> tuple[list[str], list[str]]:
 
     if "filter" in s:
         f = s["filter"]
-        parts.append("<h3>Filter funnel</h3>" + _img(f.get("funnel_png")))
+        parts.append("<h3>Filter funnel</h3>" + img(f.get("funnel_png")))
         pr = f.get("precision_recall") or {}
         if pr:
             parts.append(_table(["filter", "precision", "recall"],
@@ -87,7 +87,7 @@ def _turn_sections(turn: dict, folder: Path) -> tuple[list[str], list[str]]:
         parts.append("<h3>Datasets</h3>" + _table(["dataset", "rows"], rows))
     if "sft" in s:
         png = plot_training_curves(Path(s["sft"]["metrics"]), folder / f"turn-{n}" / "sft_loss.png", "SFT loss")
-        parts.append("<h3>SFT</h3>" + _img(png))
+        parts.append("<h3>SFT</h3>" + img(png))
         last = (s["sft"].get("train") or {})
         md.append(f"- SFT: {_fmt(last.get('steps'))} steps, final loss {_fmt(last.get('loss'))}")
     for extra in ("rm", "rl"):
@@ -119,7 +119,7 @@ def _turn_sections(turn: dict, folder: Path) -> tuple[list[str], list[str]]:
         rows = [[k, c["control"], c["treatment"], c["diff"], f"[{c['ci_low']:.4g}, {c['ci_high']:.4g}]", c["p_value"]]
                 for k, c in a["comparisons"].items()]
         verdict = "LAUNCH" if a["decision"]["launch"] else "DO NOT LAUNCH"
-        parts.append("<h3>A/B test (fresh users)</h3>" + _img(a.get("plot"))
+        parts.append("<h3>A/B test (fresh users)</h3>" + img(a.get("plot"))
                      + _table(["metric", "control", "treatment", "diff", "95% CI", "p"], rows)
                      + f"<p>users exposed: {html.escape(json.dumps(a['exposed']))}; sample-ratio p = "
                        f"{_fmt(a['srm_p_value'])}; unsafe rate: {html.escape(json.dumps(a['unsafe_rate']))}</p>"

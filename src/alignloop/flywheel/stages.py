@@ -9,6 +9,7 @@ only wires outputs to inputs. Summaries are small JSON-able dicts that the repor
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alignloop.flywheel.recipe import FlywheelRecipe
+from alignloop.flywheel.report import img, plot_training_curves
 from alignloop.sections import RunSection
 from alignloop.ui import say
 
@@ -129,8 +131,8 @@ def reward_models(turn: Turn, force: bool) -> dict:
     report_path = evaluated.path("eval.json")
     lines = summary_lines(json.loads(report_path.read_text())) if report_path.is_file() else []
     plot = evaluated.path("rm_metrics.png")
-    html_part = ("<h3>Reward models (held-out users)</h3>" + (_img_tag(plot) if plot.is_file() else "")
-                 + "<pre>" + "\n".join(_escape(line) for line in lines) + "</pre>")
+    html_part = ("<h3>Reward models (held-out users)</h3>" + (img(plot) if plot.is_file() else "")
+                 + "<pre>" + "\n".join(html.escape(line) for line in lines) + "</pre>")
     return {"rm_dir": str(trained.dir), "eval": str(report_path), "lines": lines,
             "html": html_part, "markdown": [f"- {line}" for line in lines if "headline" in line]}
 
@@ -155,26 +157,12 @@ def rl(turn: Turn, force: bool) -> dict:
     verdict_path = stage.path("reward_hacking.json")
     verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {}
     metrics = stage.path("metrics.jsonl")
-    from alignloop.flywheel.report import plot_training_curves
-
     plot = plot_training_curves(metrics, stage.dir.parent / "rl_curves.png", "RL: learned reward vs ground truth",
                                 keys=("reward", "gt/engagement"))
-    html_part = ("<h3>RL (learned reward vs simulator ground truth)</h3>" + (_img_tag(plot) if plot else "")
-                 + f"<pre>{_escape(json.dumps(verdict, indent=1))}</pre>")
+    html_part = ("<h3>RL (learned reward vs simulator ground truth)</h3>" + (img(plot) if plot else "")
+                 + f"<pre>{html.escape(json.dumps(verdict, indent=1))}</pre>")
     return {"model": turn.model, "metrics": str(metrics), "reward_hacking": verdict, "html": html_part,
             "markdown": [f"- RL reward-hacking watch: {json.dumps(verdict)}"]}
-
-
-def _img_tag(path) -> str:
-    from alignloop.flywheel.report import _img
-
-    return _img(path)
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 # --- evaluation --------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from alignloop.rl.rollout import Rollout, play
 from alignloop.rl.safety import attach as attach_dual
 from alignloop.rl.trainer import Trainer
 from alignloop.rl.weights import policy_weights
-from alignloop.runs import Stage, atomic_write_text, config_hash, default_run_name
+from alignloop.runs import Stage, atomic_write_text, config_hash, default_run_name, trim_jsonl
 from alignloop.train import checkpoint as ckpt
 from alignloop.train.loop import pick_device
 from alignloop.ui import progress, say
@@ -96,20 +96,6 @@ def evaluate(env: Environment, inference: Inference, tokenizer: Any, recipe: RLR
     r = play(env, inference, tokenizer, tasks, 1, greedy, seed=EVAL_SEED, max_context=recipe.rl.max_context)
     return {"eval_reward": float(np.mean([t.reward for t in r.trajectories])),
             **{f"eval_{k}": v for k, v in r.info.items()}}
-
-
-def _trim(path: Path, upto: int) -> None:
-    """Drop lines past step `upto` (a resumed run writes those steps again)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= upto:
-                keep.append(line + "\n")
-        except json.JSONDecodeError:
-            continue  # torn by the kill
-    atomic_write_text(path, "".join(keep))
 
 
 def _append(path: Path, record: dict) -> None:
@@ -175,7 +161,7 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
         inference.offer(policy_weights(model), version=start)
         say(f"{stage_name}: resuming from {latest.name} ({start}/{cfg.steps} steps done)")
     for name in ("metrics.jsonl", SAMPLES, EVAL):
-        _trim(stage.path(name), start)
+        trim_jsonl(stage.path(name), start)
     if watch is not None and start:
         watch.reload(stage.path("metrics.jsonl"))
 

@@ -74,7 +74,7 @@ from alignloop.train.logprobs import (
     causal_lm,
 )
 from alignloop.train.loop import LoopResult, StepCallback, autocast, pick_device, train
-from alignloop.train.lora import add_lora, merged
+from alignloop.train.lora import add_lora, fresh_model, merged
 from alignloop.train.packing import Example, PackedBatch, collate, pack
 from alignloop.train.sft import SFTObjective, SFTTrainSection, final_model, save_model
 from alignloop.train.sft_data import (
@@ -350,25 +350,16 @@ class TopKBatch:
         return TopKBatch(self.packed.to(device), self.teacher_ids.to(device), self.teacher_logps.to(device))
 
 
-class TopKBatches:
+class TopKBatches(PackedBatches):
     """`batches(epoch)`: packed rows of examples with their teacher top-k, reshuffled per epoch from the seed."""
 
     def __init__(self, examples: Sequence[IndexedExample], table: TopKTable, max_seq_len: int, micro_batch: int,
                  seed: int = 0, pad_id: int = 0, packing: bool = True, shuffle: bool = True) -> None:
-        self.examples = list(examples)
+        super().__init__(examples, max_seq_len, micro_batch, seed, pad_id, packing, shuffle)
         self.table = table
-        self.micro_batch = micro_batch
-        self.seed = seed
-        self.pad_id = pad_id
-        self.shuffle = shuffle
-        lengths = [len(e) for e in self.examples]
-        self.rows = pack(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
 
     def __call__(self, epoch: int) -> Sequence[TopKBatch]:
         return _LazyTopK(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.micro_batch)
 
 
 class _LazyTopK(Sequence[TopKBatch]):
@@ -561,7 +552,7 @@ def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = Fal
                    description=f"distill ({dcfg.level})")
 
     dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
-    final = final_model(model, lambda: _fresh_student(recipe, dtype))
+    final = final_model(model, lambda: fresh_model(recipe.model.name, recipe.model.seed, recipe.train.lora, dtype))
     if ctx.is_main:
         outputs = save_model(merged(final), tokenizer, stage.path("model"))
         if dcfg.responses == "teacher":
@@ -576,13 +567,6 @@ def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = Fal
         + (f", eval loss {result.eval['eval_loss']:.4f}" if "eval_loss" in result.eval else "")
         + f" -> {stage.path('model')}")
     return stage
-
-
-def _fresh_student(recipe: DistillRecipe, dtype: str) -> torch.nn.Module:
-    from alignloop.models import load_model
-
-    model, _ = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
-    return add_lora(model, recipe.train.lora) if recipe.train.lora is not None else model
 
 
 def _summary(result: LoopResult) -> dict[str, Any]:

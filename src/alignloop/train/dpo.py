@@ -65,7 +65,7 @@ from alignloop.train.loop import (
     pick_device,
     train,
 )
-from alignloop.train.lora import add_lora, is_lora, merged
+from alignloop.train.lora import add_lora, fresh_model, is_lora, merged
 from alignloop.ui import progress, say
 
 LossKind = Literal["dpo", "ipo", "simpo"]
@@ -285,7 +285,7 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
                    description="dpo")
 
     dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
-    final = final_model(model, lambda: _fresh_model(recipe, dtype))
+    final = final_model(model, lambda: fresh_model(recipe.model.name, recipe.model.seed, recipe.train.lora, dtype))
     if ctx.is_main:
         outputs = save_model(merged(final), tokenizer, stage.path("model"))
         if reference is not None:
@@ -301,13 +301,6 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
            if "eval_accuracy" in ev else "")
         + f" -> {stage.path('model')}")
     return stage
-
-
-def _fresh_model(recipe: DPORecipe, dtype: str) -> torch.nn.Module:
-    from alignloop.models import load_model
-
-    model, _ = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
-    return add_lora(model, recipe.train.lora) if recipe.train.lora is not None else model
 
 
 def _summary(result: LoopResult) -> dict[str, Any]:

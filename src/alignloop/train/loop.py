@@ -26,7 +26,6 @@ depend on the number of processes. Only rank 0 writes metrics and checkpoint fil
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -37,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from alignloop.errors import AlignloopError
-from alignloop.runs import METRICS, Stage, atomic_write_text, config_hash
+from alignloop.runs import METRICS, Stage, config_hash, trim_jsonl
 from alignloop.train import checkpoint as ckpt
 from alignloop.train import dist
 from alignloop.train.config import TrainSection
@@ -252,21 +251,6 @@ def evaluate(module: torch.nn.Module, objective: Objective, batches: Iterable[An
     return {f"eval_{k}": v for k, v in _reduce(loss_total, stats, weight).items()}
 
 
-def _trim_metrics(stage: Stage, upto: int) -> None:
-    """Drop metrics lines past step `upto`: the resumed run writes those steps again."""
-    path = stage.path(METRICS)
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= upto:
-                keep.append(line + "\n")
-        except json.JSONDecodeError:
-            continue  # a line torn by the kill
-    atomic_write_text(path, "".join(keep))
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -321,7 +305,7 @@ def train(
         stream = BatchStream(batches, state["epoch"], state["index"])
         say(f"resuming from {latest.name} ({start}/{steps} steps done)")
     if ctx.is_main:
-        _trim_metrics(stage, start)
+        trim_jsonl(stage.path(METRICS), start)
 
     result = LoopResult(steps=start, resumed_from=start, tokens=0, seconds=0.0)
     if start >= steps:

@@ -32,6 +32,15 @@ def add_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
         return get_peft_model(model, config)
 
 
+def fresh_model(name: str, seed: int, lora: LoraSection | None, dtype: str) -> torch.nn.Module:
+    """The model as a trainer starts it (zoo `name`, plus fresh adapters when `lora` is set): the
+    copy FSDP2 gathers its shards into before saving (see `alignloop.train.sft.final_model`)."""
+    from alignloop.models import load_model
+
+    model, _ = load_model(name, dtype=dtype, seed=seed)
+    return add_lora(model, lora) if lora is not None else model
+
+
 def merged(model: torch.nn.Module) -> torch.nn.Module:
     """The plain transformers model with any adapters folded into its weights."""
     if hasattr(model, "merge_and_unload"):

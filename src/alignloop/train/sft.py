@@ -31,7 +31,7 @@ from alignloop.train.config import TrainSection
 from alignloop.train.context import check_fits_context
 from alignloop.train.logprobs import TokenLogprobs
 from alignloop.train.loop import LoopResult, StepCallback, pick_device, train
-from alignloop.train.lora import add_lora, merged
+from alignloop.train.lora import add_lora, fresh_model, merged
 from alignloop.train.packing import PackedBatch
 from alignloop.train.sft_data import PackedBatches, read_conversations, split, tokenize
 from alignloop.ui import say
@@ -132,7 +132,7 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
                    callbacks=callbacks, description="sft")
 
     dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
-    final = final_model(model, lambda: _fresh_model(recipe, dtype))
+    final = final_model(model, lambda: fresh_model(recipe.model.name, recipe.model.seed, recipe.train.lora, dtype))
     if ctx.is_main:
         outputs = save_model(merged(final), tokenizer, stage.path("model"))
         stage.finish(outputs, extra={"data": counts.as_dict(), "train": _summary(result),
@@ -143,13 +143,6 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
         + (f", eval loss {result.eval['eval_loss']:.4f}" if "eval_loss" in result.eval else "")
         + f" -> {stage.path('model')}")
     return stage
-
-
-def _fresh_model(recipe: SFTRecipe, dtype: str) -> torch.nn.Module:
-    from alignloop.models import load_model
-
-    model, _ = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
-    return add_lora(model, recipe.train.lora) if recipe.train.lora is not None else model
 
 
 def final_model(model: torch.nn.Module, fresh: Any) -> torch.nn.Module | None:
