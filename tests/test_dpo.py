@@ -15,6 +15,7 @@ from alignloop.train.dpo_data import (
     PairBatches,
     TokenizedPair,
     collate_pairs,
+    limit_pairs,
     read_pairs,
     tokenize_pairs,
 )
@@ -263,3 +264,22 @@ def test_simpo_runs_without_a_reference(tmp_path, monkeypatch):
     assert manifest["config"]["train"]["beta"] == 2.0  # the SimPO default, recorded
     last = json.loads((stage_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert "eval_accuracy" in last and math.isfinite(last["loss"])
+
+
+def _fake_pair(i: int) -> TokenizedPair:
+    side = Example(input_ids=[1, 2, 3 + i], loss_mask=[0, 1, 1])
+    return TokenizedPair(i, side, Example(input_ids=[1, 2, 9], loss_mask=[0, 1, 1]), 1.0, f"u{i}")
+
+
+def test_limit_pairs_draws_a_seeded_subset_and_reindexes_for_the_reference_pass():
+    train, held = [_fake_pair(i) for i in range(10)], [_fake_pair(i) for i in range(10, 14)]
+    kept, t, e = limit_pairs(train, held, max_train=4, max_eval=None, seed=3)
+    assert len(t) == 4 and len(e) == 4 and kept == t + e
+    assert [p.index for p in kept] == list(range(8))          # reference rows 0..7, nothing else
+    assert [p.key for p in e] == ["u10", "u11", "u12", "u13"]
+    keys = [p.key for p in t]
+    assert keys == sorted(keys, key=lambda k: int(k[1:]))      # file order kept
+    assert limit_pairs(train, held, 4, None, seed=3)[1] == t   # same seed, same draw
+    assert [p.key for p in limit_pairs(train, held, 4, None, seed=4)[1]] != keys
+    kept, t, e = limit_pairs(train, held, None, 2, seed=0)
+    assert len(t) == 10 and len(e) == 2

@@ -10,7 +10,7 @@ from alignloop.errors import AlignloopError
 from alignloop.flywheel import stages as fw_stages
 from alignloop.flywheel.recipe import FlywheelRecipe
 from alignloop.flywheel.report import where_is
-from alignloop.flywheel.run import planned_stages, run_flywheel
+from alignloop.flywheel.run import launch_decision, planned_stages, run_flywheel
 from alignloop.recipes import load_recipe
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.toml"
@@ -59,7 +59,8 @@ def test_flywheel_smoke_runs_resumes_after_a_crash_and_reports(tmp_path, monkeyp
     assert e["prompts"] == 16 and set(e["new"]) >= {"gt_engagement", "rules"}
     a = turn["summaries"]["abtest"]
     assert set(a["comparisons"]) >= {"gt_engagement", "continue_rate", "unsafe_rate"}
-    assert turn["launched"] == a["decision"]["launch"]
+    assert turn["launched"] == (a["decision"]["launch"] and not turn["summaries"]["rl"]["reward_hacking"]["hacking"])
+    assert turn["why"][0].startswith("A/B: ")
     page = (folder / "report.html").read_text()
     assert "Decision:" in page and "data:image/png;base64," in page and "Stage timings" in page
     saved = json.loads((folder / "flywheel.json").read_text())
@@ -80,3 +81,28 @@ def test_flywheel_recipe_errors_are_clear(tmp_path):
         _recipe(tmp_path, "flywheel.bogus=1")
     with pytest.raises(AlignloopError, match="--from"):
         run_flywheel(_recipe(tmp_path), run="x", from_stage="nope")
+
+    with pytest.raises(AlignloopError, match="rm.combine.weights name component"):
+        _recipe(tmp_path, 'rm.heads=["preference", "safety"]')
+    hacked = _recipe(tmp_path, "rl.reward=alignloop.rl.reward_env:length_reward")
+    assert hacked.rl.reward.endswith(":length_reward")
+
+
+def test_launch_needs_the_ab_win_and_no_reward_hacking():
+    win = {"abtest": {"decision": {"launch": True, "reasons": ["gt_engagement up"]}}}
+    assert launch_decision(win) == (True, ["A/B: launch (gt_engagement up)"])
+    hacked = {**win, "rl": {"reward_hacking": {"hacking": True}}}
+    launch, why = launch_decision(hacked)
+    assert not launch and "reward hacking" in why[1]
+    assert launch_decision({"abtest": {"decision": {"launch": False}}})[0] is False
+
+
+def test_quickstart_and_hacked_recipes_load_and_differ_only_in_the_reward_and_room():
+    root = SMOKE.parent
+    quick = load_recipe(root / "quickstart.toml", FlywheelRecipe)
+    hacked = load_recipe(root / "hacked.toml", FlywheelRecipe)
+    assert quick.flywheel.base_model == "smollm2-135m" and quick.rl.reward == "learned"
+    assert hacked.rl.reward == "alignloop.rl.reward_env:length_reward"
+    same = {k for k in ("world", "filter", "build", "sft", "rm") if getattr(quick, k) == getattr(hacked, k)}
+    assert same == {"world", "filter", "build", "sft", "rm"}
+    assert quick.abtest.world.seed != quick.world.seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -72,3 +73,19 @@ def test_quality_from_a_labels_file(tmp_path):
     config = DataSection(build=str(tmp_path), heads=["quality"], quality_labels=labels)
     d = load_head(config, "quality", "train")
     assert sorted(d.label.tolist()) == [0.1, 0.9]
+
+
+def test_sampling_keeps_every_rare_positive_and_reweights_the_negatives(tmp_path):
+    labels = [1.0] * 3 + [0.0] * 197                      # 1.5% positives, like safety reports
+    users = [f"u{i}" for i in range(200)]
+    config = _write(tmp_path, "safety", _rows(users, labels), _rows(["v1", "v2"], [0.0, 1.0]))
+    d = load_head(config, "safety", "train", max_rows=50)
+    assert len(d.label) == 50 and d.label.sum() == 3        # all three kept, not ~0.75 of one
+    neg = d.label == 0
+    np.testing.assert_allclose(d.weight[neg], 197 / 47)    # 47 negatives stand for 197
+    np.testing.assert_allclose(d.weight[~neg], 1.0)
+    # weighted base rate = the true one
+    assert abs((d.weight * d.label).sum() / d.weight.sum() - 3 / 200) < 1e-9
+    common = load_head(_write(tmp_path / "c", "continue", _rows(users, [float(i % 2) for i in range(200)]),
+                              _rows(["v1"], [1.0])), "continue", "train", max_rows=50)
+    np.testing.assert_allclose(common.weight, 1.0)          # a common label: a plain sample

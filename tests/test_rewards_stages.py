@@ -56,12 +56,37 @@ def test_stages_write_their_outputs(trained, capsys):
     for h, r in report.items():
         assert r["primary"]["value"] is not None, h
         assert "ceiling" in r and "shortcut" in r, h  # simulated logs: the truth is there
+        assert set(r["shortcut"]) == {"text only", "text+activity", "activity only"}, h
+        assert r["shortcut"]["text only"] == r["primary"]["value"], h  # the served heads read text only
     assert 0 <= report["continue"]["accuracy"] <= 1 and report["continue"]["ceiling"]["accuracy"] > 0.5
     assert (evaluation.dir / "rm_metrics.png").stat().st_size > 1000
     w = json.loads((weights.dir / "weights.json").read_text())
     assert set(w["learned"]) == {h for h in recipe.data.heads if h != "safety"}
     assert w["heldout_auc"]["learned"] is not None
     assert run_rm_train(recipe).is_complete()  # unchanged inputs: skipped
+
+
+def test_heads_with_user_activity_serve_eval_and_fit_weights_with_it(build_dir, tmp_path, capsys):
+    from alignloop.rewards.stages import run_fit_weights, run_rm_eval, run_rm_train
+
+    recipe = load_recipe(ROOT / "recipes" / "rm_tiny.toml", RMRecipe, [
+        f"run.dir={tmp_path}", f"data.build={build_dir}", "train.user_activity=true",
+        'data.heads=["continue", "returned_1d"]', 'combine.weights={"continue" = 1.0, "returned_1d" = 1.0}',
+        "combine.kpi=returned_1d"])
+    run_rm_train(recipe)
+    evaluation = run_rm_eval(recipe)
+    report = json.loads((evaluation.dir / "eval.json").read_text())
+    for h, r in report.items():
+        assert r["shortcut"]["text+activity"] == r["primary"]["value"], h  # served = text+activity
+    out = capsys.readouterr().out
+    assert "served (text+activity)" in out and "share surviving without activity" in out
+    w = json.loads((run_fit_weights(recipe).dir / "weights.json").read_text())
+    assert set(w["learned"]) == {"continue", "returned_1d"} and w["heldout_auc"]["learned"] is not None
+    # A reward for RL scores text alone: the activity-aware heads are for evaluation and KPI fits.
+    from alignloop.rewards.serve import load_reward_fn
+
+    with pytest.raises(AlignloopError, match="text alone"):
+        load_reward_fn(tmp_path / recipe.run.name / "rm")
 
 
 def test_reward_fn_scores_a_batch(trained):

@@ -90,3 +90,38 @@ def test_tool_env_runs_parsed_calls_and_appends_tool_turns():
     assert "unknown tool" in step.observations[1][-1]["content"]
     final = env.step(["5", "6"])
     assert final.done.all() and final.rewards.tolist() == [1.0, 0.0]
+
+
+def test_multi_turn_ground_truth_scores_each_reply_by_its_own_users_taste(tiny):
+    from alignloop.engine.engine import Engine
+    from alignloop.eval.groundtruth import score_texts
+    from alignloop.eval.rl_hook import simulated_users_groundtruth
+    from alignloop.rl.hacking import HackingWatch, bot_turns
+    from alignloop.rl.user_env import chat_population
+    from alignloop.sim import engagement as eg
+
+    model, tokenizer = tiny
+    inference = Inference(Engine(model, tokenizer, dtype="float32", max_batch=8, show_progress=False))
+    env = UserSimEnv(StayReward(), sim_users(seed=5, population=32), n_users=32, max_turns=2)
+    tasks = env.sample_tasks(3, seed=1)
+    rollout = play(env, inference, tokenizer, tasks, group=2,
+                   sampling=SamplingParams(temperature=1.0, max_tokens=6), seed=0, max_turns=2)
+    assert [t.task for t in rollout.trajectories] == [u for u in tasks for _ in range(2)]
+
+    score = simulated_users_groundtruth(users=32, seed=5)
+    contexts, responses, owner = bot_turns(rollout.trajectories)
+    users = [rollout.trajectories[e].task for e in owner]
+    got = score(contexts, responses, users)
+    # By hand: reply i, judged by user users[i] of the env's own population, after the earlier bot turns.
+    pop = chat_population(5, 32)
+    last_user = [[m["content"] for m in c if m["role"] == "user"][-1] for c in contexts]
+    history = [[m["content"] for m in c if m["role"] == "assistant"] for c in contexts]
+    want = score_texts(responses, last_user, eg.Taste.of(pop, np.asarray(users)), history).engagement
+    np.testing.assert_allclose(got, want)
+    assert any(h for h in history)  # second turns are judged after the first
+    # Another user's taste gives other numbers: the score really is per user.
+    shifted = score(contexts, responses, [(u + 1) % 32 for u in users])
+    assert not np.allclose(shifted, got)
+    # The watch hands each reply's user through.
+    metrics = HackingWatch(score).score(0, rollout.trajectories)
+    assert np.isfinite(metrics["gt/engagement"])

@@ -84,7 +84,7 @@ def test_loop_scores_every_reply_against_ground_truth_and_writes_the_verdict(tmp
     learned reward, never fed back (the rewards are the learned reward's alone)."""
     seen = []
 
-    def truth(contexts, responses):  # anti-length users
+    def truth(contexts, responses, tasks):  # anti-length users
         seen.append(len(responses))
         return np.array([-len(r) / 50.0 for r in responses])
 
@@ -110,7 +110,7 @@ def test_reward_rising_while_ground_truth_falls_is_reported_loudly(capsys):
     length engage less. The verdict says hacking and the summary shouts it."""
     from alignloop.rl.hacking import report_verdict
 
-    watch = HackingWatch(lambda contexts, responses: np.array([-len(r) / 50.0 for r in responses]))
+    watch = HackingWatch(lambda contexts, responses, tasks: np.array([-len(r) / 50.0 for r in responses]))
     rng = np.random.default_rng(0)
     for step in range(1, 9):
         replies = ["x" * int(10 * step + rng.integers(0, 5)) for _ in range(4)]
@@ -122,7 +122,7 @@ def test_reward_rising_while_ground_truth_falls_is_reported_loudly(capsys):
 
 
 def test_aligned_ground_truth_is_not_hacking():
-    watch = HackingWatch(lambda c, r: np.array([len(x) for x in r], dtype=float))
+    watch = HackingWatch(lambda c, r, t: np.array([len(x) for x in r], dtype=float))
     from alignloop.rl.trajectory import Trajectory
 
     for step in range(1, 6):

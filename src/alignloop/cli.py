@@ -54,10 +54,12 @@ app.add_typer(train_app, name="train", help="Trainers: SFT on chosen swipes, DPO
 app.add_typer(rl_app, name="rl", help="RL: GRPO/PPO against verifiable tasks or learned rewards.")
 
 
-def _rl_groundtruth(users: int, seed: int):
+def _rl_groundtruth(kind: str, users: int, seed: int):
     # Evaluation only (the reward-hacking watch): built here because rl/ must not import eval/.
-    from alignloop.eval.rl_hook import heldout_groundtruth
+    from alignloop.eval.rl_hook import heldout_groundtruth, simulated_users_groundtruth
 
+    if kind == "user_sim":
+        return None, simulated_users_groundtruth(users, seed)
     return heldout_groundtruth(users, seed)
 
 

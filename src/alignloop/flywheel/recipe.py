@@ -58,11 +58,23 @@ class RMStageSection(Section):
     eval: EvalSection = EvalSection()
     combine: CombineSection = CombineSection()
 
+    @model_validator(mode="after")
+    def _weights_have_heads(self) -> RMStageSection:
+        # Caught here, when the recipe loads, not after minutes of training the heads.
+        missing = sorted(set(self.combine.weights) - set(self.heads))
+        if missing:
+            raise ValueError(f"rm.combine.weights name component(s) {missing} that rm.heads does not train "
+                             f"(heads: {', '.join(self.heads)})")
+        return self
+
 
 class RLStageSection(Section):
     """GRPO (or another algorithm) from the SFT model against the learned combined reward, on prompts
     of fresh simulated users; their hidden taste scores every sample for the reward-hacking watch."""
 
+    reward: str = Field("learned", description="learned: this turn's reward models combined (rm.combine); or "
+                        "'package.module:factory', e.g. alignloop.rl.reward_env:length_reward, a reward that "
+                        "pays for length alone: a deliberately hackable arm the watch and the A/B must catch")
     users: int = Field(64, ge=1, description="simulated users whose first messages are the RL prompts")
     users_seed: int = Field(2000, description="their seed: neither the log world's nor the eval users'")
     sampling: RLSamplingSection = RLSamplingSection(max_tokens=48)

@@ -130,9 +130,12 @@ def _turn_sections(turn: dict, folder: Path) -> tuple[list[str], list[str]]:
         if gt:
             md.append(f"- A/B ground-truth engagement: {_fmt(gt['control'])} -> {_fmt(gt['treatment'])} "
                       f"(diff {gt['diff']:+.4f}, 95% CI [{gt['ci_low']:+.4f}, {gt['ci_high']:+.4f}], p={gt['p_value']:.3g})")
-    for arm in s.get("hacked", {}).get("arms", []):
-        parts.append(arm.get("html", ""))
-        md += arm.get("markdown", [])
+    if "launched" in turn:
+        verdict = "LAUNCH" if turn["launched"] else "DO NOT LAUNCH"
+        parts.append(f"<h3>Turn {n} decision</h3><p class='decision {'go' if turn['launched'] else 'stop'}'>"
+                     f"{verdict}</p><ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in turn.get("why", []))
+                     + "</ul>")
+        md.append(f"- turn decision: **{verdict}** — " + "; ".join(turn.get("why", [])))
     return parts, md
 
 

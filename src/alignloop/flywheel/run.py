@@ -45,8 +45,8 @@ def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str
             turn.summaries[name] = TURN_STAGES[name](turn, forcing)
             timings.append({"turn": number, "stage": name, "seconds": round(time.perf_counter() - clock, 2),
                             "forced": forcing})
-        launched = bool(turn.summaries.get("abtest", {}).get("decision", {}).get("launch"))
-        turns.append({"turn": number, "deployed": deployed, "model": turn.model, "launched": launched,
+        launched, why = launch_decision(turn.summaries)
+        turns.append({"turn": number, "deployed": deployed, "model": turn.model, "launched": launched, "why": why,
                       "summaries": turn.summaries})
         if launched:
             deployed = turn.model
@@ -65,6 +65,19 @@ def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str
     return state
 
 
+def launch_decision(summaries: dict) -> tuple[bool, list[str]]:
+    """(launch?, reasons): the A/B test decides (safety gate first, then the primary metric), and a
+    model whose RL reward the ground-truth watch caught being hacked is not launched either."""
+    decision = summaries.get("abtest", {}).get("decision", {})
+    launch = bool(decision.get("launch"))
+    why = ["A/B: " + ("launch" if launch else "no launch")
+           + (f" ({'; '.join(decision['reasons'])})" if decision.get("reasons") else "")]
+    if summaries.get("rl", {}).get("reward_hacking", {}).get("hacking"):
+        launch = False
+        why.append("RL: reward hacking detected (its reward rose while ground-truth engagement fell)")
+    return launch, why
+
+
 def print_timings(state: dict) -> None:
     from rich.table import Table
 
@@ -75,5 +88,5 @@ def print_timings(state: dict) -> None:
     console.print(table)
     for t in state["turns"]:
         verdict = "[green]launched[/]" if t["launched"] else "[red]not launched[/]"
-        console.print(f"turn {t['turn']}: {t['model']} {verdict}")
+        console.print(f"turn {t['turn']}: {t['model']} {verdict}: " + "; ".join(t.get("why", [])))
     console.print(f"report: {state['report'].get('html')}")

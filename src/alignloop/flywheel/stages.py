@@ -147,7 +147,8 @@ def rl(turn: Turn, force: bool) -> dict:
 
     recipe, section = turn.recipe, turn.recipe.rl
     rm_dir = turn.dir("rm")
-    env = EnvSection(kind="reward_model", reward=str(rm_dir), groundtruth=True, users=section.users,
+    reward = str(rm_dir) if section.reward == "learned" else section.reward
+    env = EnvSection(kind="reward_model", reward=reward, groundtruth=True, users=section.users,
                      users_seed=section.users_seed)
     rl_recipe = RLRecipe(run=turn.run_section, model=ModelSection(name=turn.model, dtype=recipe.flywheel.dtype),
                          env=env, sampling=section.sampling, rl=section.rl)
@@ -157,9 +158,11 @@ def rl(turn: Turn, force: bool) -> dict:
     verdict_path = stage.path("reward_hacking.json")
     verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {}
     metrics = stage.path("metrics.jsonl")
-    plot = plot_training_curves(metrics, stage.dir.parent / "rl_curves.png", "RL: learned reward vs ground truth",
+    title = "RL: learned reward vs ground truth" if section.reward == "learned" else \
+        f"RL: {section.reward} vs ground truth"
+    plot = plot_training_curves(metrics, stage.dir.parent / "rl_curves.png", title,
                                 keys=("reward", "gt/engagement"))
-    html_part = ("<h3>RL (learned reward vs simulator ground truth)</h3>" + (img(plot) if plot else "")
+    html_part = (f"<h3>{html.escape(title)}</h3>" + (img(plot) if plot else "")
                  + f"<pre>{html.escape(json.dumps(verdict, indent=1))}</pre>")
     return {"model": turn.model, "metrics": str(metrics), "reward_hacking": verdict, "html": html_part,
             "markdown": [f"- RL reward-hacking watch: {json.dumps(verdict)}"]}

@@ -58,6 +58,15 @@ def _read(path: Path, columns: tuple[str, ...]) -> pl.DataFrame:
     return df
 
 
+def _rare_positives(df: pl.DataFrame, head: str) -> pl.Series | None:
+    """Mask of the positive rows of a binary head whose positives are under 5% of its rows, else None."""
+    if head == "preference" or "label" not in df.columns:
+        return None
+    positive = df["label"].cast(pl.Float64) > 0
+    share = positive.mean() or 0.0
+    return positive if 0 < share < 0.05 and df["label"].cast(pl.Float64).is_in([0.0, 1.0]).all() else None
+
+
 def load_head(config: DataSection, head: str, split: str, max_rows: int | None = None) -> HeadData:
     """The examples of one head on one side of the user split (a seeded sample of `max_rows`)."""
     build = Path(config.build)
@@ -74,8 +83,19 @@ def load_head(config: DataSection, head: str, split: str, max_rows: int | None =
         # A seeded hash of the scored turn, not a per-head draw: heads sample the same turns, so
         # a text is embedded once for all of them.
         turn = "chosen_turn_id" if head == "preference" else "turn_id"
-        df = (df.with_columns(_h=pl.col(turn).hash(seed=config.seed)).sort("_h", "example_id").head(max_rows)
-              .drop("_h").sort("example_id"))
+        df = df.with_columns(_h=pl.col(turn).hash(seed=config.seed))
+        rare = _rare_positives(df, head) if split == "train" else None
+        if rare is not None and 0 < rare.sum() < max_rows:
+            # A rare label (safety reports: well under 1%) would leave a handful of positives in the
+            # sample: keep every one, draw the rest from the negatives, and weight those up by how
+            # thinly they were drawn, so the loss still sees the true base rate (calibrated p_unsafe).
+            pos, neg = df.filter(rare), df.filter(~rare)
+            kept = neg.sort("_h", "example_id").head(max_rows - pos.height)
+            kept = kept.with_columns(weight=pl.col("weight").cast(pl.Float64).fill_null(1.0) * (neg.height / kept.height))
+            df = pl.concat([pos.with_columns(pl.col("weight").cast(pl.Float64)), kept], how="vertical_relaxed")
+        else:
+            df = df.sort("_h", "example_id").head(max_rows)
+        df = df.drop("_h").sort("example_id")
     if df.height == 0:
         raise AlignloopError(f"{path}: no examples for head {head!r}")
     weight = df["weight"].cast(pl.Float64).fill_null(1.0).to_numpy()

@@ -200,9 +200,16 @@ def _run_rm_eval(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
                     report[h]["ceiling"] = c
         if cfg.shortcut:
             f_train = {h: model.features(d, bar) for h, d in train.items()}
-            variants = {"text+activity": dict(activity=True, use_text=True),
+            # The served heads are one of the three variants; the other two are retrained here.
+            served = "text+activity" if model.activity else "text only"
+            for h in evals:
+                report[h].setdefault("shortcut", {})[served] = M.primary(h, report[h])[1]
+            variants = {"text only": dict(activity=False, use_text=True),
+                        "text+activity": dict(activity=True, use_text=True),
                         "activity only": dict(activity=True, use_text=False)}
             for label, kw in variants.items():
+                if label == served:
+                    continue
                 other = RewardModel(backbone, model.names, recipe.train, **kw)
                 other.fit(train, act_train, cached=f_train, progress=bar, describe=f"shortcut: {label}")
                 for h, (p, pr) in _predict_sets(other, evals, f_eval, act_eval).items():
@@ -276,13 +283,12 @@ def summary_lines(report: dict[str, Any], text_only: bool = True) -> list[str]:
         s = r.get("shortcut")
         if s:
             p = r["primary"]
-            mine = "text only" if text_only else "served"
-            gain = p["value"] - p["baseline"]
+            gain = s["text only"] - p["baseline"]
             full = s["text+activity"] - p["baseline"]
             kept = gain / full if full > 1e-9 else float("nan")
-            lines.append(f"rm-eval shortcut {h:<13} {p['metric']}: {mine} {_f(p['value'])} | text+activity "
-                         f"{_f(s['text+activity'])} | activity only {_f(s['activity only'])} | share surviving "
-                         f"without activity {_f(kept)}")
+            lines.append(f"rm-eval shortcut {h:<13} {p['metric']}: served ({'text only' if text_only else 'text+activity'}) "
+                         f"{_f(p['value'])} | text only {_f(s['text only'])} | text+activity {_f(s['text+activity'])} "
+                         f"| activity only {_f(s['activity only'])} | share surviving without activity {_f(kept)}")
     return lines
 
 
@@ -316,9 +322,12 @@ def _run_fit_weights(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
     limit_t, limit_e = recipe.data.max_train_rows, recipe.data.max_eval_rows
     train, evals = load_head(recipe.data, kpi, "train", limit_t), load_head(recipe.data, kpi, "eval", limit_e)
     check_disjoint(train, evals)
+    # Heads trained with user-activity features get them here too (each split's own users' logs).
+    act_t = activity_matrix(activity_features(recipe.data, "train"), train.user_id) if model.activity else None
+    act_e = activity_matrix(activity_features(recipe.data, "eval"), evals.user_id) if model.activity else None
     with progress() as bar:
-        z_t = normalizer(model.predict(model.features(train, bar).x, names=components))
-        z_e = normalizer(model.predict(model.features(evals, bar).x, names=components))
+        z_t = normalizer(model.predict(model.features(train, bar).x, act_t, names=components))
+        z_e = normalizer(model.predict(model.features(evals, bar).x, act_e, names=components))
     learned = learn_weights(z_t, train.label, train.weight)
     candidates = {"learned": learned, "equal": equal_weights(components),
                   "recipe": {k: w for k, w in recipe.combine.weights.items() if k in components}}

@@ -22,7 +22,8 @@ GROUP_METHODS = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp")
 
 # Set by `alignloop.cli`: (users, seed) -> (prompts, score). Ground truth is evaluation: rl/ never
 # imports it, the CLI hands it in for env.groundtruth (the reward-hacking watch).
-GROUNDTRUTH: Callable[[int, int], tuple[list[list[dict]], Callable]] | None = None
+# (env kind, users, seed) -> (prompts or None, score)
+GROUNDTRUTH: Callable[[str, int, int], tuple[list[list[dict]] | None, Callable]] | None = None
 
 
 def _run(recipe_path: Path, overrides: list[str], run: str | None, force: bool, backend: str) -> None:
@@ -38,8 +39,8 @@ def _run(recipe_path: Path, overrides: list[str], run: str | None, force: bool, 
     if recipe.env.groundtruth:
         if GROUNDTRUTH is None:
             raise AlignloopError("env.groundtruth: no ground-truth provider (run through the `alignloop` CLI)")
-        prompts, score = GROUNDTRUTH(recipe.env.users, recipe.env.users_seed)
-        env = build_env(recipe, prompts=prompts)
+        prompts, score = GROUNDTRUTH(recipe.env.kind, recipe.env.users, recipe.env.users_seed)
+        env = build_env(recipe, prompts=prompts) if prompts is not None else None
     stage = run_rl(recipe, run=run, force=force, env=env, groundtruth=score, backend=backend)
     print(stage.dir)
 

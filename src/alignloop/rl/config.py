@@ -41,8 +41,9 @@ class EnvSection(Section):
     tool_family: str = Field("qwen2.5", description="chat family whose tool-call syntax the replies are parsed in")
     max_tool_calls: int = Field(2, ge=1)
     # evaluation only: never a reward
-    groundtruth: bool = Field(False, description="reward_model: prompts from fresh simulated users, and their hidden "
-                              "taste scores every reply for the reward-hacking check (evaluation only)")
+    groundtruth: bool = Field(False, description="reward_model: prompts from fresh simulated users; user_sim: the "
+                              "simulated users themselves; their hidden taste scores every reply for the "
+                              "reward-hacking check (evaluation only)")
 
     @model_validator(mode="after")
     def _needs_reward(self) -> EnvSection:
@@ -50,8 +51,9 @@ class EnvSection(Section):
             raise ValueError("env.kind = 'reward_model' needs env.reward and env.prompts (or env.groundtruth = true)")
         if self.kind == "user_sim" and not self.reward:
             raise ValueError("env.kind = 'user_sim' needs env.reward (the learned reward; it says who stays)")
-        if self.groundtruth and self.kind != "reward_model":
-            raise ValueError("env.groundtruth works with env.kind = 'reward_model' (held-out users' prompts)")
+        if self.groundtruth and self.kind not in ("reward_model", "user_sim"):
+            raise ValueError("env.groundtruth works with env.kind = 'reward_model' (held-out users' prompts) or "
+                             "'user_sim' (the simulated users' own taste)")
         return self
 
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from alignloop.rl.trajectory import Trajectory
 
-# (contexts, responses) -> one ground-truth score per reply (e.g. the simulated user's true engagement)
-GroundTruthFn = Callable[[list[list[dict]], list[str]], Any]
+# (contexts, responses, tasks) -> one ground-truth score per reply (e.g. the simulated user's true
+# engagement); tasks[i] is the task of reply i's episode (a user-sim env's user id: who is talking)
+GroundTruthFn = Callable[[list[list[dict]], list[str], list[Any]], Any]
 
 T_SIGNIFICANT = 2.0  # |slope / standard error| beyond this counts as a real trend
 
@@ -61,7 +62,8 @@ class HackingWatch:
 
     def score(self, step: int, trajectories: list[Trajectory]) -> dict[str, float]:
         contexts, responses, owner = bot_turns(trajectories)
-        truth = np.asarray(self.groundtruth(contexts, responses), dtype=float).reshape(-1)
+        tasks = [trajectories[e].task for e in owner]
+        truth = np.asarray(self.groundtruth(contexts, responses, tasks), dtype=float).reshape(-1)
         if truth.shape != (len(responses),) or not np.isfinite(truth).all():
             raise ValueError(f"ground-truth hook returned {truth.shape[0]} finite-checked scores for "
                              f"{len(responses)} replies")

@@ -1,10 +1,12 @@
-"""`--backend ray`: Inference and the Environment as Ray actors, the Trainer in the driver.
+"""`--backend ray`: the Trainer, Inference and the Environment as three Ray actors; the driver
+only passes messages between them (and keeps the tokenizer, metrics and files).
 
-The roles keep their interfaces: `RemoteInference` and `RemoteEnv` stand in for `Inference` and an
-`Environment` in `play()`, forwarding each call to an actor (another process, or another machine
-of a Ray cluster). Inference builds its own engine from the same zoo name and seed, so it starts
-from the trainer's exact weights; afterwards weights travel as (name, tensor) lists, as in the
-local backend. Sampling seeds are per request and counter-based, so a seeded run gives the same
+The roles keep their interfaces: `RemoteTrainer`, `RemoteInference` and `RemoteEnv` stand in for
+`TrainerRole`, `Inference` and an `Environment`, forwarding each call to an actor (another
+process, or another machine of a Ray cluster). Trainer and Inference each build the model from
+the same zoo name and seed, so they start from the same weights; afterwards weights go from the
+trainer actor to the inference actor as (name, tensor) lists through Ray's object store (the
+driver hands over a reference, not the tensors), as in the local backend. Sampling seeds are per request and counter-based, so a seeded run gives the same
 episodes as the local backend (tested on the tiny model).
 
 The Environment actor also holds the safety multiplier (`safety.attach`): the reward that reads
@@ -48,6 +50,48 @@ class InferenceWorker:
         return self.inference.version, self.inference.sync_seconds
 
 
+class TrainerWorker:
+    def __init__(self, model: str, seed: int, dtype: str, cfg: Any, temperature: float, pad_id: int,
+                 max_tokens: int, threads: int) -> None:
+        from alignloop.models import load_model
+        from alignloop.rl.trainer import TrainerRole
+
+        torch.set_num_threads(threads)
+        weights, _ = load_model(model, dtype=dtype, seed=seed)
+        self.role = TrainerRole(weights, cfg, temperature, pad_id, max_tokens, cfg.seed)
+
+    def call(self, method: str, *args):
+        return getattr(self.role, method)(*args)
+
+
+class RemoteTrainer:
+    """`TrainerRole`, run by an actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def _call(self, method: str, *args):
+        import ray
+
+        return ray.get(self.actor.call.remote(method, *args))
+
+    def step(self, trajectories):
+        return self._call("step", trajectories)
+
+    def weights(self):
+        # A reference: Ray resolves it inside the inference actor, the tensors never visit the driver.
+        return self.actor.call.remote("weights")
+
+    def save_checkpoint(self, root, step: int, extra: dict, keep: int) -> None:
+        self._call("save_checkpoint", root, step, extra, keep)
+
+    def load_checkpoint(self, path) -> int:
+        return self._call("load_checkpoint", path)
+
+    def save_policy(self, tokenizer, folder):
+        return self._call("save_policy", tokenizer, folder)
+
+
 class EnvWorker:
     def __init__(self, env: Any) -> None:
         from alignloop.rl.safety import attach
@@ -85,7 +129,9 @@ class RemoteInference:
     def offer(self, named, version: int) -> None:
         import ray
 
-        ray.get(self.actor.offer.remote([(n, t.detach().clone()) for n, t in named], version))
+        if not isinstance(named, ray.ObjectRef):  # local tensors: copies, so later training can't race them
+            named = [(n, t.detach().clone()) for n, t in named]
+        ray.get(self.actor.offer.remote(named, version))
 
     def apply_pending(self) -> None:
         import ray
@@ -149,9 +195,21 @@ def start(env: Any, model: str, seed: int, dtype: str, engine_dtype: str, max_ba
     return RemoteEnv(env_actor), RemoteInference(inference)
 
 
-def stop(env: RemoteEnv, inference: RemoteInference) -> None:
+def start_trainer(model: str, seed: int, dtype: str, cfg: Any, temperature: float, pad_id: int,
+                  max_tokens: int) -> RemoteTrainer:
+    """The Trainer actor: it loads the policy itself and keeps it, its optimizer and checkpoints."""
+    import ray
+
+    init()
+    threads = max(1, torch.get_num_threads())
+    actor = ray.remote(num_cpus=0)(TrainerWorker).remote(model, seed, dtype, cfg, temperature, pad_id, max_tokens,
+                                                         threads)
+    return RemoteTrainer(actor)
+
+
+def stop(*roles: Any) -> None:
     """End the run's actors (the Ray runtime itself stays up for whoever started it)."""
     import ray
 
-    for actor in (env.actor, inference.actor):
-        ray.kill(actor)
+    for role in roles:
+        ray.kill(role.actor)

@@ -87,7 +87,7 @@ def play(env: Environment, inference: Inference, tokenizer: Any, tasks: list[Any
     for i, obs in enumerate(observations):
         ids = encode(tokenizer, render(tokenizer, obs, True))
         trajectories.append(Trajectory(ids, [False] * len(ids), [0.0] * len(ids), group=i // group,
-                                       messages=list(obs)))
+                                       messages=list(obs), task=episodes[i]))
     done = np.zeros(n, dtype=bool)
     info: list[dict[str, float]] = [{} for _ in range(n)]
     for turn in range(max_turns):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from alignloop.engine.api import SamplingParams
 from alignloop.errors import AlignloopError
@@ -31,11 +30,9 @@ from alignloop.rl.hacking import GroundTruthFn, HackingWatch, report_verdict
 from alignloop.rl.inference import Inference
 from alignloop.rl.rollout import Rollout, play
 from alignloop.rl.safety import attach as attach_dual
-from alignloop.rl.trainer import Trainer
-from alignloop.rl.weights import policy_weights
+from alignloop.rl.trainer import TrainerRole
 from alignloop.runs import Stage, atomic_write_text, config_hash, default_run_name, trim_jsonl
 from alignloop.train import checkpoint as ckpt
-from alignloop.train.loop import pick_device
 from alignloop.ui import progress, say
 
 SAMPLES = "samples.jsonl"
@@ -109,7 +106,6 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
     engagement of each reply; logged per step next to the learned reward, never trained on."""
     from alignloop.engine.engine import Engine
     from alignloop.models import load_model
-    from alignloop.train.lora import add_lora
 
     cfg = recipe.rl
     stage_name = f"rl-{cfg.algorithm}"
@@ -125,24 +121,21 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
 
     dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
     model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
-    # The engine copies the weights into its own fused buffers: build it before adapters exist.
     max_batch = max(cfg.prompts_per_step * cfg.group, 1)
+    trainer_args = (cfg, recipe.sampling.temperature, tokenizer.pad_token_id or 0,
+                    recipe.sampling.max_tokens * recipe.env.max_turns)
     if backend == "ray":
         from alignloop.rl import ray_backend
 
+        del model  # the trainer actor loads its own; the driver keeps the tokenizer
         env, inference = ray_backend.start(env, recipe.model.name, recipe.model.seed, dtype, engine_dtype, max_batch)
+        trainer = ray_backend.start_trainer(recipe.model.name, recipe.model.seed, dtype, *trainer_args)
         dual = env.dual
     else:
+        # The engine copies the weights into its own fused buffers: build it before adapters exist.
         inference = Inference(Engine(model, tokenizer, dtype=engine_dtype, max_batch=max_batch, show_progress=False))
+        trainer = TrainerRole(model, *trainer_args, seed=cfg.seed)
         dual = attach_dual(env)  # safety: the reward's Lagrangian multiplier moves once per step
-    torch.manual_seed(cfg.seed)  # adapters initialise from torch's RNG
-    if cfg.lora is not None:
-        model = add_lora(model, cfg.lora)
-    else:
-        model.requires_grad_(True)
-    model.to(pick_device(cfg.device))
-    trainer = Trainer(model, cfg, recipe.sampling.temperature, tokenizer.pad_token_id or 0,
-                      recipe.sampling.max_tokens * recipe.env.max_turns)
 
     root = stage.path("checkpoints")
     fingerprint = config_hash(stage.config)
@@ -155,10 +148,10 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
         shutil.rmtree(root, ignore_errors=True)
         latest = None
     if latest is not None:
-        start = ckpt.load_checkpoint(latest, trainer.module, trainer.optimizer, trainer.scheduler)["step"]
+        start = trainer.load_checkpoint(latest)
         if dual is not None and "safety_lambda" in (state := ckpt.read_trainer_state(latest)):
             dual.set(state["safety_lambda"])
-        inference.offer(policy_weights(model), version=start)
+        inference.offer(trainer.weights(), version=start)
         say(f"{stage_name}: resuming from {latest.name} ({start}/{cfg.steps} steps done)")
     for name in ("metrics.jsonl", SAMPLES, EVAL):
         trim_jsonl(stage.path(name), start)
@@ -200,7 +193,7 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
                 if watch is not None:
                     metrics.update(watch.score(step, rollout.trajectories))
                 metrics.update(trainer.step(rollout.trajectories))
-                inference.offer(policy_weights(model), version=step)
+                inference.offer(trainer.weights(), version=step)
                 if producer is None:
                     inference.apply_pending()  # sync: in place now, timed as the weight sync
                 else:
@@ -214,10 +207,9 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
                     _append(stage.path(SAMPLES), {"step": step, "reward": t.reward, "messages": t.messages,
                                                   "info": t.info, "truncated": t.truncated})
                 if step % cfg.save_every == 0 or step == cfg.steps:
-                    ckpt.save_checkpoint(root, step, trainer.module, trainer.optimizer, trainer.scheduler,
-                                         {"config_hash": fingerprint, "total_steps": cfg.steps,
-                                          **({"safety_lambda": dual.value} if dual is not None else {})},
-                                         keep=cfg.keep_checkpoints)
+                    trainer.save_checkpoint(root, step, {"config_hash": fingerprint, "total_steps": cfg.steps,
+                                                         **({"safety_lambda": dual.value} if dual is not None else {})},
+                                            cfg.keep_checkpoints)
                 if (producer is None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
                         and (ev := evaluate(env, inference, tokenizer, recipe))):
                     _append(stage.path(EVAL), {"step": step, **ev})
@@ -236,22 +228,15 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
     if verdict is not None:
         atomic_write_text(stage.path(HACKING), json.dumps(verdict, indent=2) + "\n")
         report_verdict(stage_name, verdict)
-    outputs = _save_policy(model, tokenizer, stage)
+    outputs = trainer.save_policy(tokenizer, stage.path("model"))
     outputs += [stage.path(n) for n in ("metrics.jsonl", SAMPLES, EVAL, HACKING) if stage.path(n).exists()]
     stage.finish(outputs, extra={"steps": cfg.steps, "resumed_from": start, "final_eval": final,
                                  "reward_hacking": verdict,
                                  "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}})
     if backend == "ray":
-        ray_backend.stop(env, inference)
+        ray_backend.stop(env, inference, trainer)
     say(f"[green]{stage_name}: {cfg.steps} steps[/] -> {stage.dir}")
     return stage
-
-
-def _save_policy(model: torch.nn.Module, tokenizer: Any, stage: Stage) -> list[Path]:
-    from alignloop.train.lora import merged
-    from alignloop.train.sft import save_model
-
-    return save_model(merged(model), tokenizer, stage.path("model"))
 
 
 def _fmt(ev: dict[str, float]) -> str:

@@ -215,3 +215,53 @@ class Trainer:
         mean, std = (flat.mean(), flat.std()) if flat.numel() > 1 else (torch.tensor(0.0), torch.tensor(1.0))
         for b, p in zip(batches, pre):
             p["adv"] = torch.where(b.mask, (p["adv"] - mean) / (std + 1e-8), torch.zeros_like(p["adv"]))
+
+
+class TrainerRole:
+    """The Trainer role behind one interface, in this process (`--backend local`) or inside a Ray
+    actor (`ray_backend.TrainerWorker`): train on scored trajectories, hand out the policy's weights
+    for Inference, checkpoint and resume, save the final model.
+
+    `model` must already have been copied by the engine (it fuses its own buffers): the adapters
+    are added here, after it, from torch's RNG seeded with `seed`.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: RLSection, temperature: float, pad_id: int,
+                 max_tokens: int, seed: int) -> None:
+        from alignloop.train.lora import add_lora
+        from alignloop.train.loop import pick_device
+
+        torch.manual_seed(seed)
+        if cfg.lora is not None:
+            model = add_lora(model, cfg.lora)
+        else:
+            model.requires_grad_(True)
+        model.to(pick_device(cfg.device))
+        self.model = model
+        self.trainer = Trainer(model, cfg, temperature, pad_id, max_tokens)
+
+    def step(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        return self.trainer.step(trajectories)
+
+    def weights(self) -> list[tuple[str, torch.Tensor]]:
+        from alignloop.rl.weights import policy_weights
+
+        return list(policy_weights(self.model))
+
+    def save_checkpoint(self, root: Any, step: int, extra: dict[str, Any], keep: int) -> None:
+        from alignloop.train import checkpoint as ckpt
+
+        t = self.trainer
+        ckpt.save_checkpoint(root, step, t.module, t.optimizer, t.scheduler, extra, keep=keep)
+
+    def load_checkpoint(self, path: Any) -> int:
+        from alignloop.train import checkpoint as ckpt
+
+        t = self.trainer
+        return int(ckpt.load_checkpoint(path, t.module, t.optimizer, t.scheduler)["step"])
+
+    def save_policy(self, tokenizer: Any, folder: Any) -> list:
+        from alignloop.train.lora import merged
+        from alignloop.train.sft import save_model
+
+        return save_model(merged(self.model), tokenizer, folder)

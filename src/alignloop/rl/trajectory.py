@@ -24,6 +24,7 @@ class Trajectory:
     messages: list[dict] = field(default_factory=list)  # the conversation as text, for samples/logs
     info: dict[str, Any] = field(default_factory=dict)  # env extras (answer, correct, turns, ...)
     truncated: bool = False      # hit the token budget before finishing
+    task: Any = None             # what the environment was reset with (e.g. a simulated user's id)
 
     def __post_init__(self) -> None:
         if not (len(self.tokens) == len(self.policy) == len(self.rollout_logp)):

@@ -23,14 +23,21 @@ from alignloop.rl.env import Step
 UserWriter = Callable[[list[int], int], list[str]]  # (user ids, turn) -> one new message each
 
 
+def chat_population(seed: int = 0, population: int = 256):
+    """The simulated users the environment talks to (readers only: no bots or skimmers); user id u is
+    row u % population. Their hidden taste is for evaluation only (`alignloop.eval.rl_hook`)."""
+    from alignloop.sim.traits import sample_population
+
+    return sample_population(np.random.default_rng(seed), 0, population, days=7, bot_fraction=0.0,
+                             skimmer_fraction=0.0, activity_median=5.0, activity_sigma=0.5)
+
+
 def sim_users(seed: int = 0, population: int = 256) -> UserWriter:
     """Users from the simulated world: their next message as text (pieces rendered by the lexicon)."""
     from alignloop.sim.lexicon import PIECES
     from alignloop.sim.messages import write_messages
-    from alignloop.sim.traits import sample_population
 
-    pop = sample_population(np.random.default_rng(seed), 0, population, days=7, bot_fraction=0.0,
-                            skimmer_fraction=0.0, activity_median=5.0, activity_sigma=0.5)
+    pop = chat_population(seed, population)
 
     def write(users: list[int], turn: int) -> list[str]:
         rng = np.random.default_rng([seed, turn, *users])

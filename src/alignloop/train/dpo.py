@@ -51,6 +51,7 @@ from alignloop.train.dpo_data import (
     PairBatch,
     PairBatches,
     TokenizedPair,
+    limit_pairs,
     pairs_digest,
     read_pairs,
     split_pairs,
@@ -85,6 +86,9 @@ class DPOTrainSection(TrainSection):
     packing: bool = Field(True, description="several pairs per row (up to 2 x max_seq_len tokens), isolated")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of users (stable hash) held out")
     split_salt: str = Field("dpo-split", description="changes which users land in eval")
+    max_train_pairs: int | None = Field(None, ge=1, description="train on at most this many pairs (a seeded draw); "
+                                        "the reference pass covers only the pairs used")
+    max_eval_pairs: int | None = Field(None, ge=1, description="held-out pairs scored at eval, at most")
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +248,8 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
     check_fits_context(model, cfg.max_seq_len)  # per side: both sides of a pair restart their positions
     pairs, counts = tokenize_pairs(tokenizer, read_pairs(recipe.data.path), cfg.max_seq_len)
     train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.split_salt)
+    pairs, train_pairs, eval_pairs = limit_pairs(train_pairs, eval_pairs, cfg.max_train_pairs, cfg.max_eval_pairs,
+                                                 cfg.seed)
     if cfg.eval_fraction > 0 and not eval_pairs:
         say("[yellow]warning: no pair landed in the eval split: no held-out accuracy will be reported[/]")
     pad_id = tokenizer.pad_token_id or 0

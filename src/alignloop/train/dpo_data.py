@@ -203,6 +203,24 @@ def split_pairs(pairs: Sequence[TokenizedPair], eval_fraction: float, salt: str
     return train, held_out
 
 
+def limit_pairs(train: Sequence[TokenizedPair], held_out: Sequence[TokenizedPair], max_train: int | None,
+                max_eval: int | None, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair], list[TokenizedPair]]:
+    """(kept, train, eval): at most `max_train` / `max_eval` pairs drawn at random (seeded), in file
+    order, re-indexed 0..n-1 so the reference pass covers only what is used."""
+    import random
+    from dataclasses import replace
+
+    def draw(pairs: Sequence[TokenizedPair], cap: int | None, salt: int) -> list[TokenizedPair]:
+        if cap is None or len(pairs) <= cap:
+            return list(pairs)
+        keep = sorted(random.Random(seed * 1_000_003 + salt).sample(range(len(pairs)), cap))
+        return [pairs[i] for i in keep]
+
+    chosen_train, chosen_eval = draw(train, max_train, 0), draw(held_out, max_eval, 1)
+    kept = [replace(p, index=i) for i, p in enumerate(chosen_train + chosen_eval)]
+    return kept, kept[:len(chosen_train)], kept[len(chosen_train):]
+
+
 def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     """sha256 of the token ids and masks of every pair, in order (what reference log-probs depend on)."""
     h = hashlib.sha256()
