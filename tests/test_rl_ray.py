@@ -45,3 +45,15 @@ def test_ray_backend_async(tmp_path, local_ray):
     rows = _rows(run_rl(recipe(tmp_path, steps=2, save_every=2, mode="async", max_staleness=1),
                         env=RewardModelEnv(LengthReward(), PROMPTS), backend="ray"))
     assert [r["step"] for r in rows] == [1, 2] and max(r["staleness"] for r in rows) <= 1
+
+
+def test_ray_backend_trains_in_an_actor_not_in_the_driver(tmp_path, local_ray, monkeypatch):
+    import alignloop.rl.run as rl_run
+
+    def no_local_trainer(*args, **kwargs):
+        raise AssertionError("--backend ray built a trainer in the driver")
+
+    monkeypatch.setattr(rl_run, "TrainerRole", no_local_trainer)
+    stage = run_rl(recipe(tmp_path, steps=2, save_every=1), env=RewardModelEnv(LengthReward(), PROMPTS), backend="ray")
+    assert (stage.path("model") / "config.json").is_file()          # saved by the trainer actor
+    assert len(list(stage.path("checkpoints").glob("*"))) >= 1      # so were the checkpoints
