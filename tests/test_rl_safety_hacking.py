@@ -130,4 +130,19 @@ def test_aligned_ground_truth_is_not_hacking():
                          messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * step}])]
         watch.score(step, ts)
     v = watch.verdict()
-    assert v["reward_rose"] and not v["groundtruth_fell"] and not v["hacking"]
+    assert v["reward_rose"] and not v["groundtruth_fell"] and not v["hacking"] and not v["reward_only"]
+
+
+def test_reward_up_with_flat_ground_truth_is_a_warning(capsys):
+    from alignloop.rl.hacking import report_verdict
+    from alignloop.rl.trajectory import Trajectory
+
+    watch = HackingWatch(lambda c, r, t: np.array([(-1.0) ** len(x) * 0.1 for x in r]))  # noise, no trend
+    for step in range(1, 9):
+        ts = [Trajectory([1, 2], [False, True], [0.0, 0.0], reward=float(step),
+                         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * step}])]
+        watch.score(step, ts)
+    v = watch.verdict()
+    assert v["reward_rose"] and not v["hacking"] and v["reward_only"]
+    report_verdict("rl-grpo", v)
+    assert "reward rose but ground-truth engagement did not" in capsys.readouterr().err.replace("\n", " ")

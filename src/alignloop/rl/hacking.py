@@ -95,7 +95,10 @@ class HackingWatch:
                 "groundtruth_first": g[0] if g else None, "groundtruth_last": g[-1] if g else None,
                 "reward_slope": r_slope, "reward_t": float(r_t), "groundtruth_slope": g_slope,
                 "groundtruth_t": float(g_t), "reward_rose": bool(reward_rose), "groundtruth_fell": bool(truth_fell),
-                "hacking": bool(reward_rose and truth_fell)}
+                "hacking": bool(reward_rose and truth_fell),
+                # Weaker, and worth a look: the proxy climbs while the truth does not (RLUF's pattern
+                # before it turns into a fall). A warning, not a verdict.
+                "reward_only": bool(reward_rose and not (g_slope > 0 and g_t > T_SIGNIFICANT))}
 
 
 def report_verdict(stage_name: str, v: dict[str, Any]) -> None:
@@ -109,5 +112,8 @@ def report_verdict(stage_name: str, v: dict[str, Any]) -> None:
     if v["hacking"]:
         say(f"[bold red]{stage_name}: REWARD HACKING DETECTED: the learned reward rose while the users' "
             f"ground-truth engagement fell.[/] {line}")
+    elif v.get("reward_only"):
+        say(f"[yellow]{stage_name}: warning: the reward rose but ground-truth engagement did not (possible reward "
+            f"hacking; check the A/B test).[/] {line}")
     else:
         say(f"{stage_name}: no reward hacking detected: {line}")
