@@ -181,3 +181,15 @@ def test_tobit_recovers_the_mean_that_dropping_censored_rows_misses():
     naive = y[~censored].mean()
     assert abs(mu.item() - 3.0) < 0.1 < abs(naive.item() - 3.0)
     assert abs(log_sigma.exp().item() - 1.0) < 0.1
+
+
+def test_a_feature_constant_in_training_is_ignored_not_blown_up():
+    from alignloop.rewards.heads import Heads
+
+    heads = Heads(3, ["continue"], hidden=0, dropout=0.0)
+    train = torch.tensor([[0.0, 1.0, 5.0], [1.0, 1.0, 6.0], [2.0, 1.0, 7.0]])  # column 1 never varies
+    heads.set_standardizer(train)
+    seen = torch.tensor([[1.0, 1.0, 6.0]])
+    shifted = torch.tensor([[1.0, 0.3, 6.0]])  # only the constant feature differs
+    assert torch.equal(heads(seen, "continue"), heads(shifted, "continue"))
+    assert torch.isfinite(heads(shifted, "continue")).all()

@@ -125,3 +125,16 @@ def test_multi_turn_ground_truth_scores_each_reply_by_its_own_users_taste(tiny):
     # The watch hands each reply's user through.
     metrics = HackingWatch(score).score(0, rollout.trajectories)
     assert np.isfinite(metrics["gt/engagement"])
+
+
+def test_users_stay_with_the_raw_probability_not_the_normalised_component():
+    class Normalised:
+        def __call__(self, contexts, responses):
+            n = len(responses)
+            # raw p(continue) = 1, its normalised component negative: users must stay
+            return RewardBatch(np.zeros(n), {"raw/continue": np.ones(n), "continue": np.full(n, -2.0)})
+
+    env = UserSimEnv(Normalised(), sim_users(seed=1), max_turns=3)
+    env.reset([1, 2])
+    step = env.step(["hello there", "hi"])
+    assert not step.done.any() and all(i["p_continue"] == 1.0 for i in step.info)

@@ -42,7 +42,11 @@ class Heads(nn.Module):
     def set_standardizer(self, feats: torch.Tensor) -> None:
         with torch.no_grad():
             self.mean.copy_(feats.mean(0))
-            self.std.copy_(feats.std(0).clamp(min=1e-4))
+            # A feature that never varied in training (e.g. the context length when every example
+            # has one user message) says nothing; scaled by a tiny std, any later deviation would
+            # blow the head's input up by thousands of sigmas. Infinite spread: it is ignored.
+            std = feats.std(0)
+            self.std.copy_(torch.where(std > 1e-4, std, torch.full_like(std, float("inf"))))
 
     def forward(self, feats: torch.Tensor, name: str) -> torch.Tensor:
         return self.heads[name]((feats - self.mean) / self.std).squeeze(-1)

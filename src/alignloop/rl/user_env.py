@@ -80,7 +80,8 @@ class UserSimEnv:
         live = [i for i in range(n) if actions[i] is not None and not self._done[i]]
         rewards, info = np.zeros(n), [{} for _ in range(n)]
         batch = self.reward([self._conversations[i] for i in live], [actions[i] for i in live])
-        stay = batch.components.get(self.stay_component)
+        # The probability itself (raw/...), not the normalised component the combined reward sums.
+        stay = batch.components.get(f"raw/{self.stay_component}", batch.components.get(self.stay_component))
         p = np.clip(stay, 0.0, 1.0) if stay is not None else np.zeros(len(live))
         coins = np.random.default_rng([self._turn, *self._users]).random(n)
         self._turn += 1
