@@ -72,5 +72,6 @@ def run_bench(n: int = 256, batch: int = 64, max_length: int = 128, threads: int
     say(f"bench reward: ours {ours_rps:.1f} responses/s ({len(heads)} heads, cold cache), warm cache {warm:.1f}/s; "
         f"HF AutoModelForSequenceClassification (MiniLM cross-encoder, 1 score) {peer_rps:.1f}/s; "
         f"ratio {ours_rps / peer_rps:.2f}x")
-    return {"bench": "reward", "responses": n, "batch": batch, "threads": threads, "ours_rps": round(ours_rps, 2),
-            "ours_warm_rps": round(warm, 2), "peer_rps": round(peer_rps, 2), "ratio": round(ours_rps / peer_rps, 3)}
+    return {"bench": "reward", "ours": round(ours_rps, 2), "peer": round(peer_rps, 2), "unit": "responses/s",
+            "ratio": round(ours_rps / peer_rps, 3), "ours_warm_cache": round(warm, 2), "heads": len(heads),
+            "responses": n, "batch": batch, "threads": threads}
