@@ -31,6 +31,15 @@ def synthetic_pairs(n: int, seed: int = 0) -> tuple[list[list[dict]], list[str]]
 
 
 def run_bench(n: int = 256, batch: int = 64, max_length: int = 128, threads: int = 1, rounds: int = 2) -> dict[str, Any]:
+    """The benchmark at `threads` torch threads; the caller's thread count is restored after."""
+    before = torch.get_num_threads()
+    try:
+        return _run_bench(n, batch, max_length, threads, rounds)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_bench(n: int, batch: int, max_length: int, threads: int, rounds: int) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from alignloop.rewards.backbones import MiniLMBackbone, minilm_dir
