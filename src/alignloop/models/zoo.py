@@ -112,12 +112,17 @@ def resolve_model(name: str) -> Path | TinyPreset:
     raise _unknown(name)
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, for_batching: bool = False):
+    """The zoo model's tokenizer; `for_batching`: with a pad token (eos when it has none), as
+    `load_model` returns it for training and the engine."""
     from transformers import AutoTokenizer
 
     where = resolve_model(name)
     folder = smollm2_tokenizer_dir() if isinstance(where, TinyPreset) else where
-    return AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if for_batching and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _tiny_config(preset: TinyPreset, tokenizer):
@@ -147,7 +152,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", seed: int = 0)
 
     torch_dtype = getattr(torch, dtype)
     where = resolve_model(name)
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(name, for_batching=True)
     if isinstance(where, TinyPreset):
         config = _tiny_config(where, tokenizer)
         # Fork the RNG so a tiny model's weights depend on `seed` alone, not on what ran before.
@@ -164,6 +169,4 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", seed: int = 0)
         finally:
             hf_logging.enable_progress_bar()
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

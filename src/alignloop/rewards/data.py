@@ -62,9 +62,10 @@ def _rare_positives(df: pl.DataFrame, head: str) -> pl.Series | None:
     """Mask of the positive rows of a binary head whose positives are under 5% of its rows, else None."""
     if head == "preference" or "label" not in df.columns:
         return None
-    positive = df["label"].cast(pl.Float64) > 0
+    label = df["label"].cast(pl.Float64)
+    positive = label > 0
     share = positive.mean() or 0.0
-    return positive if 0 < share < 0.05 and df["label"].cast(pl.Float64).is_in([0.0, 1.0]).all() else None
+    return positive if 0 < share < 0.05 and label.is_in([0.0, 1.0]).all() else None
 
 
 def load_head(config: DataSection, head: str, split: str, max_rows: int | None = None) -> HeadData:

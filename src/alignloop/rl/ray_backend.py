@@ -64,8 +64,8 @@ class TrainerWorker:
         return getattr(self.role, method)(*args)
 
 
-class RemoteTrainer:
-    """`TrainerRole`, run by an actor."""
+class _Proxy:
+    """Forwards a role's method calls to the actor's `call(method, *args)` and waits for the answer."""
 
     def __init__(self, actor: Any) -> None:
         self.actor = actor
@@ -74,6 +74,10 @@ class RemoteTrainer:
         import ray
 
         return ray.get(self.actor.call.remote(method, *args))
+
+
+class RemoteTrainer(_Proxy):
+    """`TrainerRole`, run by an actor."""
 
     def step(self, trajectories):
         return self._call("step", trajectories)
@@ -159,20 +163,15 @@ class RemoteDual:
         return self._call("update")
 
 
-class RemoteEnv:
+class RemoteEnv(_Proxy):
     """An `Environment` for `play()`, run by an actor."""
 
     def __init__(self, actor: Any) -> None:
         import ray
 
-        self.actor = actor
+        super().__init__(actor)
         self.name = ray.get(actor.name.remote())
         self.dual = RemoteDual(actor) if ray.get(actor.has_dual.remote()) else None
-
-    def _call(self, method: str, *args):
-        import ray
-
-        return ray.get(self.actor.call.remote(method, *args))
 
     def sample_tasks(self, n: int, seed: int):
         return self._call("sample_tasks", n, seed)

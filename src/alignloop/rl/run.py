@@ -105,7 +105,7 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
     """`groundtruth` (evaluation only, passed in from outside rl/): (contexts, responses) -> the true
     engagement of each reply; logged per step next to the learned reward, never trained on."""
     from alignloop.engine.engine import Engine
-    from alignloop.models import load_model
+    from alignloop.models import load_model, load_tokenizer
 
     cfg = recipe.rl
     stage_name = f"rl-{cfg.algorithm}"
@@ -120,14 +120,16 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
     watch = HackingWatch(groundtruth) if groundtruth is not None else None
 
     dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
-    model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
+    if backend == "ray":  # the trainer and inference actors load the weights; the driver needs the tokenizer
+        model, tokenizer = None, load_tokenizer(recipe.model.name, for_batching=True)
+    else:
+        model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
     max_batch = max(cfg.prompts_per_step * cfg.group, 1)
     trainer_args = (cfg, recipe.sampling.temperature, tokenizer.pad_token_id or 0,
                     recipe.sampling.max_tokens * recipe.env.max_turns)
     if backend == "ray":
         from alignloop.rl import ray_backend
 
-        del model  # the trainer actor loads its own; the driver keeps the tokenizer
         env, inference = ray_backend.start(env, recipe.model.name, recipe.model.seed, dtype, engine_dtype, max_batch)
         trainer = ray_backend.start_trainer(recipe.model.name, recipe.model.seed, dtype, *trainer_args)
         dual = env.dual
