@@ -105,6 +105,9 @@ def test_eval_recipe_validates(tmp_path):
     assert len({train_seed, pair_seed, recipe.users.seed}) == 3
     with pytest.raises(AlignloopError, match="unknown key 'users.user'"):
         load_recipe(REPO / "recipes/eval_sim.toml", GroundTruthRecipe, [f"pairs.path={pairs}", "users.user=3"])
+    for bad in ("pairs.start.dpo=nope", "pairs.start.nope=sft", "pairs.start.sft=sft"):
+        with pytest.raises(AlignloopError, match="pairs.start"):
+            load_recipe(REPO / "recipes/eval_sim.toml", GroundTruthRecipe, [f"pairs.path={pairs}", bad])
     off = load_recipe(REPO / "recipes/eval_sim.toml", GroundTruthRecipe, [f"pairs.path={pairs}", "pairs=false"])
     assert off.pairs is None
     with pytest.raises(AlignloopError, match="baseline"):
@@ -145,7 +148,8 @@ def test_groundtruth_stage_on_tiny_models(tmp_path, capsys):
         models={"a": "tiny", "b": "tiny-qwen2"},
         users=UsersSection(seed=11, users=6, exclude=[str(train)]),
         sampling=SamplingSection(temperature=1.0, max_tokens=6, seed=5),
-        pairs={"path": pairs, "reference": "tiny", "max_seq_len": 128, "exclude": [str(train)]},
+        pairs={"path": pairs, "reference": "tiny", "max_seq_len": 128, "exclude": [str(train)],
+               "start": {"b": "a"}},
     )
     result = run_groundtruth(recipe)
     stage = tmp_path / "runs/t/eval-groundtruth"
@@ -171,8 +175,16 @@ def test_groundtruth_stage_on_tiny_models(tmp_path, capsys):
     assert p["pairs"] == 4 and p["users"] == 3
     assert p["models"]["a"]["accuracy"] == 0.5 and p["models"]["a"]["margin"] == 0.0
     assert p["models"]["a"]["logp_accuracy"] == p["reference_logp_accuracy"]
+    # b scored against its start a (= the reference here): the same as against the reference, and
+    # compared pair by pair with a's own score against its start (the reference: all ties, 0.5)
+    v = p["models"]["b"]["vs_start"]
+    assert v["start"] == "a" and v["accuracy"] == pytest.approx(p["models"]["b"]["accuracy"])
+    assert v["lo"] <= v["accuracy"] <= v["hi"]
+    assert v["compared"]["diff_mean"] == pytest.approx(v["accuracy"] - 0.5)
+    assert "vs_start" not in p["models"]["a"]
     out = capsys.readouterr().out
     assert "b vs a: engagement" in out and "held-out pair accuracy" in out
+    assert "held-out pair accuracy of b vs its start a" in out
 
     # a second run is skipped; a leaked pair user is refused
     assert run_groundtruth(recipe) == saved

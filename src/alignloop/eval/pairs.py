@@ -8,6 +8,10 @@ common reference (e.g. the base model): an SFT model then has an accuracy of its
 raise the chosen answers more than the rejected ones?), and DPO trained from it must beat it.
 beta scales rewards but never changes a sign, so accuracy does not depend on it.
 
+A trained model is also scored against the model it was trained *from* (`start`), the way its
+own trainer measured it: DPO's accuracy vs its SFT start, SFT's vs the base. Each model is then
+judged by what its own training added, on the same pairs, and `paired` compares the two per pair.
+
 `logp_accuracy` needs no reference: the share of pairs where the model gives the chosen side the
 higher mean log-prob per token (the model's own preference).
 
@@ -65,6 +69,13 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], micro_bat
     if torch.isnan(table).any():
         raise RuntimeError("pairs left without log-probs")  # a bug, not bad input
     return table
+
+
+def correct(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 if the implicit reward prefers the chosen side, 0 if the rejected, 0.5 on a tie."""
+    ratio = policy - reference
+    margin = ratio[:, 0] - ratio[:, 1]
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
 def accuracy(policy: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor) -> PairAccuracy:

@@ -67,6 +67,11 @@ class PairsSection(Section):
     micro_batch: int = Field(8, ge=1)
     bf16: bool = False
     exclude: list[str] = Field(default_factory=list, description="training datasets whose users must not appear")
+    start: dict[str, str] = Field(
+        default_factory=dict,
+        description="label = the label it was trained from ('reference' for the reference model): each such "
+                    "model is also scored against its own start, as its trainer measured it, and compared "
+                    "pair by pair with its start's own score")
 
 
 class GroundTruthRecipe(Section):
@@ -93,6 +98,13 @@ class GroundTruthRecipe(Section):
             raise ValueError(f"models: labels must be letters, digits, - or _ (they name files), got {bad[0]!r}")
         if self.baseline is not None and self.baseline not in self.models:
             raise ValueError(f"baseline: '{self.baseline}' is not a label of [models] ({', '.join(self.models)})")
+        for label, start in (self.pairs.start if self.pairs else {}).items():
+            for key, value in (("label", label), ("start", start)):
+                if value not in self.models and not (key == "start" and value == "reference"):
+                    raise ValueError(f"pairs.start: {key} '{value}' is not a label of [models] "
+                                     f"({', '.join(self.models)}){' or reference' if key == 'start' else ''}")
+            if label == start:
+                raise ValueError(f"pairs.start: '{label}' cannot start from itself")
         return self
 
     @property
@@ -155,7 +167,7 @@ def _write_scored(stage: Stage, label: str, texts: list[str], prompts: HeldoutPr
 def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
     import torch
 
-    from alignloop.eval.pairs import accuracy, pair_lengths, pair_logps
+    from alignloop.eval.pairs import accuracy, correct, pair_lengths, pair_logps
     from alignloop.models import load_model, load_tokenizer
     from alignloop.train.cache import load_or_compute
     from alignloop.train.dpo_data import (
@@ -198,8 +210,27 @@ def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
 
         logps[label] = by_fingerprint[fingerprint] = load_or_compute(
             stage.path(f"pair_logps/{label}.safetensors"), fingerprint, compute, f"{label} pair log-probs")["logps"]
-    ref = logps.pop("reference")
-    models = {label: accuracy(lp, ref, lengths).as_dict() for label, lp in logps.items()}
+    ref = logps["reference"]
+    models = {label: accuracy(lp, ref, lengths).as_dict() for label, lp in logps.items() if label != "reference"}
+    per_token = {label: lp / lengths.clamp(min=1) for label, lp in logps.items()}
+    for label, m in models.items():
+        ci = mean_ci(correct(logps[label], ref).numpy())
+        m["accuracy_lo"], m["accuracy_hi"] = ci.lo, ci.hi
+        own = per_token[label]
+        ci = mean_ci(((own[:, 0] > own[:, 1]).float() + 0.5 * (own[:, 0] == own[:, 1]).float()).numpy())
+        m["logp_accuracy_lo"], m["logp_accuracy_hi"] = ci.lo, ci.hi
+
+    def from_start(label: str) -> np.ndarray:
+        start = cfg.start.get(label, "reference")
+        return correct(logps[label], logps[start]).numpy()
+
+    for label, start in cfg.start.items():
+        own = from_start(label)
+        ci = mean_ci(own)
+        models[label]["vs_start"] = {"start": start, "accuracy": ci.mean, "lo": ci.lo, "hi": ci.hi}
+        if start != "reference":
+            # what this model's training added vs what its start's training added, pair by pair
+            models[label]["vs_start"]["compared"] = paired(from_start(start), own).as_dict()
     return {"path": str(cfg.path), "reference": cfg.reference, "pairs": len(pairs), "users": len(users),
             "tokenized": counts.as_dict(), "exclude_users_checked": checked,
             "reference_logp_accuracy": accuracy(ref, None, lengths).logp_accuracy, "models": models}
@@ -297,7 +328,20 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         p = result["pairs"]
         accs = ", ".join(f"{label} {m['accuracy']:.3f}" for label, m in p["models"].items())
         own = ", ".join([f"reference {p['reference_logp_accuracy']:.3f}"]
-                        + [f"{label} {m['logp_accuracy']:.3f}" for label, m in p["models"].items()])
+                        + [f"{label} {m['logp_accuracy']:.3f}"
+                           + (f" [{m['logp_accuracy_lo']:.3f}, {m['logp_accuracy_hi']:.3f}]"
+                              if "logp_accuracy_lo" in m else "") for label, m in p["models"].items()])
         lines.append(f"held-out pair accuracy vs reference {p['reference']} ({p['pairs']} pairs, {p['users']} users "
                      f"no model trained on): {accs}; own log-prob preference: {own}")
+        for label, m in p["models"].items():
+            if "vs_start" not in m:
+                continue
+            v = m["vs_start"]
+            line = (f"held-out pair accuracy of {label} vs its start {v['start']}: {v['accuracy']:.3f} "
+                    f"[{v['lo']:.3f}, {v['hi']:.3f}] ({p['pairs']} pairs, 95% CI)")
+            if "compared" in v:
+                c = v["compared"]
+                line += (f"; minus {v['start']}'s own vs its start: {c['diff_mean']:+.3f} "
+                         f"[{c['diff_lo']:+.3f}, {c['diff_hi']:+.3f}] paired p = {c['p_value']:.2g}")
+            lines.append(line)
     return lines
