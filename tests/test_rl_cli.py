@@ -17,8 +17,19 @@ def test_rl_grpo_cli_runs_then_is_up_to_date(tmp_path):
     assert [x["step"] for x in lines] == [1, 2]
     evals = [json.loads(x) for x in (stage / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2] and "eval_correct" in evals[0]
+    # before vs after on the same held-out problems, paired, printed and saved
+    change = json.loads((stage / "accuracy_change.json").read_text())
+    assert change["n"] == 8 and change["before"] == evals[0]["eval_correct"] and change["after"] == evals[1]["eval_correct"]
+    assert "greedy accuracy" in result.output and "McNemar p" in result.output
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "up to date" in again.output
+    # --force resumes at the last checkpoint and redoes only the final eval; another config starts
+    # afresh, and no stale 'before' record survives to be compared with
+    for extra in (["--force"], ["--set", "rl.lr=1e-4"]):
+        rerun = runner.invoke(app, [*args, *extra])
+        assert rerun.exit_code == 0, rerun.output
+        evals = [json.loads(x) for x in (stage / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [0, 2]
 
 
 def test_rl_cli_errors_are_one_line(tmp_path):

@@ -62,6 +62,8 @@ class HeadTrainSection(Section):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="training users held out for early stopping: each "
                                                               "head keeps its state of lowest validation loss")
     eval_every: int = Field(25, ge=1, description="steps between validation losses")
+    calibrate: bool = Field(True, description="fit each binary/regression head's scale and shift on the held-out "
+                                              "training users (Platt scaling / least squares)")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(5e-4, gt=0)
     backbone_lr: float = Field(2e-4, gt=0, description="lm: LoRA learning rate")

@@ -51,7 +51,8 @@ class RewardModel:
         self.use_text = use_text  # False: the shortcut check's activity-only model
         dim = (backbone.dim if use_text else 0) + (ACTIVITY_DIM if activity else 0)
         torch.manual_seed(train.seed)
-        self.heads = H.Heads(dim, self.names, train.hidden, train.dropout)
+        side = ACTIVITY_DIM if (activity and use_text) else 0
+        self.heads = H.Heads(dim, self.names, train.hidden, train.dropout, side_dim=side)
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -160,6 +161,24 @@ class RewardModel:
         self.best_steps = {n: s for n, (_, s, _) in best.items()}
         self.heads.eval()
         self.backbone.train(False)
+        self.calibration = self._calibrate(val, activity) if cfg.calibrate else {}
+
+    @torch.no_grad()
+    def _calibrate(self, val: dict[str, tuple[HeadData, Features | None]], activity: dict[str, np.ndarray] | None
+                   ) -> dict[str, tuple[float, float]]:
+        """Scale and shift of each binary/regression head, fitted on the held-out training users."""
+        fitted = {}
+        for n, (d, f) in val.items():
+            if n not in H.CALIBRATED or len(d) < 20 or (n in H.BINARY and len(np.unique(d.label)) < 2):
+                continue
+            if f is None:
+                d = take(d, np.arange(min(len(d), 256)))
+                f = self.features(d)
+            a = activity_matrix(activity or {}, d.user_id) if self.activity else None
+            raw = self.heads.raw(self._inputs(f.x, a), n)
+            t = torch.as_tensor
+            fitted[n] = self.heads.calibrate(n, raw, t(d.label, dtype=torch.float32), t(d.weight, dtype=torch.float32))
+        return fitted
 
     @torch.no_grad()
     def _val_losses(self, val: dict[str, tuple[HeadData, Features | None]], activity: dict[str, np.ndarray] | None
@@ -242,7 +261,9 @@ class RewardModel:
             backbone = make_backbone(BackboneSection.model_validate(meta["backbone"]), seed=train.seed)
         model = cls(backbone, meta["heads"], train, activity=meta["activity"], use_text=meta["use_text"])
         tensors = load_file(str(folder / f"{stem}.safetensors"))
-        model.heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")})
+        state = {k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")}
+        state.setdefault("calibration", model.heads.calibration)  # saved before heads were calibrated
+        model.heads.load_state_dict(state)
         backbone.load_state({k: v for k, v in tensors.items() if k.startswith("backbone.")})
         model.heads.eval()
         return model

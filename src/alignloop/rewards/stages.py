@@ -117,7 +117,8 @@ def _run_rm_train(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
     atomic_write_json(combine, {"normalizer": normalizer.to_dict(), "stats_from": f"{ref.head}/train ({n} rows)",
                                 "combine": recipe.combine.model_dump(mode="json")})
     stage.finish([*outputs, combine], extra={"examples": {h: len(d) for h, d in train.items()},
-                                             "best_step": getattr(model, "best_steps", {})})
+                                             "best_step": getattr(model, "best_steps", {}),
+                                             "calibration": getattr(model, "calibration", {})})
     say(f"rm: heads {', '.join(model.names)} -> {stage.dir}")
     return stage
 

@@ -1,15 +1,23 @@
 """A verifiable task (R1-style): generated arithmetic and word problems with exact answers.
 
-The reward is the sum of an exact-answer reward (the number after the last "Answer:" equals the
-truth) and a smaller format reward (the reply ends with "Answer: <integer>"), as DeepSeek-R1's
-rule-based rewards. Problems are drawn from a seed, so a run and its held-out eval set are fixed.
+The reward is the sum of an exact-answer reward and a smaller format reward (the reply ends with
+"Answer: <integer>"), as DeepSeek-R1's rule-based rewards. Which number is "the answer" is a choice:
+`tag` takes the number after the last "Answer:" (R1's rule: a model that never writes the tag never
+earns the answer reward), `last_number` the last integer of the reply (the usual lenient grading of
+GSM8K-style evals; a 135M model rarely follows the tag at first, so only this gives it a signal to
+learn from). Problems are drawn from a seed, so a run and its held-out eval set are fixed.
+
+`accuracy_change` compares greedy accuracy on the same held-out problems before and after training:
+paired, with McNemar's exact test on the problems that changed.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -18,6 +26,8 @@ from alignloop.rl.env import Step
 INSTRUCTION = "Solve the problem. End your reply with 'Answer: ' followed by the number only."
 _ANSWER = re.compile(r"Answer:\s*\**\s*(-?\d[\d,]*)\s*\**\s*\.?\s*$")
 _ANY_ANSWER = re.compile(r"Answer:\s*\**\s*(-?\d[\d,]*)")
+_NUMBER = re.compile(r"(?<![\d.])-?\d[\d,]*(?:\.\d+)?")
+AnswerFrom = Literal["tag", "last_number"]
 
 _NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "Jo")
 _THINGS = ("apples", "books", "coins", "marbles", "stickers", "pencils", "cards", "shells")
@@ -57,11 +67,28 @@ def parse_answer(text: str, strict: bool = True) -> int | None:
     return int(found[-1].replace(",", "")) if found else None
 
 
-def score(text: str, answer: int, correct_reward: float = 1.0, format_reward: float = 0.1) -> tuple[float, bool, bool]:
+def last_number(text: str) -> int | float | None:
+    """The last number of the reply (thousands commas dropped; a decimal stays a float, never equal
+    to an integer answer unless it is one)."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "").rstrip(",")
+    try:
+        return int(value) if "." not in value else float(value)
+    except ValueError:
+        return None
+
+
+def score(text: str, answer: int, correct_reward: float = 1.0, format_reward: float = 0.1,
+          answer_from: AnswerFrom = "tag") -> tuple[float, bool, bool]:
     """(reward, correct, well_formatted) for one reply."""
     strict = parse_answer(text, strict=True)
     formatted = strict is not None
-    got = strict if formatted else parse_answer(text, strict=False)
+    if answer_from == "last_number":
+        got = strict if formatted else last_number(text)
+    else:
+        got = strict if formatted else parse_answer(text, strict=False)
     correct = got == answer
     return correct_reward * correct + format_reward * formatted, correct, formatted
 
@@ -72,8 +99,9 @@ class ArithmeticEnv:
     name = "arithmetic"
 
     def __init__(self, max_operand: int = 50, correct_reward: float = 1.0, format_reward: float = 0.1,
-                 system: str | None = None) -> None:
+                 system: str | None = None, answer_from: AnswerFrom = "tag") -> None:
         self.max_operand = max_operand
+        self.answer_from = answer_from
         self.correct_reward = correct_reward
         self.format_reward = format_reward
         self.system = system
@@ -96,7 +124,41 @@ class ArithmeticEnv:
             raise ValueError(f"{len(actions)} actions for {len(self._episodes)} episodes")
         rewards, info = np.zeros(len(actions)), []
         for i, (text, problem) in enumerate(zip(actions, self._episodes)):
-            r, correct, formatted = score(text or "", problem.answer, self.correct_reward, self.format_reward)
+            r, correct, formatted = score(text or "", problem.answer, self.correct_reward, self.format_reward,
+                                          self.answer_from)
             rewards[i] = r
             info.append({"correct": float(correct), "formatted": float(formatted)})
         return Step([None] * len(actions), rewards, np.ones(len(actions), dtype=bool), info)
+
+
+@dataclass(frozen=True)
+class AccuracyChange:
+    before: float
+    after: float
+    diff: float
+    lo: float          # 95% interval of the paired difference (normal approximation)
+    hi: float
+    gained: int        # problems wrong before and right after
+    lost: int
+    p_value: float     # McNemar's exact test: gained vs lost as a fair coin
+    n: int
+
+    def line(self) -> str:
+        return (f"greedy accuracy {self.before:.3f} -> {self.after:.3f} on {self.n} held-out problems: "
+                f"{self.diff:+.3f} [{self.lo:+.3f}, {self.hi:+.3f}] (95% CI), {self.gained} gained, {self.lost} lost, "
+                f"McNemar p = {self.p_value:.2g}")
+
+
+def accuracy_change(before: list[float], after: list[float]) -> AccuracyChange:
+    """Paired comparison of per-problem correctness (0/1) on the same problems."""
+    from scipy import stats
+
+    b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if b.shape != a.shape or b.size == 0:
+        raise ValueError(f"need the same problems before and after, got {b.size} and {a.size}")
+    d = a - b
+    half = 1.96 * float(d.std(ddof=1)) / math.sqrt(d.size) if d.size > 1 else math.inf
+    gained, lost = int(((b < 0.5) & (a >= 0.5)).sum()), int(((b >= 0.5) & (a < 0.5)).sum())
+    p = float(stats.binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0
+    return AccuracyChange(float(b.mean()), float(a.mean()), float(d.mean()), float(d.mean()) - half,
+                          float(d.mean()) + half, gained, lost, p, int(d.size))

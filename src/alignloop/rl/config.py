@@ -26,6 +26,8 @@ class EnvSection(Section):
     max_operand: int = Field(50, ge=2, description="operands are drawn from 2..max_operand")
     correct_reward: float = 1.0
     format_reward: float = Field(0.1, description="for ending with 'Answer: <integer>'")
+    answer_from: Literal["tag", "last_number"] = Field(
+        "tag", description="the graded number: after the last 'Answer:' (tag), or the reply's last number")
     system: str | None = Field(None, description="system prompt (none: the template's default)")
     # reward_model
     reward: str | None = Field(None, description="an `rm train` folder (runs/<run>/rm) or 'package.module:factory' "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from alignloop.ui import progress, say
 SAMPLES = "samples.jsonl"
 EVAL = "eval.jsonl"
 HACKING = "reward_hacking.json"
+ACCURACY = "accuracy_change.json"  # verifiable envs: before vs after, paired
 EVAL_SEED = 10_000_019  # held-out tasks: a seed no training step uses
 
 
@@ -48,7 +50,7 @@ def build_env(recipe: RLRecipe, prompts: list[list[dict]] | None = None) -> Envi
     if e.kind == "arithmetic":
         from alignloop.rl.arithmetic import ArithmeticEnv
 
-        return ArithmeticEnv(e.max_operand, e.correct_reward, e.format_reward, e.system)
+        return ArithmeticEnv(e.max_operand, e.correct_reward, e.format_reward, e.system, e.answer_from)
     from alignloop.rl.reward_env import RewardModelEnv, load_reward, read_prompts
 
     if e.kind == "reward_model":
@@ -91,8 +93,11 @@ def evaluate(env: Environment, inference: Inference, tokenizer: Any, recipe: RLR
     tasks = env.sample_tasks(n, seed=EVAL_SEED)
     greedy = SamplingParams(temperature=0.0, max_tokens=recipe.sampling.max_tokens)
     r = play(env, inference, tokenizer, tasks, 1, greedy, seed=EVAL_SEED, max_context=recipe.rl.max_context)
-    return {"eval_reward": float(np.mean([t.reward for t in r.trajectories])),
-            **{f"eval_{k}": v for k, v in r.info.items()}}
+    out: dict[str, Any] = {"eval_reward": float(np.mean([t.reward for t in r.trajectories])),
+                           **{f"eval_{k}": v for k, v in r.info.items()}}
+    if all("correct" in t.info for t in r.trajectories):
+        out["per_task_correct"] = [float(t.info["correct"]) for t in r.trajectories]  # for the paired test
+    return out
 
 
 def _append(path: Path, record: dict) -> None:
@@ -156,7 +161,7 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
         inference.offer(trainer.weights(), version=start)
         say(f"{stage_name}: resuming from {latest.name} ({start}/{cfg.steps} steps done)")
     for name in ("metrics.jsonl", SAMPLES, EVAL):
-        trim_jsonl(stage.path(name), start)
+        trim_jsonl(stage.path(name), start if start else -1)  # afresh: even a stale step-0 eval goes
     if watch is not None and start:
         watch.reload(stage.path("metrics.jsonl"))
 
@@ -215,7 +220,7 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
                 if (producer is None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
                         and (ev := evaluate(env, inference, tokenizer, recipe))):
                     _append(stage.path(EVAL), {"step": step, **ev})
-                    metrics.update(ev)
+                    metrics.update({k: v for k, v in ev.items() if k != "per_task_correct"})
                 last = metrics
                 bar.update(task, completed=step, info=f"reward {metrics['reward']:.3f} · {metrics['step_s']:.1f} s/step")
     finally:
@@ -223,16 +228,24 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
             producer.close()
 
     final = evaluate(env, inference, tokenizer, recipe)
+    change = None
     if final:
+        trim_jsonl(stage.path(EVAL), cfg.steps - 1)  # resumed at the last step: its final eval is redone
         _append(stage.path(EVAL), {"step": cfg.steps, **final})
         say(f"{stage_name}: after {cfg.steps} steps " + _fmt(final))
+        change = _accuracy_change(stage.path(EVAL), final)
+        if change is not None:
+            say(f"{stage_name}: " + change.line())
+            atomic_write_text(stage.path(ACCURACY), json.dumps(asdict(change), indent=2) + "\n")
+    final = {k: v for k, v in final.items() if k != "per_task_correct"}
     verdict = watch.verdict() if watch is not None else None
     if verdict is not None:
         atomic_write_text(stage.path(HACKING), json.dumps(verdict, indent=2) + "\n")
         report_verdict(stage_name, verdict)
     outputs = trainer.save_policy(tokenizer, stage.path("model"))
-    outputs += [stage.path(n) for n in ("metrics.jsonl", SAMPLES, EVAL, HACKING) if stage.path(n).exists()]
+    outputs += [stage.path(n) for n in ("metrics.jsonl", SAMPLES, EVAL, HACKING, ACCURACY) if stage.path(n).exists()]
     stage.finish(outputs, extra={"steps": cfg.steps, "resumed_from": start, "final_eval": final,
+                                 "accuracy_change": asdict(change) if change is not None else None,
                                  "reward_hacking": verdict,
                                  "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}})
     if backend == "ray":
@@ -241,5 +254,16 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
     return stage
 
 
-def _fmt(ev: dict[str, float]) -> str:
-    return ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in ev.items())
+def _fmt(ev: dict[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in ev.items() if isinstance(v, float))
+
+
+def _accuracy_change(path: Path, final: dict[str, Any]) -> Any:
+    """Before (step 0 of eval.jsonl, possibly from before a resume) vs after, on the same problems."""
+    from alignloop.rl.arithmetic import accuracy_change
+
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    first = next((r for r in records if r.get("step") == 0), None)
+    if first is None or "per_task_correct" not in first or "per_task_correct" not in final:
+        return None
+    return accuracy_change(first["per_task_correct"], final["per_task_correct"])
