@@ -53,3 +53,50 @@ def test_activity_features_take_their_own_linear_path():
     with torch.no_grad():
         d = heads(moved, "returned_7d") - heads(x, "returned_7d")
     assert torch.allclose(d, d[0].expand(4), atol=1e-5) and float(d.abs().max()) > 0
+
+
+class _NoBackbone:
+    """Features come precomputed (`cached`); the model only needs the width and a train switch."""
+
+    dim = 128
+    trainable = False
+
+    def train(self, mode: bool = True) -> None:
+        pass
+
+
+def test_text_plus_activity_is_not_worse_than_activity_alone():
+    """Users' activity predicts the label, the 128 text features are noise: the served text+activity
+    head must keep the activity model's skill (it used to drown it in the text MLP's noise)."""
+    import numpy as np
+
+    from alignloop.rewards.config import HeadTrainSection
+    from alignloop.rewards.data import ACTIVITY_DIM, HeadData
+    from alignloop.rewards.metrics import auc
+    from alignloop.rewards.model import Features, RewardModel
+
+    rng = np.random.default_rng(0)
+
+    def data(n_users: int, offset: int) -> tuple[HeadData, Features, dict[str, np.ndarray]]:
+        users = np.array([f"u{offset + i}" for i in range(n_users)])
+        act = {u: rng.normal(size=ACTIVITY_DIM).astype(np.float32) for u in users}
+        uid = np.repeat(users, 10)
+        p = 1 / (1 + np.exp(-2.0 * np.stack([act[u] for u in uid])[:, 0]))
+        label = (rng.random(uid.size) < p).astype(np.float64)
+        d = HeadData("returned_7d", "train", uid, uid, uid, [[]] * uid.size, [""] * uid.size, label,
+                     np.zeros(uid.size, bool), np.ones(uid.size))
+        return d, Features(torch.from_numpy(rng.normal(size=(uid.size, 128)).astype(np.float32))), act
+
+    train, train_x, train_act = data(300, 0)
+    test, test_x, test_act = data(100, 1000)
+    cfg = HeadTrainSection(steps=200, eval_every=25, hidden=128, lr=5e-4, dropout=0.2, weight_decay=0.05)  # rm.toml's
+    scores = {}
+    for label, use_text in (("text+activity", True), ("activity only", False)):
+        m = RewardModel(_NoBackbone(), ["returned_7d"], cfg, activity=True, use_text=use_text)
+        m.fit({"returned_7d": train}, train_act, cached={"returned_7d": train_x})
+        from alignloop.rewards.data import activity_matrix
+
+        pred = m.predict(test_x.x, activity_matrix(test_act, test.user_id))["returned_7d"]
+        scores[label] = auc(test.label, pred)
+    assert scores["activity only"] > 0.7
+    assert scores["text+activity"] >= scores["activity only"] - 0.02

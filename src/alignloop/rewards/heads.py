@@ -10,9 +10,11 @@
                  time. A no-reply says "later than c", not "never" and not "0": dropping those rows
                  would teach the head that everyone replies, and imputing c would shrink the spread.
 
-User-activity features (when a model uses them beside the text) take their own linear path, added
-to the text head's output: two numbers next to ~400 text dimensions would otherwise be drowned in
-the MLP's noise (measured: text+activity heads trailed activity-only heads on retention labels).
+User-activity features (when a model uses them beside the text) take their own linear path, fitted
+first and to convergence (full batch, L-BFGS), then frozen; the text head, started at zero, learns
+the rest. Two numbers next to ~400 text dimensions would otherwise be drowned in the MLP's noise,
+and early stopping (which the text head needs within ~50 steps) would stop before the activity
+path learned anything (measured: text+activity heads trailed activity-only heads on retention).
 
 After training, binary and regression heads are *calibrated* on the held-out training users: a
 scale and shift of the raw output (Platt scaling for logits, least squares for regressions), scale
@@ -52,7 +54,14 @@ class Heads(nn.Module):
                                  nn.Linear(hidden, 1))
 
         self.heads = nn.ModuleDict({n: head() for n in names})
-        self.side = nn.ModuleDict({n: nn.Linear(side_dim, 1, bias=False) for n in names}) if side_dim else None
+        self.side = nn.ModuleDict({n: nn.Linear(side_dim, 1) for n in names}) if side_dim else None
+        if self.side is not None:
+            # The text head learns what the activity path leaves: it starts at zero, so "activity alone"
+            # is where training starts and what early stopping falls back to.
+            for h in self.heads.values():
+                last = h if isinstance(h, nn.Linear) else h[-1]
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
         self.register_buffer("calibration", torch.tensor([[1.0, 0.0]] * len(self.names)))  # scale, shift
         self.log_sigma = nn.Parameter(torch.zeros(()))  # time_to_next's spread on the log-seconds scale
         self.register_buffer("log_censor", torch.tensor(math.log(3600.0)))
@@ -72,6 +81,12 @@ class Heads(nn.Module):
             return self.heads[name](x).squeeze(-1)
         main, side = x[:, :-self.side_dim], x[:, -self.side_dim:]
         return (self.heads[name](main) + self.side[name](side)).squeeze(-1)
+
+    def side_output(self, feats: torch.Tensor, name: str) -> torch.Tensor:
+        """The activity path alone (features as given to forward)."""
+        assert self.side is not None
+        x = (feats[:, -self.side_dim:] - self.mean[-self.side_dim:]) / self.std[-self.side_dim:]
+        return self.side[name](x).squeeze(-1)
 
     def forward(self, feats: torch.Tensor, name: str) -> torch.Tensor:
         scale, shift = self.calibration[self.names.index(name)]

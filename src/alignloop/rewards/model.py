@@ -102,7 +102,10 @@ class RewardModel:
             sample = torch.cat([self._inputs(self.backbone.features(sets[n].contexts[:64], sets[n].responses[:64]).detach(),
                                              None if acts[n] is None else acts[n][:64]) for n in self.names])
         self.heads.set_standardizer(sample)
-        params = [{"params": self.heads.parameters(), "lr": cfg.lr}]
+        if self.heads.side is not None:
+            self._fit_side(sets, acts)
+        side_params = set() if self.heads.side is None else {id(q) for q in self.heads.side.parameters()}
+        params = [{"params": [q for q in self.heads.parameters() if id(q) not in side_params], "lr": cfg.lr}]
         if trainable:
             params.append({"params": self.backbone.parameters(), "lr": cfg.backbone_lr})
         opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
@@ -115,6 +118,8 @@ class RewardModel:
         task = progress.add_task(describe, total=cfg.steps, info="") if progress else None
         running: dict[str, float] = {}
         best: dict[str, tuple[float, int, dict[str, torch.Tensor]]] = {}
+        if val and self.heads.side is not None:  # step 0: the activity path alone is a candidate
+            best = {n: (v, 0, self._head_state(n)) for n, v in self._val_losses(val, activity).items()}
         for step in range(1, cfg.steps + 1):
             total = torch.zeros(())
             for n in self.names:
@@ -163,6 +168,29 @@ class RewardModel:
         self.backbone.train(False)
         self.calibration = self._calibrate(val, activity) if cfg.calibrate else {}
 
+    def _fit_side(self, sets: dict[str, HeadData], acts: dict[str, np.ndarray | None]) -> None:
+        """Each head's activity path, alone, to convergence on all its training rows (L-BFGS), then frozen."""
+        for n in self.names:
+            a = acts[n]
+            if n == "preference" or a is None or len(a) == 0:
+                continue  # both sides of a pair come from the same user: activity cannot tell them apart
+            d = sets[n]
+            x = torch.cat([torch.zeros(len(a), self.heads.mean.numel() - a.shape[1]), torch.from_numpy(a)], dim=1)
+            t = torch.as_tensor
+            label, censored, weight = t(d.label, dtype=torch.float32), t(d.censored), t(d.weight, dtype=torch.float32)
+            params = list(self.heads.side[n].parameters()) + ([self.heads.log_sigma] if n == "time_to_next" else [])
+            opt = torch.optim.LBFGS(params, lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                out = H.loss(self.heads, n, self.heads.side_output(x, n), label, censored, weight)
+                out.backward()
+                return out
+
+            opt.step(closure)
+            for q in self.heads.side[n].parameters():
+                q.grad = None
+
     @torch.no_grad()
     def _calibrate(self, val: dict[str, tuple[HeadData, Features | None]], activity: dict[str, np.ndarray] | None
                    ) -> dict[str, tuple[float, float]]:
@@ -201,6 +229,8 @@ class RewardModel:
 
     def _head_state(self, n: str) -> dict[str, torch.Tensor]:
         state = {k: v.detach().clone() for k, v in self.heads.heads[n].state_dict().items()}
+        if self.heads.side is not None:  # the activity path belongs to the head: kept from the same step
+            state.update({f"__side.{k}": v.detach().clone() for k, v in self.heads.side[n].state_dict().items()})
         if n == "time_to_next":
             state["__log_sigma"] = self.heads.log_sigma.detach().clone()
         return state
@@ -208,6 +238,9 @@ class RewardModel:
     def _load_head_state(self, n: str, state: dict[str, torch.Tensor]) -> None:
         state = dict(state)
         sigma = state.pop("__log_sigma", None)
+        side = {k.removeprefix("__side."): state.pop(k) for k in [k for k in state if k.startswith("__side.")]}
+        if side:
+            self.heads.side[n].load_state_dict(side)
         self.heads.heads[n].load_state_dict(state)
         if sigma is not None:
             with torch.no_grad():
