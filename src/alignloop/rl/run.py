@@ -263,7 +263,7 @@ def _accuracy_change(path: Path, final: dict[str, Any]) -> Any:
     from alignloop.rl.arithmetic import accuracy_change
 
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    first = next((r for r in records if r.get("step") == 0), None)
+    first = next((r for r in reversed(records) if r.get("step") == 0), None)  # the latest 'before
     if first is None or "per_task_correct" not in first or "per_task_correct" not in final:
         return None
     return accuracy_change(first["per_task_correct"], final["per_task_correct"])
