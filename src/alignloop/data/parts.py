@@ -95,9 +95,9 @@ def count_rows(folder: str | Path, name: str = "events") -> int:
 
 def repartition(src: str | Path, dst: str | Path, partitions: int, schemas: Mapping[str, pa.Schema] = LOG_SCHEMAS,
                 batch_rows: int = 1 << 20) -> dict[str, Any]:
-    """Stream the tables of folder `src` into scratch folders `dst/part-XXXXX/` by user (read them
-    with `read_scratch`); returns {"partitions",
-    "rows" per table, "observed_until": the last event or session end, as derived labels need it}."""
+    """Stream the tables of folder `src` into scratch folders `dst/part-00000/`, `part-00001/`, ...
+    by user (read them with `read_scratch`); returns {"partitions", "rows" per table,
+    "observed_until": the last event or session end, as derived labels need it}."""
     src, dst = Path(src), Path(dst)
     files = _files(src, schemas)
     convs = pl.concat([pl.from_arrow(t.select(["conversation_id", "user_id"]))

@@ -71,23 +71,28 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], micro_bat
     return table
 
 
-def correct(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per pair: 1 if the implicit reward prefers the chosen side, 0 if the rejected, 0.5 on a tie."""
-    ratio = policy - reference
-    margin = ratio[:, 0] - ratio[:, 1]
+def _wins(margin: torch.Tensor) -> torch.Tensor:
+    """Per pair: 1 where the chosen side wins, 0 where the rejected does, 0.5 on a tie."""
     return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
+def correct(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per pair: does the implicit reward (policy vs reference log-probs) prefer the chosen side."""
+    ratio = policy - reference
+    return _wins(ratio[:, 0] - ratio[:, 1])
+
+
+def prefers_chosen(policy: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Per pair: does the model itself give the chosen side the higher mean log-prob per token."""
+    per_token = policy / lengths.clamp(min=1)
+    return _wins(per_token[:, 0] - per_token[:, 1])
 
 
 def accuracy(policy: torch.Tensor, reference: torch.Tensor | None, lengths: torch.Tensor) -> PairAccuracy:
     """Pair accuracy of `policy` log-probs ([P, 2]) against `reference` ([P, 2]; None: only logp_accuracy)."""
-
-    def share(margin: torch.Tensor) -> float:
-        return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
-
-    per_token = policy / lengths.clamp(min=1)
-    own = share(per_token[:, 0] - per_token[:, 1])
+    own = float(prefers_chosen(policy, lengths).mean())
     if reference is None:
         return PairAccuracy(None, None, own, policy.shape[0])
     ratio = policy - reference
     margin = ratio[:, 0] - ratio[:, 1]
-    return PairAccuracy(share(margin), float(margin.mean()), own, policy.shape[0])
+    return PairAccuracy(float(correct(policy, reference).mean()), float(margin.mean()), own, policy.shape[0])

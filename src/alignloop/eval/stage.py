@@ -167,7 +167,7 @@ def _write_scored(stage: Stage, label: str, texts: list[str], prompts: HeldoutPr
 def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
     import torch
 
-    from alignloop.eval.pairs import accuracy, correct, pair_lengths, pair_logps
+    from alignloop.eval.pairs import accuracy, correct, pair_lengths, pair_logps, prefers_chosen
     from alignloop.models import load_model, load_tokenizer
     from alignloop.train.cache import load_or_compute
     from alignloop.train.dpo_data import (
@@ -212,12 +212,10 @@ def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
             stage.path(f"pair_logps/{label}.safetensors"), fingerprint, compute, f"{label} pair log-probs")["logps"]
     ref = logps["reference"]
     models = {label: accuracy(lp, ref, lengths).as_dict() for label, lp in logps.items() if label != "reference"}
-    per_token = {label: lp / lengths.clamp(min=1) for label, lp in logps.items()}
     for label, m in models.items():
         ci = mean_ci(correct(logps[label], ref).numpy())
         m["accuracy_lo"], m["accuracy_hi"] = ci.lo, ci.hi
-        own = per_token[label]
-        ci = mean_ci(((own[:, 0] > own[:, 1]).float() + 0.5 * (own[:, 0] == own[:, 1]).float()).numpy())
+        ci = mean_ci(prefers_chosen(logps[label], lengths).numpy())
         m["logp_accuracy_lo"], m["logp_accuracy_hi"] = ci.lo, ci.hi
 
     def from_start(label: str) -> np.ndarray:

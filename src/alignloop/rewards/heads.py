@@ -26,6 +26,7 @@ the mean instead of doing worse than it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,16 +77,16 @@ class Heads(nn.Module):
             self.std.copy_(torch.where(std > 1e-4, std, torch.full_like(std, float("inf"))))
 
     def raw(self, feats: torch.Tensor, name: str) -> torch.Tensor:
-        x = (feats - self.mean) / self.std
+        """The head's output before calibration."""
         if self.side is None:
-            return self.heads[name](x).squeeze(-1)
-        main, side = x[:, :-self.side_dim], x[:, -self.side_dim:]
-        return (self.heads[name](main) + self.side[name](side)).squeeze(-1)
+            return self.heads[name]((feats - self.mean) / self.std).squeeze(-1)
+        main = (feats[:, :-self.side_dim] - self.mean[:-self.side_dim]) / self.std[:-self.side_dim]
+        return self.heads[name](main).squeeze(-1) + self.side_output(feats[:, -self.side_dim:], name)
 
-    def side_output(self, feats: torch.Tensor, name: str) -> torch.Tensor:
-        """The activity path alone (features as given to forward)."""
+    def side_output(self, activity: torch.Tensor, name: str) -> torch.Tensor:
+        """The activity path alone, on the activity columns only."""
         assert self.side is not None
-        x = (feats[:, -self.side_dim:] - self.mean[-self.side_dim:]) / self.std[-self.side_dim:]
+        x = (activity - self.mean[-self.side_dim:]) / self.std[-self.side_dim:]
         return self.side[name](x).squeeze(-1)
 
     def forward(self, feats: torch.Tensor, name: str) -> torch.Tensor:
@@ -99,16 +100,9 @@ class Heads(nn.Module):
         x, y = raw.double(), target(name, label).double()
         if name in BINARY:
             ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.LBFGS([ab], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-
-            def closure() -> torch.Tensor:
-                opt.zero_grad()
-                nll = (F.binary_cross_entropy_with_logits(ab[0] * x + ab[1], y, reduction="none") * w).sum()
-                nll.backward()
-                return nll
-
             with torch.enable_grad():
-                opt.step(closure)
+                minimize([ab], lambda: (F.binary_cross_entropy_with_logits(ab[0] * x + ab[1], y, reduction="none")
+                                        * w).sum(), max_iter=100)
             scale, shift = float(ab[0].detach()), float(ab[1].detach())
         else:
             mx, my = (w * x).sum(), (w * y).sum()
@@ -123,6 +117,21 @@ class Heads(nn.Module):
             shift = math.log(max(p, 1e-6) / max(1 - p, 1e-6)) if name in BINARY else p
         self.calibration[self.names.index(name)] = torch.tensor([scale, shift])
         return scale, shift
+
+
+def minimize(params: list[torch.Tensor], objective: Callable[[], torch.Tensor], max_iter: int) -> None:
+    """Full-batch L-BFGS on a small convex fit (a few parameters, every row at once)."""
+    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        value = objective()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    for q in params:
+        q.grad = None
 
 
 def target(name: str, label: torch.Tensor) -> torch.Tensor:

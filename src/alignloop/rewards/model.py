@@ -104,8 +104,7 @@ class RewardModel:
         self.heads.set_standardizer(sample)
         if self.heads.side is not None:
             self._fit_side(sets, acts)
-        side_params = set() if self.heads.side is None else {id(q) for q in self.heads.side.parameters()}
-        params = [{"params": [q for q in self.heads.parameters() if id(q) not in side_params], "lr": cfg.lr}]
+        params = [{"params": [q for q in self.heads.parameters() if q.requires_grad], "lr": cfg.lr}]
         if trainable:
             params.append({"params": self.backbone.parameters(), "lr": cfg.backbone_lr})
         opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
@@ -174,22 +173,12 @@ class RewardModel:
             a = acts[n]
             if n == "preference" or a is None or len(a) == 0:
                 continue  # both sides of a pair come from the same user: activity cannot tell them apart
-            d = sets[n]
-            x = torch.cat([torch.zeros(len(a), self.heads.mean.numel() - a.shape[1]), torch.from_numpy(a)], dim=1)
-            t = torch.as_tensor
+            d, x, t = sets[n], torch.from_numpy(a), torch.as_tensor
             label, censored, weight = t(d.label, dtype=torch.float32), t(d.censored), t(d.weight, dtype=torch.float32)
             params = list(self.heads.side[n].parameters()) + ([self.heads.log_sigma] if n == "time_to_next" else [])
-            opt = torch.optim.LBFGS(params, lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
-
-            def closure() -> torch.Tensor:
-                opt.zero_grad()
-                out = H.loss(self.heads, n, self.heads.side_output(x, n), label, censored, weight)
-                out.backward()
-                return out
-
-            opt.step(closure)
-            for q in self.heads.side[n].parameters():
-                q.grad = None
+            H.minimize(params, lambda: H.loss(self.heads, n, self.heads.side_output(x, n), label, censored, weight),
+                       max_iter=200)
+        self.heads.side.requires_grad_(False)
 
     @torch.no_grad()
     def _calibrate(self, val: dict[str, tuple[HeadData, Features | None]], activity: dict[str, np.ndarray] | None
@@ -199,14 +188,19 @@ class RewardModel:
         for n, (d, f) in val.items():
             if n not in H.CALIBRATED or len(d) < 20 or (n in H.BINARY and len(np.unique(d.label)) < 2):
                 continue
-            if f is None:
-                d = take(d, np.arange(min(len(d), 256)))
-                f = self.features(d)
-            a = activity_matrix(activity or {}, d.user_id) if self.activity else None
+            d, f, a = self._held_out(d, f, activity)
             raw = self.heads.raw(self._inputs(f.x, a), n)
             t = torch.as_tensor
             fitted[n] = self.heads.calibrate(n, raw, t(d.label, dtype=torch.float32), t(d.weight, dtype=torch.float32))
         return fitted
+
+    def _held_out(self, d: HeadData, f: Features | None, activity: dict[str, np.ndarray] | None
+                  ) -> tuple[HeadData, Features, np.ndarray | None]:
+        """A held-out set's rows, features and activity; a trainable backbone embeds (at most 256) now."""
+        if f is None:
+            d = take(d, np.arange(min(len(d), 256)))
+            f = self.features(d)
+        return d, f, activity_matrix(activity or {}, d.user_id) if self.activity else None
 
     @torch.no_grad()
     def _val_losses(self, val: dict[str, tuple[HeadData, Features | None]], activity: dict[str, np.ndarray] | None
@@ -215,10 +209,7 @@ class RewardModel:
         self.heads.eval()
         out = {}
         for n, (d, f) in val.items():
-            if f is None:  # a trainable backbone: features of (at most 256) held-out rows, now
-                d = take(d, np.arange(min(len(d), 256)))
-                f = self.features(d)
-            a = activity_matrix(activity or {}, d.user_id) if self.activity else None
+            d, f, a = self._held_out(d, f, activity)
             o = self.heads(self._inputs(f.x, a), n)
             o_r = None if f.x_rejected is None else self.heads(self._inputs(f.x_rejected, a), n)
             t = torch.as_tensor

@@ -73,11 +73,8 @@ def last_number(text: str) -> int | float | None:
     found = _NUMBER.findall(text)
     if not found:
         return None
-    value = found[-1].replace(",", "").rstrip(",")
-    try:
-        return int(value) if "." not in value else float(value)
-    except ValueError:
-        return None
+    value = found[-1].replace(",", "")
+    return float(value) if "." in value else int(value)
 
 
 def score(text: str, answer: int, correct_reward: float = 1.0, format_reward: float = 0.1,
@@ -85,10 +82,10 @@ def score(text: str, answer: int, correct_reward: float = 1.0, format_reward: fl
     """(reward, correct, well_formatted) for one reply."""
     strict = parse_answer(text, strict=True)
     formatted = strict is not None
-    if answer_from == "last_number":
-        got = strict if formatted else last_number(text)
+    if formatted:
+        got = strict
     else:
-        got = strict if formatted else parse_answer(text, strict=False)
+        got = last_number(text) if answer_from == "last_number" else parse_answer(text, strict=False)
     correct = got == answer
     return correct_reward * correct + format_reward * formatted, correct, formatted
 

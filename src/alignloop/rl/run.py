@@ -85,19 +85,25 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     return out
 
 
-def evaluate(env: Environment, inference: Inference, tokenizer: Any, recipe: RLRecipe) -> dict[str, float]:
-    """Greedy answers to the held-out tasks; the env's metrics (e.g. correct, formatted) averaged."""
+def evaluate(env: Environment, inference: Inference, tokenizer: Any, recipe: RLRecipe
+             ) -> tuple[dict[str, float], list[float] | None]:
+    """Greedy answers to the held-out tasks: the env's metrics (e.g. correct, formatted) averaged,
+    and each task's correctness (for the paired before/after test; None if the env has none)."""
     n = recipe.env.eval_tasks
     if n == 0 or env.name != "arithmetic":
-        return {}
+        return {}, None
     tasks = env.sample_tasks(n, seed=EVAL_SEED)
     greedy = SamplingParams(temperature=0.0, max_tokens=recipe.sampling.max_tokens)
     r = play(env, inference, tokenizer, tasks, 1, greedy, seed=EVAL_SEED, max_context=recipe.rl.max_context)
-    out: dict[str, Any] = {"eval_reward": float(np.mean([t.reward for t in r.trajectories])),
-                           **{f"eval_{k}": v for k, v in r.info.items()}}
-    if all("correct" in t.info for t in r.trajectories):
-        out["per_task_correct"] = [float(t.info["correct"]) for t in r.trajectories]  # for the paired test
-    return out
+    metrics = {"eval_reward": float(np.mean([t.reward for t in r.trajectories])),
+               **{f"eval_{k}": v for k, v in r.info.items()}}
+    per_task = ([float(t.info["correct"]) for t in r.trajectories]
+                if all("correct" in t.info for t in r.trajectories) else None)
+    return metrics, per_task
+
+
+def _eval_record(step: int, metrics: dict[str, float], per_task: list[float] | None) -> dict[str, Any]:
+    return {"step": step, **metrics, **({"per_task_correct": per_task} if per_task is not None else {})}
 
 
 def _append(path: Path, record: dict) -> None:
@@ -165,9 +171,9 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
     if watch is not None and start:
         watch.reload(stage.path("metrics.jsonl"))
 
-    if start == 0 and (first := evaluate(env, inference, tokenizer, recipe)):
-        _append(stage.path(EVAL), {"step": 0, **first})
-        say(f"{stage_name}: before training " + _fmt(first))
+    if start == 0 and (first := evaluate(env, inference, tokenizer, recipe))[0]:
+        _append(stage.path(EVAL), _eval_record(0, *first))
+        say(f"{stage_name}: before training " + _fmt(first[0]))
 
     params = sampling_params(recipe)
 
@@ -218,26 +224,28 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
                                                          **({"safety_lambda": dual.value} if dual is not None else {})},
                                             cfg.keep_checkpoints)
                 if (producer is None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
-                        and (ev := evaluate(env, inference, tokenizer, recipe))):
-                    _append(stage.path(EVAL), {"step": step, **ev})
-                    metrics.update({k: v for k, v in ev.items() if k != "per_task_correct"})
+                        and (ev := evaluate(env, inference, tokenizer, recipe))[0]):
+                    _append(stage.path(EVAL), _eval_record(step, *ev))
+                    metrics.update(ev[0])
                 last = metrics
                 bar.update(task, completed=step, info=f"reward {metrics['reward']:.3f} · {metrics['step_s']:.1f} s/step")
     finally:
         if producer is not None:
             producer.close()
 
-    final = evaluate(env, inference, tokenizer, recipe)
+    final, per_task = evaluate(env, inference, tokenizer, recipe)
     change = None
     if final:
         trim_jsonl(stage.path(EVAL), cfg.steps - 1)  # resumed at the last step: its final eval is redone
-        _append(stage.path(EVAL), {"step": cfg.steps, **final})
+        before = _before(stage.path(EVAL))
+        _append(stage.path(EVAL), _eval_record(cfg.steps, final, per_task))
         say(f"{stage_name}: after {cfg.steps} steps " + _fmt(final))
-        change = _accuracy_change(stage.path(EVAL), final)
-        if change is not None:
+        if before is not None and per_task is not None:
+            from alignloop.rl.arithmetic import accuracy_change
+
+            change = accuracy_change(before, per_task)
             say(f"{stage_name}: " + change.line())
             atomic_write_text(stage.path(ACCURACY), json.dumps(asdict(change), indent=2) + "\n")
-    final = {k: v for k, v in final.items() if k != "per_task_correct"}
     verdict = watch.verdict() if watch is not None else None
     if verdict is not None:
         atomic_write_text(stage.path(HACKING), json.dumps(verdict, indent=2) + "\n")
@@ -254,16 +262,14 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False, env: E
     return stage
 
 
-def _fmt(ev: dict[str, Any]) -> str:
-    return ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in ev.items() if isinstance(v, float))
+def _fmt(ev: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in ev.items())
 
 
-def _accuracy_change(path: Path, final: dict[str, Any]) -> Any:
-    """Before (step 0 of eval.jsonl, possibly from before a resume) vs after, on the same problems."""
-    from alignloop.rl.arithmetic import accuracy_change
-
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    first = next((r for r in reversed(records) if r.get("step") == 0), None)  # the latest 'before
-    if first is None or "per_task_correct" not in first or "per_task_correct" not in final:
+def _before(path: Path) -> list[float] | None:
+    """Per-task correctness before training (the latest step-0 eval; it may predate a resume)."""
+    if not path.exists():
         return None
-    return accuracy_change(first["per_task_correct"], final["per_task_correct"])
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    first = next((r for r in reversed(records) if r.get("step") == 0), None)
+    return None if first is None else first.get("per_task_correct")
