@@ -168,11 +168,8 @@ def test_context_window_and_sources(filtered):
 
 
 def test_stages_simulate_filter_build(tmp_path):
-    from alignloop.data.cli_pipeline import (
-        LogsRecipe,
-        run_build_stage,
-        run_filter_stage,
-    )
+    from alignloop.data.config import LogsRecipe
+    from alignloop.data.stage import run_build_stage, run_filter_stage
     from alignloop.recipes import load_recipe
     from alignloop.sim.config import SimulateRecipe
     from alignloop.sim.stage import run_simulate
@@ -200,7 +197,7 @@ def test_commands_register_with_typer():
     import typer
     from typer.testing import CliRunner
 
-    from alignloop.data.cli_pipeline import build_command, filter_command
+    from alignloop.cli.logs import build as build_command, filter_ as filter_command
 
     app = typer.Typer()
     app.command("filter")(filter_command)

@@ -17,6 +17,7 @@ from alignloop.chat.families import (
     get_family,
     matching_families,
 )
+from tool_schemas import function_tool
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "conformance" / "chat_templates"
 TEMPLATES = CORPUS / "templates"
@@ -101,20 +102,8 @@ def _render(template: str, messages: list[dict], *, tools=None, add_generation_p
     return out[0]
 
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather for a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string", "description": "City name"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [function_tool("get_weather", "Weather for a city",
+                       {"city": {"type": "string", "description": "City name"}}, ["city"])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,26 +276,27 @@ def _conversation(fam: Family, *extra: dict) -> list[dict]:
     return conv
 
 
-@needs_corpus
-@pytest.mark.parametrize("stem", _stems())
-def test_generation_prompt_ends_with_header_and_prefill(stem):
+def _render_stem(stem: str, *extra: dict, **kw) -> tuple[Family, str]:
+    """The corpus template of `stem` rendered on `_conversation(fam, *extra)` with its family's tools and tokens."""
     fam = get_family(EXPECTED[stem])
     meta = _index()[stem]
     tools = TOOLS if fam.requires_tools else None
-    prompt = _render(
-        _source(stem), _conversation(fam), tools=tools, add_generation_prompt=True, bos=meta["bos_token"], eos=meta["eos_token"]
-    )
+    return fam, _render(_source(stem), _conversation(fam, *extra), tools=tools, bos=meta["bos_token"],
+                        eos=meta["eos_token"], **kw)
+
+
+@needs_corpus
+@pytest.mark.parametrize("stem", _stems())
+def test_generation_prompt_ends_with_header_and_prefill(stem):
+    fam, prompt = _render_stem(stem, add_generation_prompt=True)
     assert prompt.endswith(fam.assistant_headers[0] + fam.generation_prefill)
 
 
 @needs_corpus
 @pytest.mark.parametrize("stem", _stems())
 def test_assistant_turn_is_closed_by_end_of_turn(stem):
-    fam = get_family(EXPECTED[stem])
     meta = _index()[stem]
-    tools = TOOLS if fam.requires_tools else None
-    conv = _conversation(fam, {"role": "assistant", "content": "Answer-XYZ"}, {"role": "user", "content": "More?"})
-    text = _render(_source(stem), conv, tools=tools, bos=meta["bos_token"], eos=meta["eos_token"])
+    fam, text = _render_stem(stem, {"role": "assistant", "content": "Answer-XYZ"}, {"role": "user", "content": "More?"})
     after = text[text.index("Answer-XYZ") + len("Answer-XYZ") :].lstrip(" ")
     assert after.startswith(fam.end_of_turn), after[:40]
     before = text[: text.index("Answer-XYZ")]

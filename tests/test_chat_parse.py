@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from alignloop.chat.families import FAMILIES, Family, detect_family, get_family
 from alignloop.chat.parse import StreamParser, coerce_arguments, parse_assistant, tool_schemas
+from tool_schemas import function_tool
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "conformance" / "chat_templates"
 TEMPLATES = CORPUS / "templates"
@@ -83,51 +84,32 @@ STEMS = sorted(TEMPLATE_INFO)
 # --------------------------------------------------------------------------------------------------
 
 TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather for a city",
-            "parameters": {
+    function_tool(
+        "get_weather",
+        "Weather for a city",
+        {
+            "city": {"type": "string", "description": "City name"},
+            "days": {"type": "integer", "description": "How many days"},
+            "metric": {"type": "boolean", "description": "Metric units"},
+        },
+        ["city"],
+    ),
+    function_tool(
+        "set_alarm",
+        "Set an alarm",
+        {
+            "hour": {"type": "number", "description": "Hour of day"},
+            "labels": {"type": "array", "items": {"type": "string"}, "description": "Labels"},
+            "options": {
                 "type": "object",
-                "properties": {
-                    "city": {"type": "string", "description": "City name"},
-                    "days": {"type": "integer", "description": "How many days"},
-                    "metric": {"type": "boolean", "description": "Metric units"},
-                },
-                "required": ["city"],
+                "properties": {"repeat": {"type": "integer"}, "note": {"type": "string"}},
+                "additionalProperties": {"type": "string"},
+                "description": "Options",
             },
         },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "set_alarm",
-            "description": "Set an alarm",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "hour": {"type": "number", "description": "Hour of day"},
-                    "labels": {"type": "array", "items": {"type": "string"}, "description": "Labels"},
-                    "options": {
-                        "type": "object",
-                        "properties": {"repeat": {"type": "integer"}, "note": {"type": "string"}},
-                        "additionalProperties": {"type": "string"},
-                        "description": "Options",
-                    },
-                },
-                "required": ["hour"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "ping",
-            "description": "No arguments",
-            "parameters": {"type": "object", "properties": {}},
-        },
-    },
+        ["hour"],
+    ),
+    function_tool("ping", "No arguments", {}),
 ]
 
 # letters, digits, punctuation incl. brackets that start control strings, unicode, newlines and tabs
@@ -186,6 +168,11 @@ def assistant_messages(draw, fam: Family) -> dict:
         content = None
     if calls and fam.tool_calls.style == "harmony" and reasoning and content:
         content = None  # gpt-oss rejects content and thinking together next to a call
+    return _assistant(content, reasoning, calls)
+
+
+def _assistant(content, reasoning, calls: list) -> dict:
+    """An assistant message, with `reasoning_content` and `tool_calls` only where they are not empty."""
     msg: dict = {"role": "assistant", "content": content}
     if reasoning:
         msg["reasoning_content"] = reasoning
@@ -241,12 +228,7 @@ def expected_round_trip(m: dict, fam: Family) -> dict:
     else:
         calls = []
         content = content or ""
-    out: dict = {"role": "assistant", "content": content}
-    if reasoning:
-        out["reasoning_content"] = reasoning
-    if calls:
-        out["tool_calls"] = calls
-    return out
+    return _assistant(content, reasoning, calls)
 
 
 def _conversation(fam: Family, with_system: bool) -> list[dict]:
@@ -254,6 +236,12 @@ def _conversation(fam: Family, with_system: bool) -> list[dict]:
     if with_system and fam.system != "unsupported":  # ("ignored" systems are rendered as nothing)
         conv.insert(0, {"role": "system", "content": "You are terse."})
     return conv
+
+
+def draw_message(data, stem: str) -> tuple[Family, dict]:
+    """The family of the corpus template `stem` and an assistant message drawn for it."""
+    _, fam, _ = TEMPLATE_INFO[stem]
+    return fam, data.draw(assistant_messages(fam), label="message")
 
 
 def rendered_final_turn(stem: str, m: dict, with_system: bool = True) -> tuple[str, str]:
@@ -287,8 +275,7 @@ def rendered_final_turn(stem: str, m: dict, with_system: bool = True) -> tuple[s
 @SETTINGS
 @given(data=st.data())
 def test_round_trip_through_template(stem, data):
-    _, fam, _ = TEMPLATE_INFO[stem]
-    m = data.draw(assistant_messages(fam), label="message")
+    fam, m = draw_message(data, stem)
     with_system = data.draw(st.booleans(), label="system")
     text, prefix = rendered_final_turn(stem, m, with_system)
     got = parse_assistant(text, fam, tools=TOOLS, prefix=prefix)
@@ -358,8 +345,7 @@ def _check_stream(fam: Family, text: str, prefix: str, pieces: list[str], tools=
 @SETTINGS
 @given(data=st.data())
 def test_streaming_matches_and_never_leaks(stem, data):
-    _, fam, _ = TEMPLATE_INFO[stem]
-    m = data.draw(assistant_messages(fam), label="message")
+    fam, m = draw_message(data, stem)
     text, prefix = rendered_final_turn(stem, m)
     cuts = data.draw(st.lists(st.integers(0, max(len(text), 1)), max_size=12), label="cuts")
     _check_stream(fam, text, prefix, _chunks(text, cuts))

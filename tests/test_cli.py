@@ -89,14 +89,19 @@ def test_main_prints_one_line_and_exits_2(monkeypatch, capsys):
     assert err.startswith("error: unknown model 'nope-model'") and len(err.strip().splitlines()) == 1
 
 
-def test_generate_writes_a_run_folder_quarantines_and_skips(tmp_path):
-    runs = tmp_path / "runs"
-    path = write_recipe(tmp_path, GOOD.format(dir=runs), prompts=PROMPTS)
+def generate(tmp_path, prompts: str):
+    """`alignloop --quiet generate` of GOOD on `prompts`: (recipe, stage folder, completions, quarantined)."""
+    path = write_recipe(tmp_path, GOOD.format(dir=tmp_path / "runs"), prompts=prompts)
     code, out = invoke("--quiet", "generate", str(path))
     assert code == 0, out
-    stage = runs / "t" / "generate"
+    stage = tmp_path / "runs" / "t" / "generate"
     rows = [json.loads(x) for x in (stage / "completions.jsonl").read_text().splitlines()]
     bad = [json.loads(x) for x in (stage / "quarantine.jsonl").read_text().splitlines()]
+    return path, stage, rows, bad
+
+
+def test_generate_writes_a_run_folder_quarantines_and_skips(tmp_path):
+    path, stage, rows, bad = generate(tmp_path, PROMPTS)
     assert [r["id"] for r in rows] == ["a", "b", "c", "d"]
     assert [b["line"] for b in bad] == [2, 4] and "not JSON" in bad[0]["reason"]
     assert all(1 <= len(r["token_ids"]) <= 4 and len(r["logprobs"]) == len(r["token_ids"]) for r in rows)
@@ -114,7 +119,8 @@ def test_generate_writes_a_run_folder_quarantines_and_skips(tmp_path):
 
 
 def test_generate_resumes_from_a_partial_file(tmp_path):
-    from alignloop.engine.generate_stage import GenerateRecipe, run_generate
+    from alignloop.engine.config import GenerateRecipe
+    from alignloop.engine.stage import run_generate
     from alignloop.recipes import load_recipe
     from alignloop.runs import config_hash
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from alignloop.chat.cli_template import template_app
+from alignloop.cli.template import app as template_app
 from alignloop.chat.render import render
 from alignloop.errors import AlignloopError
 

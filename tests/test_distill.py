@@ -62,7 +62,8 @@ def test_mismatched_tokenizers_are_refused_in_one_line(tmp_path, tiny):
     import copy
 
     from alignloop.recipes import load_recipe
-    from alignloop.train.distill import DistillRecipe, run_distill
+    from alignloop.train.config import DistillRecipe
+    from alignloop.train.stage import run_distill
 
     model, tokenizer = tiny
     other = copy.deepcopy(tokenizer)
@@ -83,7 +84,9 @@ def test_mismatched_tokenizers_are_refused_in_one_line(tmp_path, tiny):
 def test_logit_distillation_lowers_kl_to_a_peaked_teacher(tmp_path, monkeypatch):
     from alignloop.models import load_model
     from alignloop.recipes import load_recipe
-    from alignloop.train.distill import TOPK_FILE, DistillRecipe, run_distill
+    from alignloop.train.config import DistillRecipe
+    from alignloop.train.distill import TOPK_FILE
+    from alignloop.train.stage import run_distill
 
     # (A Llama teacher: a saved qwen2 folder reloads with transformers' Qwen2 pre-tokenizer, which
     # splits "\r\n" differently from SmolLM2's, and the tokenizer check rightly refuses it.)
@@ -115,13 +118,10 @@ def test_logit_distillation_lowers_kl_to_a_peaked_teacher(tmp_path, monkeypatch)
 def test_sequence_level_makes_an_sft_dataset_from_engine_answers(tmp_path, tiny):
     from alignloop.engine.engine import Engine
     from alignloop.recipes import load_recipe
-    from alignloop.sections import SamplingSection
-    from alignloop.train.distill import (
-        GENERATIONS,
-        DistillRecipe,
-        run_distill,
-        teacher_generations,
-    )
+    from alignloop.engine.config import SamplingSection
+    from alignloop.train.config import DistillRecipe
+    from alignloop.train.distill import GENERATIONS, teacher_generations
+    from alignloop.train.stage import run_distill
     from alignloop.train.sft_data import Conversation, read_conversations, tokenize
 
     model, tokenizer = tiny
@@ -160,7 +160,8 @@ def test_sequence_level_makes_an_sft_dataset_from_engine_answers(tmp_path, tiny)
 def test_bad_input_is_a_clear_error_or_a_counted_skip(tmp_path):
     """Empty data, rows without an answer to distil on, rows longer than max_seq_len, a context overrun."""
     from alignloop.recipes import load_recipe
-    from alignloop.train.distill import DistillRecipe, run_distill
+    from alignloop.train.config import DistillRecipe
+    from alignloop.train.stage import run_distill
 
     def write(name, rows):
         path = tmp_path / name

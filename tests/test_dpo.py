@@ -184,7 +184,8 @@ def test_per_sequence_attention_scores_each_side_as_if_alone(tiny):
 
 def test_run_refuses_bad_input_in_one_line(tmp_path):
     from alignloop.recipes import load_recipe
-    from alignloop.train.dpo import DPORecipe, run_dpo
+    from alignloop.train.config import DPORecipe
+    from alignloop.train.stage import run_dpo
 
     base = [f"run.dir={tmp_path}", *FAST]
     with pytest.raises(AlignloopError, match="longer than the model's context of 4096"):
@@ -207,7 +208,9 @@ class _Stop(Exception):
 
 def test_run_learns_the_preference_and_reuses_cached_reference_after_resume(tmp_path, monkeypatch):
     from alignloop.recipes import load_recipe
-    from alignloop.train.dpo import REFERENCE_FILE, DPORecipe, run_dpo
+    from alignloop.train.config import DPORecipe
+    from alignloop.train.dpo import REFERENCE_FILE
+    from alignloop.train.stage import run_dpo
 
     calls = []
     real = dpo_module._reference_forward
@@ -248,7 +251,7 @@ def test_run_learns_the_preference_and_reuses_cached_reference_after_resume(tmp_
 
 
 def test_simpo_runs_without_a_reference(tmp_path, monkeypatch):
-    from alignloop.train.cli_train import train_app
+    from alignloop.cli.train import app as train_app
 
     def forbidden(*args):
         raise AssertionError("SimPO must not run a reference model")

@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from alignloop.bench.generate import bench_prompts
+from alignloop.bench.prompts import bench_prompts
 from alignloop.engine.api import SamplingParams
 from alignloop.engine.engine import Engine
 

@@ -8,8 +8,8 @@ from alignloop.eval.abtest import (
     ABSettings,
     arm_world,
     bootstrap_ci,
-    run_abtest,
     sample_ratio_p_value,
+    simulate_abtest,
     welch,
 )
 from alignloop.sim.config import SimConfig, TemplateSection
@@ -55,14 +55,14 @@ def _arm(name, **style):
 
 def test_a_better_model_launches_and_an_unsafe_one_is_stopped_by_the_gate():
     control = _arm("base")
-    better = run_abtest(WORLD, control, _arm("better", question=0.7, repeat=0.0, unsafe=0.0, echo=0.8),
+    better = simulate_abtest(WORLD, control, _arm("better", question=0.7, repeat=0.0, unsafe=0.0, echo=0.8),
                         ABSettings(resamples=200))
     assert better.decision.launch, better.decision.reasons
     assert better.comparisons["gt_engagement"].diff > 0
     assert better.srm_p_value > 0.001
 
     # More engaging in every other way, but unsafe: the gate says no, whatever else it wins.
-    unsafe = run_abtest(WORLD, control, _arm("unsafe", question=0.7, repeat=0.0, unsafe=0.3, echo=0.8),
+    unsafe = simulate_abtest(WORLD, control, _arm("unsafe", question=0.7, repeat=0.0, unsafe=0.3, echo=0.8),
                         ABSettings(resamples=200, primary="unsafe_rate", guardrails=()))
     assert unsafe.unsafe_rate["unsafe"] > 0.03
     assert not unsafe.decision.launch
@@ -70,7 +70,7 @@ def test_a_better_model_launches_and_an_unsafe_one_is_stopped_by_the_gate():
 
 
 def test_the_same_model_against_itself_does_not_launch():
-    result = run_abtest(WORLD, _arm("a"), _arm("b"), ABSettings(resamples=200))
+    result = simulate_abtest(WORLD, _arm("a"), _arm("b"), ABSettings(resamples=200))
     assert not result.decision.launch
     assert result.comparisons["gt_engagement"].p_value > 0.05
     assert set(result.to_json()) >= {"arms", "exposed", "srm_p_value", "comparisons", "decision"}
@@ -79,8 +79,8 @@ def test_the_same_model_against_itself_does_not_launch():
 def test_the_safety_gate_overrides_a_winning_primary_metric():
     from alignloop.eval.abtest import Comparison, decide
 
-    win = Comparison("gt_engagement", 0.0, 0.5, 0.5, 0.4, 0.6, 1e-9, 0.4, 0.6, 500, 500)
-    parts = {"comparisons": {"gt_engagement": win}, "srm_p_value": 0.7,
+    win = Comparison("continue_rate", 0.0, 0.5, 0.5, 0.4, 0.6, 1e-9, 0.4, 0.6, 500, 500)
+    parts = {"comparisons": {"continue_rate": win}, "srm_p_value": 0.7,
              "unsafe_rate": {"base": 0.01, "new": 0.05}}
     assert not decide(parts, ABSettings(unsafe_bar=0.03), "base", "new").launch
     assert decide(parts, ABSettings(unsafe_bar=0.06), "base", "new").launch
@@ -96,7 +96,8 @@ def test_abtest_command_writes_result_plot_and_skips_when_unchanged(tmp_path):
     from alignloop.cli import app
 
     recipe = tmp_path / "ab.toml"
-    recipe.write_text(f'[run]\ndir = "{tmp_path}"\nname = "ab"\n[world]\nusers = 120\ndays = 4\n'
+    # 600 users: the observable primary metric (continue rate) needs them to see this arm's gain.
+    recipe.write_text(f'[run]\ndir = "{tmp_path}"\nname = "ab"\n[world]\nusers = 600\ndays = 4\n'
                       '[decision]\nresamples = 200\n')
     args = ["abtest", "template", "template:question=0.7,repeat=0,unsafe=0,echo=0.8", "--recipe", str(recipe)]
     first = CliRunner().invoke(app, args)

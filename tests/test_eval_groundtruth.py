@@ -91,7 +91,7 @@ def test_heldout_users_are_disjoint_from_training_users(tmp_path, small_world):
 
 
 def test_eval_recipe_validates(tmp_path):
-    from alignloop.eval.stage import GroundTruthRecipe
+    from alignloop.eval.config import GroundTruthRecipe
     from alignloop.recipes import load_recipe
 
     pairs = tmp_path / "pairs.jsonl"
@@ -137,8 +137,9 @@ def _pairs_file(path: Path, users: list[str]) -> Path:
 
 
 def test_groundtruth_stage_on_tiny_models(tmp_path, capsys):
-    from alignloop.eval.stage import GroundTruthRecipe, run_groundtruth
-    from alignloop.sections import SamplingSection
+    from alignloop.eval.config import GroundTruthRecipe
+    from alignloop.eval.stage import run_groundtruth
+    from alignloop.engine.config import SamplingSection
 
     pairs = _pairs_file(tmp_path / "pairs.jsonl", ["ua", "ub", "uc", "ua"])
     train = tmp_path / "train.jsonl"
@@ -196,7 +197,8 @@ def test_groundtruth_stage_on_tiny_models(tmp_path, capsys):
 
 
 def test_missing_model_folder_is_one_line_error(tmp_path):
-    from alignloop.eval.stage import GroundTruthRecipe, run_groundtruth
+    from alignloop.eval.config import GroundTruthRecipe
+    from alignloop.eval.stage import run_groundtruth
 
     recipe = GroundTruthRecipe(run={"name": "t", "dir": str(tmp_path)}, models={"sft": "runs/nowhere/sft/model"})
     with pytest.raises(AlignloopError, match="models.sft: no model folder"):

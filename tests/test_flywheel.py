@@ -8,9 +8,9 @@ import pytest
 
 from alignloop.errors import AlignloopError
 from alignloop.flywheel import stages as fw_stages
-from alignloop.flywheel.recipe import FlywheelRecipe
+from alignloop.flywheel.config import FlywheelRecipe
 from alignloop.flywheel.report import where_is
-from alignloop.flywheel.run import launch_decision, planned_stages, run_flywheel
+from alignloop.flywheel.stage import launch_decision, planned_stages, run_flywheel
 from alignloop.recipes import load_recipe
 
 SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.toml"
@@ -54,6 +54,8 @@ def test_flywheel_smoke_runs_resumes_after_a_crash_and_reports(tmp_path, monkeyp
 
     turn = state["turns"][0]
     assert turn["model"].endswith("turn-1/rl-grpo/model")
+    rl_steps = [json.loads(x) for x in Path(turn["summaries"]["rl"]["metrics"]).read_text().splitlines()]
+    assert rl_steps and all(r["trained_sequences"] > 0 for r in rl_steps)  # the smoke RL trains
     assert "reward_hacking" in turn["summaries"]["rl"] and turn["summaries"]["rm"]["lines"]
     e = turn["summaries"]["eval"]
     assert e["prompts"] == 16 and set(e["new"]) >= {"gt_engagement", "rules"}

@@ -5,7 +5,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignloop.engine.generate_stage import read_requests
+from alignloop.engine.stage import read_requests
 
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
                                  "content": st.text(max_size=20)})

@@ -540,7 +540,7 @@ def _cli():
     import typer
     from typer.testing import CliRunner
 
-    from alignloop.data.cli_ingest import ingest_command
+    from alignloop.cli.logs import ingest as ingest_command
 
     app = typer.Typer()
     app.command("ingest")(ingest_command)

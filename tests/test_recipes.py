@@ -1,11 +1,12 @@
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import Discriminator, Tag
 
 from alignloop.errors import AlignloopError
 from alignloop.recipes import ExistingFile, Section, load_recipe, recipe_to_dict
@@ -262,3 +263,42 @@ def test_sections_validate_assignment() -> None:
     model = Model(name="x")
     with pytest.raises(ValueError):
         model.max_tokens = "abc"  # type: ignore[assignment]
+
+
+class Sine(Section):
+    kind: Literal["sine"] = "sine"
+    freq: float = 1.0
+
+
+class Noise(Section):
+    kind: Literal["noise"] = "noise"
+    seed: int = 0
+
+
+def _kind(value: object) -> str:
+    return value.get("kind", "sine") if isinstance(value, dict) else getattr(value, "kind", "sine")
+
+
+class Tagged(Section):
+    signal: Annotated[Annotated[Sine, Tag("sine")] | Annotated[Noise, Tag("noise")],
+                      Discriminator(_kind, custom_error_type="signal_kind",
+                                    custom_error_message="kind should be 'sine' or 'noise'")] = Sine()
+
+
+def test_a_tagged_section_reads_as_written(tmp_path: Path) -> None:
+    # pydantic puts the tag into the error's path ("signal.noise.freq"); the TOML has no such level.
+    path = write(tmp_path, '[signal]\nkind = "noise"\nfreq = 2.0\n')
+    with pytest.raises(AlignloopError, match=r"unknown key 'signal\.freq' \(known: kind, seed\)$"):
+        load_recipe(path, Tagged)
+    with pytest.raises(AlignloopError, match=r"signal\.kind: kind should be 'sine' or 'noise', got 'tone'"):
+        load_recipe(path, Tagged, ["signal.kind=tone"])
+    assert load_recipe(path, Tagged, ["signal.kind=sine"]).signal == Sine(freq=2.0)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_numbers_must_be_finite(tmp_path: Path, value: str) -> None:
+    # `lr = inf` passed `gt=0` before and training died steps later; every recipe number is finite.
+    message = error_of(write(tmp_path, GOOD), [f"train.lr={value}"])
+    assert message.endswith("train.lr: expected a finite number, got " + repr(float(value)) + " (from --set)")
+    path = write(tmp_path, GOOD.replace("lr = 0.01", f"lr = {value}"))
+    assert "train.lr: expected a finite number" in error_of(path)

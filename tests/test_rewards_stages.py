@@ -19,7 +19,8 @@ REWARDS = ROOT / "src" / "alignloop" / "rewards"
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
-    from alignloop.data.cli_pipeline import LogsRecipe, run_build_stage, run_filter_stage
+    from alignloop.data.config import LogsRecipe
+    from alignloop.data.stage import run_build_stage, run_filter_stage
     from alignloop.sim.config import SimulateRecipe
     from alignloop.sim.stage import run_simulate
 
@@ -34,7 +35,7 @@ def build_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(build_dir, tmp_path_factory):
-    from alignloop.rewards.stages import run_fit_weights, run_rm_eval, run_rm_train
+    from alignloop.rewards.stage import run_fit_weights, run_rm_eval, run_rm_train
 
     runs = tmp_path_factory.mktemp("rmruns")
     recipe = load_recipe(ROOT / "recipes" / "rm_tiny.toml", RMRecipe, [f"run.dir={runs}", f"data.build={build_dir}"])
@@ -45,7 +46,7 @@ def trained(build_dir, tmp_path_factory):
 
 
 def test_stages_write_their_outputs(trained, capsys):
-    from alignloop.rewards.stages import run_rm_train
+    from alignloop.rewards.stage import run_rm_train
 
     recipe, train, evaluation, weights = trained
     for f in ("heads.safetensors", "heads.json", "combine.json", "manifest.json", "metrics.jsonl"):
@@ -67,12 +68,12 @@ def test_stages_write_their_outputs(trained, capsys):
 
 
 def test_heads_with_user_activity_serve_eval_and_fit_weights_with_it(build_dir, tmp_path, capsys):
-    from alignloop.rewards.stages import run_fit_weights, run_rm_eval, run_rm_train
+    from alignloop.rewards.stage import run_fit_weights, run_rm_eval, run_rm_train
 
     recipe = load_recipe(ROOT / "recipes" / "rm_tiny.toml", RMRecipe, [
         f"run.dir={tmp_path}", f"data.build={build_dir}", "train.user_activity=true",
         'data.heads=["continue", "returned_1d"]', 'combine.weights={"continue" = 1.0, "returned_1d" = 1.0}',
-        "combine.kpi=returned_1d"])
+        "combine.kpi=returned_1d", "combine.safety=none"])
     run_rm_train(recipe)
     evaluation = run_rm_eval(recipe)
     report = json.loads((evaluation.dir / "eval.json").read_text())
@@ -108,13 +109,13 @@ def test_reward_fn_scores_a_batch(trained):
 def test_eval_split_sharing_users_is_an_error(build_dir, tmp_path):
     import shutil
 
-    from alignloop.rewards.stages import run_rm_train
+    from alignloop.rewards.stage import run_rm_train
 
     bad = tmp_path / "build"
     shutil.copytree(build_dir / "rm", bad / "rm")
     shutil.copy(bad / "rm" / "continue" / "train.parquet", bad / "rm" / "continue" / "eval.parquet")
     recipe = load_recipe(ROOT / "recipes" / "rm_tiny.toml", RMRecipe,
-                         [f"run.dir={tmp_path}", f"data.build={bad}", 'data.heads=["continue"]'])
+                         [f"run.dir={tmp_path}", f"data.build={bad}", 'data.heads=["continue"]', "combine.safety=none"])
     with pytest.raises(AlignloopError, match="in both train and eval"):
         run_rm_train(recipe)
 
@@ -123,11 +124,12 @@ def test_lm_backbone_same_interface(build_dir, tmp_path):
     from alignloop.rewards.backbones import make_backbone
     from alignloop.rewards.data import load_head
     from alignloop.rewards.model import RewardModel
-    from alignloop.rewards.stages import torch_threads
+    from alignloop.train.threads import torch_threads
 
     recipe = load_recipe(ROOT / "recipes" / "rm_tiny.toml", RMRecipe, [
         f"data.build={build_dir}", "backbone.kind=lm", "backbone.model=tiny", "backbone.max_length=32",
-        "train.steps=2", "train.batch_size=4", "train.backbone_lr=0.01", 'data.heads=["preference", "time_to_next"]'])
+        "train.steps=2", "train.batch_size=4", "train.backbone_lr=0.01", 'data.heads=["preference", "time_to_next"]',
+        "combine.safety=none"])
     sets = {h: load_head(recipe.data, h, "train", 12) for h in recipe.data.heads}
     model = RewardModel(make_backbone(recipe.backbone, seed=0), recipe.data.heads, recipe.train)
     before = model.backbone.state()
@@ -144,12 +146,12 @@ def test_lm_backbone_same_interface(build_dir, tmp_path):
 
 def test_training_code_never_reads_ground_truth():
     # Only the evaluation module may touch the simulator's truth; the eval stage imports it lazily.
-    allowed = {"ceiling.py", "stages.py", "config.py"}
+    allowed = {"ceiling.py", "stage.py", "config.py"}
     for path in REWARDS.glob("*.py"):
         text = path.read_text()
         assert not re.search(r"alignloop\.(rl|eval|flywheel)\b", text), path.name
         if path.name not in allowed:
             assert "ground_truth" not in text and "rewards.ceiling" not in text, path.name
-    stages = (REWARDS / "stages.py").read_text()
+    stages = (REWARDS / "stage.py").read_text()
     assert stages.count("from alignloop.rewards.ceiling import") == 1
     assert "def run_rm_eval" in stages.split("from alignloop.rewards.ceiling import")[0]

@@ -15,6 +15,7 @@ def test_rl_grpo_cli_runs_then_is_up_to_date(tmp_path):
     stage = tmp_path / "grpo-tiny" / "rl-grpo"
     lines = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]
+    assert all(x["trained_sequences"] > 0 for x in lines)  # the resume below proves something only if it trains
     evals = [json.loads(x) for x in (stage / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2] and "eval_correct" in evals[0]
     # before vs after on the same held-out problems, paired, printed and saved

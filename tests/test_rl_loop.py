@@ -12,7 +12,7 @@ from alignloop.errors import AlignloopError
 from alignloop.rewards.api import RewardBatch
 from alignloop.rl.config import RLRecipe
 from alignloop.rl.reward_env import RewardModelEnv
-from alignloop.rl.run import run_rl
+from alignloop.rl.stage import run_rl
 from alignloop.train import checkpoint as ckpt
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in range(16)]

@@ -7,7 +7,7 @@ import pytest
 from test_rl_safety_hacking import PROMPTS, UnsafeCombined, recipe
 
 from alignloop.rl.reward_env import LengthReward, RewardModelEnv
-from alignloop.rl.run import run_rl
+from alignloop.rl.stage import run_rl
 
 pytest.importorskip("ray")
 
@@ -48,12 +48,12 @@ def test_ray_backend_async(tmp_path, local_ray):
 
 
 def test_ray_backend_trains_in_an_actor_not_in_the_driver(tmp_path, local_ray, monkeypatch):
-    import alignloop.rl.run as rl_run
+    import alignloop.rl.backend as rl_backend
 
     def no_local_trainer(*args, **kwargs):
         raise AssertionError("--backend ray built a trainer in the driver")
 
-    monkeypatch.setattr(rl_run, "TrainerRole", no_local_trainer)
+    monkeypatch.setattr(rl_backend, "TrainerRole", no_local_trainer)
     stage = run_rl(recipe(tmp_path, steps=2, save_every=1), env=RewardModelEnv(LengthReward(), PROMPTS), backend="ray")
     assert (stage.path("model") / "config.json").is_file()          # saved by the trainer actor
     assert len(list(stage.path("checkpoints").glob("*"))) >= 1      # so were the checkpoints

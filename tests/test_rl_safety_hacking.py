@@ -11,7 +11,7 @@ from alignloop.rewards.combine import Lagrangian
 from alignloop.rl.config import RLRecipe
 from alignloop.rl.hacking import HackingWatch, trend
 from alignloop.rl.reward_env import LengthReward, RewardModelEnv
-from alignloop.rl.run import run_rl
+from alignloop.rl.stage import run_rl
 from alignloop.rl.safety import attach
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in range(16)]

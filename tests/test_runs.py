@@ -238,3 +238,31 @@ def test_log_metrics_appends_json_lines(tmp_path: Path) -> None:
     assert lines[0]["time"] <= lines[1]["time"]
     with pytest.raises(ValueError, match="time"):
         stage.log_metrics(time=3)
+
+
+def test_skip_if_complete_skips_a_finished_stage_and_starts_anything_else(tmp_path: Path, data: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    fresh = Stage(tmp_path / "runs", "r1", "sft", CONFIG, [data])
+    assert fresh.skip_if_complete() is False and fresh.dir.is_dir()  # started: finish() may follow
+    finished_stage(tmp_path, data)
+    again = Stage(tmp_path / "runs", "r1", "sft", CONFIG, [data])
+    assert again.skip_if_complete(label="train-sft") is True
+    assert "train-sft: up to date" in capsys.readouterr().err  # status lines go to stderr
+    assert again.is_complete()  # skipping leaves the manifest alone
+    assert again.skip_if_complete(force=True) is False and not again.is_complete()  # forced: restarted
+
+
+def test_skip_if_complete_follows_the_main_process(tmp_path: Path, data: Path) -> None:
+    finished_stage(tmp_path, data)
+    answers = []
+
+    def agree(done: bool) -> bool:  # stands in for a broadcast from rank 0
+        answers.append(done)
+        return True
+
+    other_rank = Stage(tmp_path / "runs", "r1", "sft", CONFIG, [data])
+    # A non-main rank never reads the manifest itself (False) and follows rank 0's answer.
+    assert other_rank.skip_if_complete(main=False, agree=agree) is True and answers == [False]
+    starting = Stage(tmp_path / "runs", "r2", "sft", CONFIG, [data])
+    assert starting.skip_if_complete(main=False, agree=lambda done: False) is False
+    assert not starting.dir.exists()  # only the main process creates and starts the stage

@@ -112,7 +112,7 @@ def test_sample_weights_scale_each_conversations_loss(tiny):
 
 def test_sft_run_lowers_loss_and_writes_a_loadable_model(tmp_path):
     from alignloop.models import load_model
-    from alignloop.train.cli_train import train_app
+    from alignloop.cli.train import app as train_app
 
     args = ["sft", str(TINY_RECIPE), "--set", f"run.dir={tmp_path}", "--set", "train.steps=16",
             "--set", "train.max_seq_len=128", "--set", "train.eval_every=8"]
@@ -139,7 +139,8 @@ def test_sft_run_lowers_loss_and_writes_a_loadable_model(tmp_path):
 def test_lora_run_changes_only_adapter_weights(tmp_path, tiny):
     """(With bf16 autocast on, as the real recipe runs.)"""
     from alignloop.recipes import load_recipe
-    from alignloop.train.sft import SFTRecipe, run_sft
+    from alignloop.train.config import SFTRecipe
+    from alignloop.train.stage import run_sft
 
     recipe = load_recipe(TINY_RECIPE, SFTRecipe, [f"run.dir={tmp_path}", "train.steps=4", "train.max_seq_len=128",
                                                   "train.lora.r=4", "train.lora.targets=['q_proj', 'v_proj']",
@@ -196,7 +197,8 @@ def test_bad_input_is_a_clear_error_or_a_counted_skip(tmp_path, tiny, capsys):
 def test_max_seq_len_beyond_the_models_context_is_refused(tmp_path):
     """A conversation longer than the model's positions would train on extrapolated rotary garbage."""
     from alignloop.recipes import load_recipe
-    from alignloop.train.sft import SFTRecipe, run_sft
+    from alignloop.train.config import SFTRecipe
+    from alignloop.train.stage import run_sft
 
     recipe = load_recipe(TINY_RECIPE, SFTRecipe, [f"run.dir={tmp_path}", "train.max_seq_len=5000"])
     with pytest.raises(AlignloopError, match=r"train.max_seq_len=5000 is longer than the model's context of 4096"):
@@ -206,7 +208,7 @@ def test_max_seq_len_beyond_the_models_context_is_refused(tmp_path):
 
 def test_recipe_errors_name_the_key(tmp_path):
     from alignloop.recipes import load_recipe
-    from alignloop.train.sft import SFTRecipe
+    from alignloop.train.config import SFTRecipe
 
     with pytest.raises(AlignloopError, match="unknown key 'train.lr_peak'"):
         load_recipe(TINY_RECIPE, SFTRecipe, ["train.lr_peak=1e-3"])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from alignloop.data import LOG_SCHEMAS, derive_labels, read_logs
-from alignloop.data.cli_logs import logs_app
+from alignloop.cli.logs import app as logs_app
 from alignloop.errors import AlignloopError
 from alignloop.sim import SimConfig, simulate
 from alignloop.sim import engagement as eg

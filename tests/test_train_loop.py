@@ -66,9 +66,7 @@ def test_parallel_is_a_train_key_of_every_trainer():
     """`train.parallel` lives in the shared TrainSection: SFT, DPO and distill recipes all take it."""
     from alignloop.errors import AlignloopError
     from alignloop.train import dist
-    from alignloop.train.distill import DistillRecipe
-    from alignloop.train.dpo import DPORecipe
-    from alignloop.train.sft import SFTRecipe
+    from alignloop.train.config import DistillRecipe, DPORecipe, SFTRecipe
 
     assert TrainSection().parallel == "ddp" and dist.strategy_of(TrainSection()) == "ddp"
     for name, recipe_class in (("sft", SFTRecipe), ("dpo", DPORecipe), ("distill", DistillRecipe)):
@@ -157,7 +155,8 @@ _CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(2)
     from alignloop.recipes import load_recipe
-    from alignloop.train.sft import SFTRecipe, run_sft
+    from alignloop.train.config import SFTRecipe
+    from alignloop.train.stage import run_sft
 
     recipe, kill_at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
@@ -175,7 +174,8 @@ _KILL_OVERRIDES = [
 
 
 def test_sigkill_mid_run_then_resume_gives_identical_weights(tmp_path):
-    from alignloop.train.sft import SFTRecipe, run_sft
+    from alignloop.train.config import SFTRecipe
+    from alignloop.train.stage import run_sft
 
     # The killed run, in a child process.
     killed = _KILL_OVERRIDES + [f"run.dir={tmp_path / 'killed'}", "run.name=r"]
@@ -227,3 +227,44 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path, tiny):
     assert again.resumed_from == 2  # same config: nothing left to do
     changed = train(net, Objective(), data, config, Stage(tmp_path, "r", "t", {"lr": 0.2}))
     assert changed.resumed_from == 0 and changed.steps == 2
+
+
+# --- experiment trackers -----------------------------------------------------------------------
+
+
+def _tiny_loop(tmp_path, **config):
+    net = torch.nn.Linear(2, 2)
+
+    class Objective:
+        def weight(self, batch):
+            return 1.0
+
+        def loss(self, module, batch):
+            return module(batch).square().sum(), {}
+
+    stage = Stage(tmp_path, "r", "t", {"lr": 0.1})
+    return train(net, Objective(), lambda epoch: [torch.ones(1, 2)] * 2,
+                 TrainSection(lr=0.1, steps=3, save_every=10, **config), stage), stage
+
+
+def test_tensorboard_tracker_gets_the_loss_of_every_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, stage = _tiny_loop(tmp_path, track=["tensorboard"])
+    events = EventAccumulator(str(stage.path("tensorboard")))
+    events.Reload()
+    losses = events.Scalars("loss")
+    assert [e.step for e in losses] == [1, 2, 3]
+    logged = [json.loads(line)["loss"] for line in stage.path("metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in losses] == pytest.approx(logged)
+
+
+def test_tracker_is_validated_and_a_missing_one_is_a_clear_error(tmp_path, monkeypatch):
+    from alignloop.errors import AlignloopError
+
+    with pytest.raises(ValueError, match="track"):
+        TrainSection(track=["wandb"])
+    monkeypatch.setitem(sys.modules, "trackio", None)  # as if not installed
+    with pytest.raises(AlignloopError, match="alignloop\\[track\\]"):
+        _tiny_loop(tmp_path, track=["trackio"])

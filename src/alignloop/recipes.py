@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Tag, ValidationError, ValidationInfo
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
@@ -24,8 +24,10 @@ T = TypeVar("T", bound=BaseModel)
 class Section(BaseModel):
     """Base of every recipe section."""
 
-    # A misspelt key silently falling back to its default is the worst kind of config bug.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A misspelt key silently falling back to its default is the worst kind of config bug. And no
+    # number in a recipe is meant to be infinite or NaN: `lr = inf` passes `gt=0`, then training dies
+    # steps later with a traceback and writes `Infinity` (not JSON) into metrics.jsonl.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _existing_file(path: Path, info: ValidationInfo) -> Path:
@@ -127,12 +129,41 @@ def _section_class(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _fields_at(schema: type[BaseModel], keys: Sequence[str | int]) -> dict[str, FieldInfo] | None:
-    """The fields of the section at `keys`, or None where the path leaves the known sections."""
+def _tagged_sections(annotation: Any) -> dict[str, type[BaseModel]]:
+    """Tag -> section class of a discriminated union (`Annotated[A, Tag("a")] | ...`); {} for anything else."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    found = {}
+    for member in _union_members(annotation):
+        if typing.get_origin(member) is Annotated:
+            cls, *meta = typing.get_args(member)
+            found.update({m.tag: cls for m in meta if isinstance(m, Tag)})
+    return found
+
+
+def _resolve(schema: type[BaseModel], loc: Sequence[str | int]) -> tuple[tuple[str | int, ...], type[BaseModel] | None]:
+    """`loc` as the user wrote it, and the section it ends in (None where it leaves the known sections).
+
+    pydantic puts a discriminated union's tag into the path ('env', 'arithmetic', 'reward'); the TOML
+    has no such level ('env.reward'), so the tag is dropped and its section followed instead.
+    """
     model: type[BaseModel] | None = schema
-    for key in keys:
+    keys: list[str | int] = []
+    parts = list(loc)
+    while parts:
+        key = parts.pop(0)
+        keys.append(key)
         field = model.model_fields.get(key) if model is not None and isinstance(key, str) else None
         model = _section_class(field.annotation) if field is not None else None
+        tagged = _tagged_sections(field.annotation) if field is not None else {}
+        if tagged and parts and parts[0] in tagged:
+            model = tagged[parts.pop(0)]
+    return tuple(keys), model
+
+
+def _fields_at(schema: type[BaseModel], keys: Sequence[str | int]) -> dict[str, FieldInfo] | None:
+    """The fields of the section at `keys`, or None where the path leaves the known sections."""
+    model = _resolve(schema, keys)[1]
     return dict(model.model_fields) if model is not None else None
 
 
@@ -144,6 +175,7 @@ _EXPECTED = {
     "int_from_float": "an integer",
     "float_type": "a number",
     "float_parsing": "a number",
+    "finite_number": "a finite number",
     "bool_type": "true or false",
     "bool_parsing": "true or false",
     "string_type": "a string",
@@ -157,12 +189,12 @@ _EXPECTED = {
 
 
 def _describe(error: ErrorDetails, schema: type[BaseModel], overridden: list[tuple[str, ...]]) -> str:
-    loc, kind = error["loc"], error["type"]
+    loc, kind = _resolve(schema, error["loc"])[0], error["type"]
     key = _dotted(loc)
     if kind == "missing":
         text = f"missing required key '{key}'"
     elif kind == "extra_forbidden":
-        fields = _fields_at(schema, loc[:-1])
+        fields = _fields_at(schema, error["loc"][:-1])
         known = f" (known: {', '.join(sorted(fields))})" if fields else ""
         text = f"unknown key '{key}'{known}"
     elif kind in ("value_error", "assertion_error"):
@@ -171,8 +203,10 @@ def _describe(error: ErrorDetails, schema: type[BaseModel], overridden: list[tup
     elif kind in _EXPECTED:
         text = f"{key}: expected {_EXPECTED[kind]}, got {_show(error['input'])}"
     else:
-        msg = error["msg"]
-        text = f"{key}: {msg[:1].lower()}{msg[1:]}, got {_show(error['input'])}"
+        msg, got = error["msg"], error["input"]
+        if isinstance(got, dict) and msg.startswith("kind "):  # a section whose `kind` picks its fields
+            key, got = f"{key}.kind", got.get("kind")
+        text = f"{key}: {msg[:1].lower()}{msg[1:]}, got {_show(got)}"
 
     # Say so when the culprit came from the command line, or the user will hunt for it in the file.
     if any(loc[: len(keys)] == keys[: len(loc)] for keys in overridden):

@@ -3,8 +3,14 @@
 Layout: `runs/<run>/<stage>/` holds a stage's outputs, its `metrics.jsonl` and, once it has
 finished, `manifest.json`. A stage is complete when that manifest still matches the config, the
 inputs and the outputs on disk, so a rerun can skip it; anything less and it runs again.
+
+One process at a time writes a stage: `start()` takes an exclusive lock on the stage's `stage.lock`
+file, held until `finish()` or the end of the process (the OS drops it even after a SIGKILL), and
+a second process that starts the same stage is refused with one line naming the holder's pid.
 """
 
+import errno
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -13,16 +19,27 @@ import platform
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import alignloop
+from alignloop.errors import AlignloopError
+from alignloop.ui import say
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
+LOCK = "stage.lock"
+
+
+class DiskFullError(AlignloopError):
+    """A write that ran out of disk space; the file it was writing keeps its old content."""
+
+
+class StageBusyError(AlignloopError):
+    """Another process is writing this stage."""
 
 
 # --- atomic writes -----------------------------------------------------------------------------
@@ -39,13 +56,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     # Same folder, so os.replace is a rename within one filesystem, hence atomic.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        yield tmp
-        # Flush to disk before the rename, or a power cut could leave a renamed empty file.
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with disk_full_is_an_error(path):
+            yield tmp
+            # Flush to disk before the rename, or a power cut could leave a renamed empty file.
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def disk_full_is_an_error(path: str | Path) -> Iterator[None]:
+    """A full disk (or quota) while writing `path` becomes one line, a `DiskFullError`, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        # Arrow's writers raise OSError without an errno, naming the cause in the message only.
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+            raise DiskFullError(f"{path}: no space left on device") from None
+        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -111,15 +141,21 @@ class Stage:
         self.config = config
         self.inputs = [Path(p) for p in inputs]
         self.dir = Path(runs_dir) / run / name
+        self._work_hash: str | None = None
         self._started_at: datetime | None = None
         self._started_clock = 0.0
+        self._locked = False
 
     def path(self, name: str) -> Path:
         """Where this stage writes its output `name`."""
         return self.dir / name
 
     def start(self) -> "Stage":
+        """Take the stage (its lock; `StageBusyError` if another process has it) and begin afresh."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not self._locked:
+            _lock(self.dir.resolve() / LOCK, f"stage {self.run}/{self.name}")
+            self._locked = True
         # A manifest left by an earlier attempt must not vouch for outputs this attempt rewrites.
         self.path(MANIFEST).unlink(missing_ok=True)
         self._started_at = datetime.now().astimezone()
@@ -139,13 +175,33 @@ class Stage:
             # Missing or garbled manifest, or a vanished input or output: not complete.
             return False
 
+    def skip_if_complete(self, force: bool = False, *, main: bool = True,
+                         agree: Callable[[bool], bool] | None = None, label: str | None = None) -> bool:
+        """The one "up to date?" preamble of every stage: True when the caller should return now.
+
+        Complete (and not `force`): says "<label>: up to date ... skipped" and returns True.
+        Otherwise starts the stage (on the main process only) and returns False. Under torchrun
+        pass `main=ctx.is_main, agree=dist.broadcast_object`: rank 0 reads the manifest and
+        every rank follows its answer, so no rank trains while another returns.
+        """
+        done = not force and main and self.is_complete()
+        if agree is not None:
+            done = agree(done)
+        if done:
+            say(f"[green]{label or self.name}: up to date[/] ({self.dir}), skipped")
+            return True
+        if main:
+            self.start()
+        return False
+
     def log_metrics(self, step: int | None = None, **values: Any) -> None:
         """Append one JSON line to metrics.jsonl, stamped with the wall-clock time."""
         if "time" in values:
             raise ValueError("'time' is set by log_metrics; name the metric something else")
         record = {"time": time.time(), **({} if step is None else {"step": step}), **values}
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path(METRICS), "a", encoding="utf-8") as f:
+        # A line torn by a full disk is one `trim_jsonl` drops on resume.
+        with disk_full_is_an_error(self.path(METRICS)), open(self.path(METRICS), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def finish(self, outputs: Sequence[str | Path], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -171,7 +227,21 @@ class Stage:
             **(extra or {}),
         }
         atomic_write_json(self.path(MANIFEST), manifest)
+        if self._locked:
+            _unlock(self.dir.resolve() / LOCK)
+            self._locked = False
         return manifest
+
+    def work_hash(self) -> str:
+        """sha256 of what this stage's work depends on: its config and its inputs' bytes.
+
+        Checkpoints carry it, so a run resumes only work done on this very config and these very
+        inputs (a retrained reward model or new data at the same path starts afresh). Computed once:
+        the inputs do not change while the stage runs.
+        """
+        if self._work_hash is None:
+            self._work_hash = config_hash({"config": self.config, "inputs": self._input_hashes()})
+        return self._work_hash
 
     def _input_hashes(self) -> dict[str, str]:
         return {str(p): file_hash(p) for p in self.inputs}
@@ -182,6 +252,42 @@ class Stage:
             return Path(output).resolve().relative_to(self.dir.resolve()).as_posix()
         except ValueError:
             raise ValueError(f"output {output} is outside the stage folder {self.dir}") from None
+
+
+_HELD: dict[Path, list[int]] = {}
+"""Lock files this process holds: [file descriptor, Stage objects holding it]. A process may start
+its own stage again (a retry after an exception, a second Stage object for the same folder)."""
+
+
+def _lock(lock: Path, what: str) -> None:
+    """Hold `lock` exclusively, or raise `StageBusyError` naming the process that holds it.
+
+    flock, not a pid file: the kernel drops it when the holder's last descriptor closes, so a
+    killed holder never leaves a stale lock behind. The file itself stays (deleting it would let
+    two processes lock two different files of the same name).
+    """
+    if lock in _HELD:
+        _HELD[lock][1] += 1
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("utf-8", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StageBusyError(f"{lock}: {what} is in use by process {holder}; wait for it to finish, "
+                             f"or use another run") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[lock] = [fd, 1]
+
+
+def _unlock(lock: Path) -> None:
+    held = _HELD[lock]
+    held[1] -= 1
+    if held[1] == 0:
+        os.close(held[0])  # closing the last descriptor releases the flock
+        del _HELD[lock]
 
 
 def _git_state() -> tuple[str | None, bool]:

@@ -43,35 +43,36 @@ import math
 import random
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignloop.bench.prompts import bench_prompts
 from alignloop.bench.training import (
-    PeerClock,
+    LORA,
+    OurSide,
     Side,
+    TrlPeer,
     alternate,
     answer,
-    bench_prompts,
-    bench_threads,
-    describe,
-    hf_quiet,
-    load_average,
-    require_trl,
-    run_our_loop,
+    closing_facts,
+    run_against_trl,
     table,
-    torch_threads,
+    trl_config,
     trl_version,
 )
+from alignloop.models import load_model
+from alignloop.train.config import DPOTrainSection, LoraSection
+from alignloop.train.dpo import PreferenceObjective, compute_reference
+from alignloop.train.dpo_data import Pair, collate_pairs, tokenize_pairs
+from alignloop.train.sft_data import epoch_chunks
 from alignloop.ui import say
 
 PAIRS_PER_STEP = 4    # pairs per optimizer step, both sides
 LR = 1e-6             # TRL's DPO default (it does not change the speed)
 BETA = 0.1            # TRL's default
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 MAX_SEQ_LEN = 1024    # per side; every bench pair fits (TRL's default max_length is also 1024)
 N_PAIRS = 64         # more than the bench's rounds train on; fewer keeps the reference pass short
 SEED = 0
@@ -106,10 +107,7 @@ def bench_settings() -> dict[str, Any]:
 # --- our side -----------------------------------------------------------------------------------
 
 
-def our_train_section(bf16: bool = True):
-    from alignloop.train.config import LoraSection
-    from alignloop.train.dpo import DPOTrainSection
-
+def our_train_section(bf16: bool = True) -> DPOTrainSection:
     # micro_batch = 1 row per step: `StepRows` puts the step's 4 pairs in that one row.
     return DPOTrainSection(
         loss="dpo", beta=BETA, lr=LR, micro_batch=1, grad_accum=1, max_grad_norm=1.0, bf16=bf16,
@@ -128,9 +126,6 @@ class StepRows:
         self.pairs, self.per_row, self.pad_id, self.reference, self.seed = list(pairs), per_row, pad_id, reference, seed
 
     def __call__(self, epoch: int) -> Sequence[Any]:
-        from alignloop.train.dpo_data import collate_pairs
-        from alignloop.train.sft_data import epoch_chunks
-
         chunks = epoch_chunks(len(self.pairs), self.per_row, self.seed, epoch)
         source = self
 
@@ -149,38 +144,25 @@ class StepRows:
 
 def our_pairs(tokenizer: Any, pairs: list[dict[str, Any]]):
     """Our tokenized pairs (and counts), through the trainer's own reader and tokenizer."""
-    from alignloop.train.dpo_data import Pair, tokenize_pairs
-
     rows = [Pair(p["prompt"], p["chosen"], p["rejected"], 1.0, f"bench:{i}", f"bench:{i}")
             for i, p in enumerate(pairs)]
     return tokenize_pairs(tokenizer, rows, MAX_SEQ_LEN)
 
 
-class Ours:
+class Ours(OurSide):
     """Our DPO (TokenLogprobs + PreferenceObjective + the cached reference + the shared loop)."""
 
     def __init__(self, model_name: str, pairs: list[dict[str, Any]], workdir: Path, base_dtype: str = "bfloat16",
                  bf16: bool = True) -> None:
-        from alignloop.models import load_model
-        from alignloop.train.logprobs import TokenLogprobs
-        from alignloop.train.lora import add_lora
-
-        self.config = our_train_section(bf16=bf16)
         model, tokenizer = load_model(model_name, dtype=base_dtype)
         self.pairs, self.counts = our_pairs(tokenizer, pairs)
         self.pad_id = tokenizer.pad_token_id or 0
-        torch.manual_seed(SEED)
-        self.model = add_lora(model, self.config.lora)
-        self.module = TokenLogprobs(self.model)
-        self.workdir = workdir
-        self.rounds = 0
+        super().__init__(model, our_train_section(bf16=bf16), workdir, SEED)
         self.reference_seconds = 0.0
         self.batches: StepRows | None = None
 
     def compute_reference(self) -> None:
         """The reference pass, as `run_dpo` runs it (packed rows of 2 x max_seq_len, 4 rows a batch)."""
-        from alignloop.train.dpo import compute_reference
-
         began = time.perf_counter()
         reference = compute_reference(self.module, self.pairs, PAIRS_PER_STEP, 2 * MAX_SEQ_LEN, self.pad_id,
                                       torch.device("cpu"), self.config.bf16)
@@ -194,19 +176,12 @@ class Ours:
         return [list(ex.input_ids) for p in self.pairs for ex in (p.chosen, p.rejected)]
 
     def describe(self) -> dict[str, Any]:
-        c = self.config
-        return describe(self.model, batch=PAIRS_PER_STEP * c.micro_batch, grad_accum=c.grad_accum, lr=c.lr,
-                        max_grad_norm=c.max_grad_norm, bf16_autocast=c.bf16, beta=c.beta)
+        return self.setup(PAIRS_PER_STEP * self.config.micro_batch, beta=self.config.beta)
 
     def run(self, side: Side, seconds: float) -> float:
-        from alignloop.train.dpo import PreferenceObjective
-
         if self.batches is None:
             self.compute_reference()
-        self.rounds += 1
-        self.batches.seed = SEED + self.rounds  # each round its own draw of pairs, like TRL's below
-        return run_our_loop(self.module, PreferenceObjective("dpo", BETA), self.batches, self.config,
-                            self.workdir, "dpo", side, seconds, self.rounds)
+        return self.train_round(PreferenceObjective("dpo", BETA), self.batches, "dpo", side, seconds)
 
 
 # --- TRL's side ---------------------------------------------------------------------------------
@@ -214,36 +189,18 @@ class Ours:
 
 def peer_dpo_config(output_dir: str | Path, max_steps: int = 1_000_000):
     """TRL's DPOConfig: its defaults, but for the batch size, a step cap, and no checkpoints."""
-    from trl import DPOConfig
+    from trl import DPOConfig  # optional extra, checked by require_trl
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return DPOConfig(output_dir=str(output_dir), use_cpu=True, per_device_train_batch_size=PAIRS_PER_STEP,
-                         gradient_accumulation_steps=1, max_steps=max_steps, bf16=True, learning_rate=LR,
-                         beta=BETA, save_strategy="no", report_to="none")
+    return trl_config(DPOConfig, output_dir, PAIRS_PER_STEP, LR, max_steps, beta=BETA)
 
 
-class Peer:
+class Peer(TrlPeer):
     """TRL's DPOTrainer with its defaults (see the module docstring), in rounds."""
 
     def __init__(self, model_name: str, pairs: list[dict[str, Any]], workdir: Path) -> None:
-        from datasets import Dataset
-        from trl import DPOTrainer
+        from trl import DPOTrainer  # optional extra, checked by require_trl
 
-        from alignloop.bench.sft import peer_lora_config
-        from alignloop.models import load_model
-
-        model, tokenizer = load_model(model_name, dtype="bfloat16")
-        torch.manual_seed(SEED)
-        self.clock = PeerClock()
-        with warnings.catch_warnings(), hf_quiet():
-            warnings.simplefilter("ignore")
-            self.trainer = DPOTrainer(
-                model=model, args=peer_dpo_config(workdir / "trl"), processing_class=tokenizer,
-                train_dataset=Dataset.from_list(pairs), peft_config=peer_lora_config(),
-                callbacks=[self.clock.callback()])
-        self.clock.count_tokens(self.trainer.model)
-        self.rounds = 0
+        super().__init__(DPOTrainer, model_name, lambda: peer_dpo_config(workdir / "trl"), pairs, SEED)
 
     def _rows(self) -> list[dict[str, list[int]]]:
         d = self.trainer.train_dataset
@@ -258,16 +215,8 @@ class Peer:
 
     def describe(self) -> dict[str, Any]:
         args = self.trainer.args
-        return {**describe(self.trainer.model, batch=args.per_device_train_batch_size,
-                           grad_accum=args.gradient_accumulation_steps, lr=args.learning_rate,
-                           max_grad_norm=args.max_grad_norm, bf16_autocast=bool(args.bf16), beta=args.beta),
-                "gradient_checkpointing": bool(args.gradient_checkpointing),
-                "precompute_ref_log_probs": bool(args.precompute_ref_log_probs),
+        return {**self.setup(beta=args.beta), "precompute_ref_log_probs": bool(args.precompute_ref_log_probs),
                 "padding_free": bool(args.padding_free), "loss_type": list(args.loss_type)}
-
-    def run(self, side: Side, seconds: float) -> float:
-        self.rounds += 1
-        return self.clock.run(self.trainer, side, seconds, SEED + self.rounds)
 
 
 # --- the bench ----------------------------------------------------------------------------------
@@ -276,10 +225,7 @@ class Peer:
 def run_bench(model: str = "smollm2-135m", rounds: int = 3, n_pairs: int = N_PAIRS,
               threads: int | None = None) -> dict:
     """Time ours and TRL in alternating rounds; return the one-line summary (see module docstring)."""
-    require_trl("dpo")
-    load = load_average()
-    with torch_threads(threads or bench_threads()):
-        return _run(model, rounds, n_pairs, load)
+    return run_against_trl("dpo", threads, lambda load: _run(model, rounds, n_pairs, load))
 
 
 def _run(model: str, rounds: int, n_pairs: int, load: float) -> dict:
@@ -320,9 +266,6 @@ def _run(model: str, rounds: int, n_pairs: int, load: float) -> dict:
             "ratio_with_reference_pass": round(with_ref / max(p, 1e-9), 2),
             "model": model, "pairs": len(pairs), "kept_pairs": ours.counts.kept, "same_token_ids": same_tokens,
             "pair_tokens": tokens, "scored_tokens": scored,
-            "timed_steps": {k: len(v.steps) for k, v in sides.items() if v.steps},
-            "ours_setup": ours_setup, "peer_setup": peer_setup,
-            "torch_threads": torch.get_num_threads(), "load_at_start": round(load, 1),
-            "seconds": round(time.perf_counter() - started, 1)}
+            **closing_facts(sides, ours_setup, peer_setup, load, started)}
     table("bench dpo", sides)
     return line

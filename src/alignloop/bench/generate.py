@@ -14,21 +14,18 @@ nothing but the weights.
 
 from __future__ import annotations
 
-import json
 import time
-from importlib import resources
 
 import torch
 from rich.table import Table
 
+from alignloop.bench.prompts import bench_prompts
 from alignloop.engine.api import SamplingParams
+from alignloop.engine.engine import Engine
+from alignloop.models import load_model
 from alignloop.ui import console, say, status
 
 SEED = 1234
-
-
-def bench_prompts() -> list[str]:
-    return json.loads(resources.files("alignloop.assets").joinpath("bench_prompts.json").read_text())
 
 
 def _useful(rows: list[list[int]], eos: set[int]) -> int:
@@ -44,8 +41,6 @@ def _useful(rows: list[list[int]], eos: set[int]) -> int:
 
 
 def time_ours(model, tokenizer, chats, max_tokens: int, dtype: str) -> dict:
-    from alignloop.engine.engine import Engine
-
     engine = Engine(model, tokenizer, dtype=dtype, max_batch=len(chats), show_progress=False)
     params = [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=max_tokens, seed=SEED + i)
               for i in range(len(chats))]
@@ -87,8 +82,6 @@ def forward_ceiling(model, rows: int = 64, repeats: int = 5) -> float:
 def run_bench(model: str = "smollm2-135m", n_prompts: int = 64, max_tokens: int = 128,
               peer_batches: list[int] = (16, 64), peer_dtypes: list[str] = ("bfloat16", "float32"),
               our_dtypes: list[str] = ("bfloat16", "float32")) -> dict:
-    from alignloop.models import load_model
-
     torch.manual_seed(SEED)
     fp32, tokenizer = load_model(model, dtype="float32")
     chats = [[{"role": "user", "content": p}] for p in bench_prompts()[:n_prompts]]

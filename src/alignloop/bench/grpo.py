@@ -34,25 +34,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignloop.bench.training import (
+    LORA,
+    Side,
+    TrlPeer,
+    describe,
+    load_average,
+    run_against_trl,
+    trl_version,
+)
+from alignloop.engine.api import SamplingParams
+from alignloop.engine.engine import Engine
+from alignloop.models import load_model
+from alignloop.rl.arithmetic import ArithmeticEnv, score
+from alignloop.rl.config import RLSection
+from alignloop.rl.inference import Inference
+from alignloop.rl.rollout import play
+from alignloop.rl.trainer import Trainer
+from alignloop.rl.weights import policy_weights
+from alignloop.train.config import LoraSection
+from alignloop.train.lora import add_lora
 from alignloop.ui import console, say, set_quiet
 
 PROMPTS = 8
 GENERATIONS = 8
 MAX_TOKENS = 64
 LR = 1e-5
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 SEED = 0
 
 
 def bench_problems(n: int = PROMPTS):
-    from alignloop.rl.arithmetic import ArithmeticEnv
-
     return ArithmeticEnv().sample_tasks(n, seed=SEED)
 
 
 def bench_reward(text: str, answer: int) -> float:
-    from alignloop.rl.arithmetic import score
-
     reward, _, _ = score(text, answer)
     return reward + 0.2 * min(len(text), 200) / 200
 
@@ -63,8 +78,6 @@ class _BenchEnv:
     name = "bench"
 
     def __init__(self) -> None:
-        from alignloop.rl.arithmetic import ArithmeticEnv
-
         self.inner = ArithmeticEnv()
 
     def sample_tasks(self, n: int, seed: int):
@@ -79,10 +92,7 @@ class _BenchEnv:
         return step
 
 
-def rl_section():
-    from alignloop.rl.config import RLSection
-    from alignloop.train.config import LoraSection
-
+def rl_section() -> RLSection:
     return RLSection(algorithm="dapo", prompts_per_step=PROMPTS, group=GENERATIONS, steps=1_000_000, lr=LR,
                      clip_low=0.2, clip_high=0.2, lora=LoraSection(**LORA), bf16=False, micro_batch=16,
                      tis_cap=2.0, schedule="constant", seed=SEED)
@@ -90,13 +100,6 @@ def rl_section():
 
 class Ours:
     def __init__(self, model_name: str) -> None:
-        from alignloop.engine.api import SamplingParams
-        from alignloop.engine.engine import Engine
-        from alignloop.models import load_model
-        from alignloop.rl.inference import Inference
-        from alignloop.rl.trainer import Trainer
-        from alignloop.train.lora import add_lora
-
         self.cfg = rl_section()
         model, self.tokenizer = load_model(model_name, dtype="float32")
         self.inference = Inference(Engine(model, self.tokenizer, dtype="float32", max_batch=PROMPTS * GENERATIONS,
@@ -106,13 +109,9 @@ class Ours:
         self.trainer = Trainer(self.model, self.cfg, 1.0, self.tokenizer.pad_token_id or 0, MAX_TOKENS)
         self.env = _BenchEnv()
         self.params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS)
-        self.steps: list[dict[str, float]] = []
         self.n = 0
 
     def step(self) -> dict[str, float]:
-        from alignloop.rl.rollout import play
-        from alignloop.rl.weights import policy_weights
-
         self.n += 1
         began = time.perf_counter()
         rollout = play(self.env, self.inference, self.tokenizer, bench_problems(), GENERATIONS, self.params,
@@ -128,15 +127,13 @@ class Ours:
                 "reward": float(np.mean([t.reward for t in rollout.trajectories]))}
 
     def describe(self) -> dict[str, Any]:
-        from alignloop.bench.training import describe
-
         return {**describe(self.model, lr=self.cfg.lr, max_grad_norm=self.cfg.max_grad_norm, bf16_autocast=False),
                 "completions_per_step": PROMPTS * GENERATIONS, "max_new_tokens": MAX_TOKENS,
                 "loss": "token-mean (dapo)", "clip": [self.cfg.clip_low, self.cfg.high], "beta": self.cfg.beta}
 
 
 def peer_config(output_dir: str | Path):
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # optional extra, checked by require_trl
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -148,64 +145,33 @@ def peer_config(output_dir: str | Path):
                           seed=SEED)
 
 
-class Peer:
+def peer_reward(completions, answer, **kwargs) -> list[float]:
+    """`bench_reward` as TRL calls a reward function: a batch of completions and their answers."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [bench_reward(t, a) for t, a in zip(texts, answer)]
+
+
+class Peer(TrlPeer):
+    """TRL's GRPOTrainer with its defaults (see the module docstring), one step per call."""
+
     def __init__(self, model_name: str, workdir: Path) -> None:
-        from datasets import Dataset
-        from transformers import TrainerCallback
-        from trl import GRPOTrainer
-
-        from alignloop.bench.sft import peer_lora_config
-        from alignloop.bench.training import hf_quiet
-        from alignloop.models import load_model
-
-        model, tokenizer = load_model(model_name, dtype="float32")
-        problems = bench_problems()
-        from alignloop.rl.arithmetic import ArithmeticEnv
+        from trl import GRPOTrainer  # optional extra, checked by require_trl
 
         env = ArithmeticEnv()
-        rows = [{"prompt": env.messages(p), "answer": p.answer} for p in problems]
-        bench = self
-
-        def reward(completions, answer, **kwargs):
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            bench._completion_chars += sum(len(t) for t in texts)
-            return [bench_reward(t, a) for t, a in zip(texts, answer)]
-
-        class Clock(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                bench._began = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                bench._seconds = time.perf_counter() - bench._began
-
-        config = peer_config(workdir / "trl")
-        lora = peer_lora_config()
-        lora.lora_dropout = LORA["dropout"]
-        torch.manual_seed(SEED)
-        with warnings.catch_warnings(), hf_quiet():
-            warnings.simplefilter("ignore")
-            self.trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
-                                       train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                                       peft_config=lora, callbacks=[Clock()])
-        self._began, self._seconds, self._completion_chars = 0.0, 0.0, 0
-        self.n = 0
+        rows = [{"prompt": env.messages(p), "answer": p.answer} for p in bench_problems()]
+        super().__init__(GRPOTrainer, model_name, lambda: peer_config(workdir / "trl"), rows, SEED,
+                         dtype="float32", count_tokens=False, reward_funcs=peer_reward)
 
     def step(self) -> dict[str, float]:
-        from alignloop.bench.training import hf_quiet
-
-        self.n += 1
-        self.trainer.args.seed = SEED + self.n
-        with warnings.catch_warnings(), hf_quiet(), contextlib.redirect_stdout(open(os.devnull, "w")):
-            warnings.simplefilter("ignore")
-            self.trainer.train()
+        side = Side("peer", warm=True)  # every step counts: the bench keeps its own warm-up round
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            self.run(side, 0.0)  # a budget of 0 s: one step
         logs = [h for h in self.trainer.state.log_history if "reward" in h]
-        return {"seconds": self._seconds, "reward": float(logs[-1]["reward"]) if logs else float("nan"),
+        return {"seconds": side.steps[-1][1], "reward": float(logs[-1]["reward"]) if logs else float("nan"),
                 "completion_tokens": float(logs[-1].get("completions/mean_length", 0)) * PROMPTS * GENERATIONS
                 if logs else 0.0}
 
     def describe(self) -> dict[str, Any]:
-        from alignloop.bench.training import describe
-
         a = self.trainer.args
         return {**describe(self.trainer.model, lr=a.learning_rate, max_grad_norm=a.max_grad_norm,
                             bf16_autocast=bool(a.bf16)),
@@ -216,37 +182,37 @@ class Peer:
 
 
 def run_bench(model: str = "smollm2-135m", rounds: int = 3, threads: int | None = None) -> dict:
-    from alignloop.bench.training import bench_threads, require_trl, trl_version
+    """Time one GRPO step of ours and of TRL in alternating rounds; return the one-line summary."""
+    return run_against_trl("grpo", threads, lambda load: _run(model, rounds, load))
 
-    require_trl("grpo")
 
-    load = os.getloadavg()[0]
-    threads = threads or bench_threads()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
+def _alternate(ours: Ours, peer: Peer, rounds: int) -> dict[str, list[dict[str, float]]]:
+    """A warm-up step of each side, then `rounds` rounds of one step each, who goes first alternating."""
+    timed: dict[str, list[dict[str, float]]] = {"ours": [], "peer": []}
     quiet = console.quiet
-    try:
-        with tempfile.TemporaryDirectory(prefix="alignloop-bench-grpo-") as tmp:
-            say(f"bench grpo: {model}, {PROMPTS} prompts x {GENERATIONS} generations, {MAX_TOKENS} new tokens, "
-                f"LoRA r={LORA['r']}, fp32; warm-up + {rounds} alternating rounds, torch threads {threads}")
-            ours, peer = Ours(model), Peer(model, Path(tmp))
-            timed: dict[str, list[dict[str, float]]] = {"ours": [], "peer": []}
-            for r in range(rounds + 1):
-                order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
-                for name in order:
-                    set_quiet(True)
-                    try:
-                        result = ours.step() if name == "ours" else peer.step()
-                    finally:
-                        set_quiet(quiet)
-                    say(f"{'warm-up' if r == 0 else f'round {r}/{rounds}'} {name}: {result['seconds']:.1f} s/step")
-                    if r > 0:
-                        timed[name].append(result)
-            ours_setup, peer_setup = ours.describe(), peer.describe()
-    finally:
-        torch.set_num_threads(previous)
-        set_quiet(quiet)
+    for r in range(rounds + 1):
+        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+        for name in order:
+            set_quiet(True)
+            try:
+                result = ours.step() if name == "ours" else peer.step()
+            finally:
+                set_quiet(quiet)
+            say(f"{'warm-up' if r == 0 else f'round {r}/{rounds}'} {name}: {result['seconds']:.1f} s/step")
+            if r > 0:
+                timed[name].append(result)
+    return timed
+
+
+def _run(model: str, rounds: int, load: float) -> dict:
+    threads = torch.get_num_threads()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="alignloop-bench-grpo-") as tmp:
+        say(f"bench grpo: {model}, {PROMPTS} prompts x {GENERATIONS} generations, {MAX_TOKENS} new tokens, "
+            f"LoRA r={LORA['r']}, fp32; warm-up + {rounds} alternating rounds, torch threads {threads}")
+        ours, peer = Ours(model), Peer(model, Path(tmp))
+        timed = _alternate(ours, peer, rounds)
+        ours_setup, peer_setup = ours.describe(), peer.describe()
 
     def mean(name: str, key: str) -> float:
         return float(np.mean([x[key] for x in timed[name]]))
@@ -266,6 +232,6 @@ def run_bench(model: str = "smollm2-135m", rounds: int = 3, threads: int | None 
             "peer_config": f"trl {trl_version()} GRPOTrainer defaults (transformers generate, gradient checkpointing)"
                            f", batch {PROMPTS * GENERATIONS}, num_generations {GENERATIONS}",
             "model": model, "timed_steps": len(timed["ours"]), "ours_setup": ours_setup, "peer_setup": peer_setup,
-            "torch_threads": threads, "load_at_start": round(load, 2), "load_at_end": round(os.getloadavg()[0], 2),
+            "torch_threads": threads, "load_at_start": round(load, 2), "load_at_end": round(load_average(), 2),
             "seconds": round(time.perf_counter() - started, 1)}
     return line

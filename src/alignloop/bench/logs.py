@@ -24,7 +24,9 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,8 +37,12 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from alignloop.data.builders import BuildConfig
-from alignloop.data.filters import FILTERED_SCHEMAS, TABLE_ORDER, FilterConfig
+from alignloop.data.builders import BuildConfig, build_datasets
+from alignloop.data.filters import FILTERED_SCHEMAS, TABLE_ORDER, FilterConfig, run_filters, to_arrow
+from alignloop.data.io import TableWriter
+from alignloop.data.labels import derive_labels
+from alignloop.data.schema import LOG_SCHEMAS, conform
+from alignloop.sim import SimConfig, simulate_blocks
 
 EVENTS_PER_USER = 70  # about, over 14 days with the default world (sizes the user pool; blocks stop early)
 KEYS = {"users": "user_id", "sessions": "session_id", "conversations": "conversation_id", "turns": "turn_id",
@@ -49,9 +55,7 @@ def default_block_users(events: int) -> int:
     return max(64, min(8192, events // (8 * EVENTS_PER_USER)))
 
 
-def world_config(events: int, seed: int = 0, block_users: int | None = None) -> Any:
-    from alignloop.sim import SimConfig
-
+def world_config(events: int, seed: int = 0, block_users: int | None = None) -> SimConfig:
     block_users = block_users or default_block_users(events)
     users = max(block_users, math.ceil(2 * events / EVENTS_PER_USER))
     return SimConfig(seed=seed, users=users, days=14, block_users=block_users)
@@ -59,8 +63,6 @@ def world_config(events: int, seed: int = 0, block_users: int | None = None) -> 
 
 def iter_world(events: int, seed: int = 0, block_users: int | None = None):
     """Log tables of simulated blocks of users, until at least `events` events came."""
-    from alignloop.sim import simulate_blocks
-
     n = 0
     for logs, _ in simulate_blocks(world_config(events, seed, block_users)):
         yield logs
@@ -71,8 +73,6 @@ def iter_world(events: int, seed: int = 0, block_users: int | None = None):
 
 def simulate_world(events: int, seed: int = 0, block_users: int | None = None) -> dict[str, pa.Table]:
     """The five log tables of a world with at least `events` events, plus its derived labels."""
-    from alignloop.data.labels import derive_labels
-
     blocks: dict[str, list[pa.Table]] = {}
     for logs in iter_world(events, seed, block_users):
         for name, table in logs.items():
@@ -84,9 +84,6 @@ def simulate_world(events: int, seed: int = 0, block_users: int | None = None) -
 
 def run_ours(tables: dict[str, pa.Table], out_dir: Path, filter_config: FilterConfig | None = None,
              build_config: BuildConfig | None = None) -> dict[str, pl.DataFrame]:
-    from alignloop.data.builders import build_datasets
-    from alignloop.data.filters import run_filters
-
     filtered, _ = run_filters(tables, filter_config or FilterConfig(), keep_inputs=False)
     build_datasets(filtered, build_config or BuildConfig(), out_dir)
     return filtered
@@ -94,11 +91,8 @@ def run_ours(tables: dict[str, pa.Table], out_dir: Path, filter_config: FilterCo
 
 def run_peer(tables: dict[str, pa.Table], out_dir: Path, filter_config: FilterConfig | None = None,
              build_config: BuildConfig | None = None) -> dict[str, Any]:
-    from alignloop.bench.logs_pandas import (
-        build_datasets_pandas,
-        run_filters_pandas,
-        to_pandas,
-    )
+    # The pandas peer needs pandas, which only the `dev` and `ray` extras install.
+    from alignloop.bench.logs_pandas import build_datasets_pandas, run_filters_pandas, to_pandas
 
     filtered = run_filters_pandas(to_pandas(tables), filter_config or FilterConfig())
     build_datasets_pandas(filtered, build_config or BuildConfig(), out_dir)
@@ -112,9 +106,6 @@ def _sorted(df: pl.DataFrame, key: str) -> pl.DataFrame:
 def compare(ours_tables: dict[str, pl.DataFrame], ours_dir: Path, peer_tables: dict[str, Any], peer_dir: Path
             ) -> list[str]:
     """Differences between the two sides' outputs after sorting (empty: identical)."""
-    from alignloop.data.filters import to_arrow
-    from alignloop.data.schema import conform
-
     diffs = []
     ours_arrow = to_arrow(ours_tables)
     for name in TABLE_ORDER:
@@ -202,9 +193,6 @@ LIBRARY_DEFAULTS = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:500,muzzy_decay_ms:1000
 
 def simulate_to_folder(events: int, folder: Path, seed: int = 0) -> int:
     """Simulate block by block straight into a Parquet log folder; returns the events written."""
-    from alignloop.data.io import TableWriter
-    from alignloop.data.schema import LOG_SCHEMAS
-
     n = 0
     with TableWriter(folder, LOG_SCHEMAS) as writer:
         for logs in iter_world(events, seed):
@@ -216,9 +204,6 @@ def simulate_to_folder(events: int, folder: Path, seed: int = 0) -> int:
 
 def _child(cmd: list[str], env: dict[str, str], log: Path, timeout: float | None) -> dict[str, Any]:
     """Run one child process; its wall seconds and peak resident memory (its own `wait4` rusage)."""
-    import os
-    import signal
-
     start = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -246,8 +231,6 @@ def run_memory_check(events: int = 10_000_000, seed: int = 0, work_dir: str | Pa
     (one child each, the real commands: user partitions of ~1M events on disk). Each child's peak
     resident memory comes from its own rusage; nothing is added to the commands' environment.
     `prompt_release=False`: the commands keep the libraries' default allocator settings."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in LIBRARY_DEFAULTS}
     if not prompt_release:
         env.update(LIBRARY_DEFAULTS)

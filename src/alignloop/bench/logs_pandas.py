@@ -395,12 +395,16 @@ DISTILL_COLUMNS = ["example_id", "user_id", "conversation_id", "turn_id", "chara
 
 def build_datasets_pandas(t: Tables, config: BuildConfig | None = None, out_dir: str | Path = "datasets"
                           ) -> dict[str, int]:
-    """Every enabled dataset from filtered tables, one Parquet file each; returns rows per file."""
+    """Every enabled dataset from filtered tables, one Parquet file each; returns rows per file.
+
+    Each dataset's rows are built inside the call that writes them, so they are freed before the
+    next dataset is built (the memory bench compares peaks).
+    """
     config = config or BuildConfig()
     out_dir = Path(out_dir)
     counts: dict[str, int] = {}
     ctx = Context(t, config)
-    turns, events, labels = t["turns"], t["events"], t["labels"]
+    turns, events = t["turns"], t["events"]
     flagged = set(t["target_flags"]["turn_id"])
     assistant = turns[turns["role"] == "assistant"][
         ["turn_id", "conversation_id", "parent_id", "candidate_index", "shown", "selected", "text"]]
@@ -408,91 +412,128 @@ def build_datasets_pandas(t: Tables, config: BuildConfig | None = None, out_dir:
     chosen = assistant[assistant["selected"] & assistant["turn_id"].isin(selects)]
 
     if config.sft.enabled:
-        pool = chosen if config.sft.source == "swipes" else assistant[assistant["selected"]]
-        kept = pool[~pool["turn_id"].isin(flagged)]
-        rows = ctx.attach(ctx.at_parent(kept), target="turn_id")
-        rows["example_id"] = "sft:" + rows["turn_id"]
-        rows["source"] = np.where(rows["turn_id"].isin(selects), "swipe", "selected")
-        _write(out_dir, "sft", rows, SFT_COLUMNS, counts)
-
-    want_pairs = config.dpo.enabled or (config.rm.enabled and "preference" in config.rm.signals)
-    if want_pairs:
-        rejected = assistant[assistant["shown"] & ~assistant["selected"]]
-        if config.dpo.require_swipe_event:
-            swipes = set(events.loc[events["type"] == "swipe", "turn_id"].dropna())
-            rejected = rejected[rejected["turn_id"].isin(swipes)]
-        pairs = chosen[["parent_id", "conversation_id", "turn_id", "text"]].rename(
-            columns={"turn_id": "chosen_turn_id", "text": "chosen_text"}).merge(
-            rejected[["parent_id", "candidate_index", "turn_id", "text"]].rename(
-                columns={"turn_id": "rejected_turn_id", "text": "rejected_text"}), on="parent_id")
-        pairs = pairs[pairs["chosen_text"].str.strip() != pairs["rejected_text"].str.strip()]
-        pairs = pairs.sort_values(["chosen_turn_id", "candidate_index"])
-        if config.dpo.max_pairs_per_prompt:
-            pairs = pairs[pairs.groupby("chosen_turn_id").cumcount() < config.dpo.max_pairs_per_prompt]
-        pairs = ctx.attach(ctx.at_parent(pairs), name="prompt")
-        pairs = ctx.one(ctx.one(pairs, "chosen_turn_id", "chosen"), "rejected_turn_id", "rejected")
-        pairs["example_id"] = "pair:" + pairs["chosen_turn_id"] + ">" + pairs["rejected_turn_id"]
-        if config.dpo.enabled:
-            _write(out_dir, "dpo", pairs[~pairs["chosen_turn_id"].isin(flagged)], PAIR_COLUMNS, counts)
-        if config.rm.enabled and "preference" in config.rm.signals:
-            split = split_of(pairs["user_id"], config.rm.eval_fraction, config.rm.salt)
-            for side in ("train", "eval"):
-                _write(out_dir, f"rm/preference/{side}", pairs[split == side], PAIR_COLUMNS, counts)
-        del pairs
-
+        _write(out_dir, "sft", _sft_rows(ctx, config, assistant, chosen, selects, flagged), SFT_COLUMNS, counts)
+    if config.dpo.enabled or (config.rm.enabled and "preference" in config.rm.signals):
+        _write_pairs(out_dir, _pair_rows(ctx, config, events, assistant, chosen), config, flagged, counts)
     if config.rm.enabled:
-        columns = {"continue": "continued", "turns_after": "turns_after", "time_to_next": "time_to_next_user_message",
-                   "returned_1d": "returned_1d", "returned_7d": "returned_7d"}
         for signal in config.rm.signals:
-            if signal == "preference":
-                continue
-            if signal == "thumbs":
-                votes = events[events["type"] == "vote"].sort_values("timestamp", kind="stable")
-                votes = votes.drop_duplicates("turn_id", keep="last")[["turn_id", "value"]]
-                votes = votes[votes["value"] != 0].rename(columns={"value": "label"})
-                rows = assistant.merge(votes, on="turn_id").assign(censored=False)
-            elif signal == "safety":
-                reported = set(events.loc[events["type"] == "report", "turn_id"].dropna())
-                rows = assistant[assistant["shown"]].copy()
-                rows["label"] = rows["turn_id"].isin(reported).astype(float)
-                rows["censored"] = False
-                ratio = config.rm.safety_negatives_per_positive
-                if ratio is not None:
-                    pos, neg = rows[rows["label"] > 0], rows[rows["label"] == 0].copy()
-                    neg["_h"] = hash_strings(neg["turn_id"].to_numpy(), "safety")
-                    neg = neg.sort_values("_h").head(math.ceil(ratio * len(pos))).drop(columns="_h")
-                    rows = pd.concat([pos, neg])
-            else:
-                lab = labels[["turn_id", columns[signal]]].rename(columns={columns[signal]: "label"})
-                rows = assistant.merge(lab, on="turn_id")
-                rows["label"] = rows["label"].astype(float)
-                if signal == "time_to_next":
-                    rows["censored"] = rows["label"].isna()
-                else:
-                    rows = rows[rows["label"].notna()].assign(censored=False)
-            rows = ctx.attach(ctx.at_parent(rows[["turn_id", "conversation_id", "parent_id", "label", "censored"]]),
-                              target="turn_id")
-            rows["example_id"] = f"{signal}:" + rows["turn_id"]
-            split = split_of(rows["user_id"], config.rm.eval_fraction, config.rm.salt)
-            for side in ("train", "eval"):
-                _write(out_dir, f"rm/{signal}/{side}", rows[split == side], SCALAR_COLUMNS, counts)
-            del rows
-
+            if signal != "preference":
+                _write_split(out_dir, f"rm/{signal}", _scalar_rows(ctx, config, signal, t, assistant),
+                             SCALAR_COLUMNS, config, counts)
     if config.distill.enabled:
-        users = turns[(turns["role"] == "user") & turns["selected"]][["turn_id", "conversation_id"]]
-        rows = users.merge(ctx.index, on=["turn_id", "conversation_id"])
-        rows["end"] = rows["idx"] + 1
-        rows = ctx.attach(rows)
-        rows["example_id"] = "distill:" + rows["turn_id"]
-        rows = rows.sort_values("example_id")
-        if config.distill.dedup:  # one prompt per distinct messages: the smallest example id
-            key = [tuple((m["role"], m["content"]) for m in ms) for ms in rows["messages"]]
-            rows = rows[~pd.Series(key, index=rows.index).duplicated()]
-        if config.distill.max_prompts is not None and len(rows) > config.distill.max_prompts:
-            rows = rows.assign(_h=hash_strings(rows["example_id"].to_numpy(), "distill"))
-            rows = rows.sort_values("_h").head(config.distill.max_prompts)
-        _write(out_dir, "distill", rows, DISTILL_COLUMNS, counts)
+        _write(out_dir, "distill", _distill_rows(ctx, config, turns), DISTILL_COLUMNS, counts)
     return counts
+
+
+def _write_split(out_dir: Path, name: str, rows: pd.DataFrame, columns: list[str], config: BuildConfig,
+                 counts: dict[str, int]) -> None:
+    """`rows` split by user into `name`/train and `name`/eval (the reward models' held-out users)."""
+    split = split_of(rows["user_id"], config.rm.eval_fraction, config.rm.salt)
+    for side in ("train", "eval"):
+        _write(out_dir, f"{name}/{side}", rows[split == side], columns, counts)
+
+
+def _sft_rows(ctx: Context, config: BuildConfig, assistant: pd.DataFrame, chosen: pd.DataFrame, selects: set,
+              flagged: set) -> pd.DataFrame:
+    pool = chosen if config.sft.source == "swipes" else assistant[assistant["selected"]]
+    kept = pool[~pool["turn_id"].isin(flagged)]
+    rows = ctx.attach(ctx.at_parent(kept), target="turn_id")
+    rows["example_id"] = "sft:" + rows["turn_id"]
+    rows["source"] = np.where(rows["turn_id"].isin(selects), "swipe", "selected")
+    return rows
+
+
+def _pair_rows(ctx: Context, config: BuildConfig, events: pd.DataFrame, assistant: pd.DataFrame,
+               chosen: pd.DataFrame) -> pd.DataFrame:
+    """Chosen vs shown-but-not-selected siblings, texts differing, at most `max_pairs_per_prompt` each."""
+    rejected = assistant[assistant["shown"] & ~assistant["selected"]]
+    if config.dpo.require_swipe_event:
+        swipes = set(events.loc[events["type"] == "swipe", "turn_id"].dropna())
+        rejected = rejected[rejected["turn_id"].isin(swipes)]
+    pairs = chosen[["parent_id", "conversation_id", "turn_id", "text"]].rename(
+        columns={"turn_id": "chosen_turn_id", "text": "chosen_text"}).merge(
+        rejected[["parent_id", "candidate_index", "turn_id", "text"]].rename(
+            columns={"turn_id": "rejected_turn_id", "text": "rejected_text"}), on="parent_id")
+    pairs = pairs[pairs["chosen_text"].str.strip() != pairs["rejected_text"].str.strip()]
+    pairs = pairs.sort_values(["chosen_turn_id", "candidate_index"])
+    if config.dpo.max_pairs_per_prompt:
+        pairs = pairs[pairs.groupby("chosen_turn_id").cumcount() < config.dpo.max_pairs_per_prompt]
+    pairs = ctx.attach(ctx.at_parent(pairs), name="prompt")
+    pairs = ctx.one(ctx.one(pairs, "chosen_turn_id", "chosen"), "rejected_turn_id", "rejected")
+    pairs["example_id"] = "pair:" + pairs["chosen_turn_id"] + ">" + pairs["rejected_turn_id"]
+    return pairs
+
+
+def _write_pairs(out_dir: Path, pairs: pd.DataFrame, config: BuildConfig, flagged: set, counts: dict[str, int]
+                 ) -> None:
+    if config.dpo.enabled:
+        _write(out_dir, "dpo", pairs[~pairs["chosen_turn_id"].isin(flagged)], PAIR_COLUMNS, counts)
+    if config.rm.enabled and "preference" in config.rm.signals:
+        _write_split(out_dir, "rm/preference", pairs, PAIR_COLUMNS, config, counts)
+
+
+LABEL_COLUMNS = {"continue": "continued", "turns_after": "turns_after", "time_to_next": "time_to_next_user_message",
+                 "returned_1d": "returned_1d", "returned_7d": "returned_7d"}
+
+
+def _scalar_rows(ctx: Context, config: BuildConfig, signal: str, t: Tables, assistant: pd.DataFrame
+                 ) -> pd.DataFrame:
+    """One reward-model signal's examples: the assistant turn in context, its label, censored or not."""
+    if signal == "thumbs":
+        rows = _thumbs(t["events"], assistant)
+    elif signal == "safety":
+        rows = _safety(t["events"], assistant, config.rm.safety_negatives_per_positive)
+    else:
+        lab = t["labels"][["turn_id", LABEL_COLUMNS[signal]]].rename(columns={LABEL_COLUMNS[signal]: "label"})
+        rows = assistant.merge(lab, on="turn_id")
+        rows["label"] = rows["label"].astype(float)
+        if signal == "time_to_next":
+            rows["censored"] = rows["label"].isna()
+        else:
+            rows = rows[rows["label"].notna()].assign(censored=False)
+    rows = ctx.attach(ctx.at_parent(rows[["turn_id", "conversation_id", "parent_id", "label", "censored"]]),
+                      target="turn_id")
+    rows["example_id"] = f"{signal}:" + rows["turn_id"]
+    return rows
+
+
+def _thumbs(events: pd.DataFrame, assistant: pd.DataFrame) -> pd.DataFrame:
+    """Each turn's last non-zero vote as its label."""
+    votes = events[events["type"] == "vote"].sort_values("timestamp", kind="stable")
+    votes = votes.drop_duplicates("turn_id", keep="last")[["turn_id", "value"]]
+    votes = votes[votes["value"] != 0].rename(columns={"value": "label"})
+    return assistant.merge(votes, on="turn_id").assign(censored=False)
+
+
+def _safety(events: pd.DataFrame, assistant: pd.DataFrame, ratio: float | None) -> pd.DataFrame:
+    """Shown turns labelled 1 if reported; with `ratio`, negatives cut to ratio x positives by hash."""
+    reported = set(events.loc[events["type"] == "report", "turn_id"].dropna())
+    rows = assistant[assistant["shown"]].copy()
+    rows["label"] = rows["turn_id"].isin(reported).astype(float)
+    rows["censored"] = False
+    if ratio is None:
+        return rows
+    pos, neg = rows[rows["label"] > 0], rows[rows["label"] == 0].copy()
+    neg["_h"] = hash_strings(neg["turn_id"].to_numpy(), "safety")
+    neg = neg.sort_values("_h").head(math.ceil(ratio * len(pos))).drop(columns="_h")
+    return pd.concat([pos, neg])
+
+
+def _distill_rows(ctx: Context, config: BuildConfig, turns: pd.DataFrame) -> pd.DataFrame:
+    """Every selected user turn with its context as a prompt; optionally deduplicated and capped."""
+    users = turns[(turns["role"] == "user") & turns["selected"]][["turn_id", "conversation_id"]]
+    rows = users.merge(ctx.index, on=["turn_id", "conversation_id"])
+    rows["end"] = rows["idx"] + 1
+    rows = ctx.attach(rows)
+    rows["example_id"] = "distill:" + rows["turn_id"]
+    rows = rows.sort_values("example_id")
+    if config.distill.dedup:  # one prompt per distinct messages: the smallest example id
+        key = [tuple((m["role"], m["content"]) for m in ms) for ms in rows["messages"]]
+        rows = rows[~pd.Series(key, index=rows.index).duplicated()]
+    if config.distill.max_prompts is not None and len(rows) > config.distill.max_prompts:
+        rows = rows.assign(_h=hash_strings(rows["example_id"].to_numpy(), "distill"))
+        rows = rows.sort_values("_h").head(config.distill.max_prompts)
+    return rows
 
 
 __all__ = ["build_datasets_pandas", "run_filters_pandas", "to_pandas"]

@@ -45,34 +45,34 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignloop.bench.prompts import bench_prompts
 from alignloop.bench.training import (
-    PeerClock,
+    LORA,
+    OurSide,
     Side,
+    TrlPeer,
     alternate,
     answer,
-    bench_prompts,
-    bench_threads,
-    describe,
-    hf_quiet,
-    load_average,
-    require_trl,
-    run_our_loop,
+    closing_facts,
+    run_against_trl,
     table,
-    torch_threads,
+    trl_config,
     trl_version,
 )
+from alignloop.models import load_model
+from alignloop.train.config import LoraSection, SFTTrainSection
+from alignloop.train.sft import SFTObjective
+from alignloop.train.sft_data import Conversation, PackedBatches, tokenize
 from alignloop.ui import say
 
 BATCH = 4             # rows per optimizer step, both sides
 MAX_SEQ_LEN = 512     # our packed row length; every bench conversation fits (TRL's max_length stays 1024)
 LR = 2e-5             # TRL's default learning rate, used on both sides (it does not change the speed)
-LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 N_CONVERSATIONS = 256
 SEED = 0
 
@@ -103,10 +103,7 @@ def bench_settings() -> dict[str, Any]:
 # --- our side -----------------------------------------------------------------------------------
 
 
-def our_train_section(bf16: bool = True):
-    from alignloop.train.config import LoraSection
-    from alignloop.train.sft import SFTTrainSection
-
+def our_train_section(bf16: bool = True) -> SFTTrainSection:
     return SFTTrainSection(
         lr=LR, micro_batch=BATCH, grad_accum=1, max_grad_norm=1.0, bf16=bf16, max_seq_len=MAX_SEQ_LEN,
         lora=LoraSection(**LORA), schedule="constant", warmup_steps=0, steps=1_000_000,
@@ -115,41 +112,20 @@ def our_train_section(bf16: bool = True):
 
 def peer_sft_config(output_dir: str | Path, max_steps: int = 1_000_000):
     """TRL's SFTConfig: its defaults, but for batch size, lr-independent step cap, and no checkpoints."""
-    from trl import SFTConfig
+    from trl import SFTConfig  # optional extra, checked by require_trl
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return SFTConfig(output_dir=str(output_dir), use_cpu=True, per_device_train_batch_size=BATCH,
-                         gradient_accumulation_steps=1, max_steps=max_steps, bf16=True, learning_rate=LR,
-                         save_strategy="no", report_to="none")
+    return trl_config(SFTConfig, output_dir, BATCH, LR, max_steps)
 
 
-def peer_lora_config():
-    from peft import LoraConfig
-
-    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                      target_modules=LORA["targets"], task_type="CAUSAL_LM", bias="none")
-
-
-class Ours:
+class Ours(OurSide):
     """Our SFT (TokenLogprobs + SFTObjective + PackedBatches + the shared loop), in rounds."""
 
     def __init__(self, model_name: str, conversations, workdir: Path, base_dtype: str, bf16: bool) -> None:
-        from alignloop.models import load_model
-        from alignloop.train.logprobs import TokenLogprobs
-        from alignloop.train.lora import add_lora
-        from alignloop.train.sft_data import Conversation, PackedBatches, tokenize
-
-        self.config = our_train_section(bf16=bf16)
         model, tokenizer = load_model(model_name, dtype=base_dtype)
         examples, self.counts = tokenize(
             tokenizer, [Conversation(m, 1.0, f"bench:{i}") for i, m in enumerate(conversations)], MAX_SEQ_LEN)
         self.batches = PackedBatches(examples, MAX_SEQ_LEN, BATCH, seed=SEED, pad_id=tokenizer.pad_token_id or 0)
-        torch.manual_seed(SEED)
-        self.model = add_lora(model, self.config.lora)
-        self.module = TokenLogprobs(self.model)
-        self.workdir = workdir
-        self.rounds = 0
+        super().__init__(model, our_train_section(bf16=bf16), workdir, SEED)
 
     def tokens_per_step(self) -> float:
         return sum(len(e) for e in self.batches.examples) / len(self.batches)
@@ -158,39 +134,21 @@ class Ours:
         return [list(e.input_ids) for e in self.batches.examples]
 
     def describe(self) -> dict[str, Any]:
-        return describe(self.model, batch=self.config.micro_batch, grad_accum=self.config.grad_accum,
-                        lr=self.config.lr, max_grad_norm=self.config.max_grad_norm, bf16_autocast=self.config.bf16)
+        return self.setup(self.config.micro_batch)
 
     def run(self, side: Side, seconds: float) -> float:
         """Train until `seconds` of step time are spent (at least one step); return the time spent."""
-        from alignloop.train.sft import SFTObjective
-
-        self.rounds += 1
-        self.batches.seed = SEED + self.rounds  # each round its own draw of rows, like TRL's below
-        return run_our_loop(self.module, SFTObjective(), self.batches, self.config, self.workdir, "sft",
-                            side, seconds, self.rounds)
+        return self.train_round(SFTObjective(), self.batches, "sft", side, seconds)
 
 
-class Peer:
+class Peer(TrlPeer):
     """TRL's SFTTrainer with its defaults (see the module docstring), in rounds."""
 
     def __init__(self, model_name: str, conversations, workdir: Path) -> None:
-        from datasets import Dataset
-        from trl import SFTTrainer
+        from trl import SFTTrainer  # optional extra, checked by require_trl
 
-        from alignloop.models import load_model
-
-        model, tokenizer = load_model(model_name, dtype="bfloat16")
-        torch.manual_seed(SEED)
-        self.clock = PeerClock()
-        with warnings.catch_warnings(), hf_quiet():
-            warnings.simplefilter("ignore")
-            self.trainer = SFTTrainer(
-                model=model, args=peer_sft_config(workdir / "trl"), processing_class=tokenizer,
-                train_dataset=Dataset.from_list([{"messages": m} for m in conversations]),
-                peft_config=peer_lora_config(), callbacks=[self.clock.callback()])
-        self.clock.count_tokens(self.trainer.model)
-        self.rounds = 0
+        super().__init__(SFTTrainer, model_name, lambda: peer_sft_config(workdir / "trl"),
+                         [{"messages": m} for m in conversations], SEED)
 
     def tokens_per_step(self) -> float:
         lengths = [len(x) for x in self.trainer.train_dataset["input_ids"]]
@@ -200,16 +158,7 @@ class Peer:
         return [list(x) for x in self.trainer.train_dataset["input_ids"]]
 
     def describe(self) -> dict[str, Any]:
-        args = self.trainer.args
-        return {**describe(self.trainer.model, batch=args.per_device_train_batch_size,
-                           grad_accum=args.gradient_accumulation_steps, lr=args.learning_rate,
-                           max_grad_norm=args.max_grad_norm, bf16_autocast=bool(args.bf16)),
-                "gradient_checkpointing": bool(args.gradient_checkpointing), "packing": bool(args.packing)}
-
-    def run(self, side: Side, seconds: float) -> float:
-        """Train until `seconds` of step time are spent (at least one step); return the time spent."""
-        self.rounds += 1
-        return self.clock.run(self.trainer, side, seconds, SEED + self.rounds)
+        return {**self.setup(), "packing": bool(self.trainer.args.packing)}
 
 
 # --- the bench ----------------------------------------------------------------------------------
@@ -224,10 +173,7 @@ def run_bench(model: str = "smollm2-135m", rounds: int = 3, fp32: bool = True,
     step of ours in fp32. The first step of each side is a warm-up. `threads`: torch threads for
     both sides (default `bench_threads()`).
     """
-    require_trl("sft")
-    load = load_average()
-    with torch_threads(threads or bench_threads()):
-        return _run(model, rounds, fp32, n_conversations, load)
+    return run_against_trl("sft", threads, lambda load: _run(model, rounds, fp32, n_conversations, load))
 
 
 def _run(model: str, rounds: int, fp32: bool, n_conversations: int, load: float) -> dict:
@@ -259,10 +205,7 @@ def _run(model: str, rounds: int, fp32: bool, n_conversations: int, load: float)
             "model": model, "conversations": len(conversations), "same_token_ids": same_tokens,
             "assistant_token_share": round(counts.loss_tokens / counts.tokens, 2),
             "tokens_per_step": {k: round(v) for k, v in per_step.items()},
-            "timed_steps": {k: len(v.steps) for k, v in sides.items() if v.steps},
-            "ours_setup": ours_setup, "peer_setup": peer_setup,
-            "torch_threads": torch.get_num_threads(), "load_at_start": round(load, 1),
-            "seconds": round(time.perf_counter() - started, 1)}
+            **closing_facts(sides, ours_setup, peer_setup, load, started)}
     if "ours_fp32" in sides and sides["ours_fp32"].steps:
         line["ours_fp32"] = round(sides["ours_fp32"].tok_s, 1)
         line["ours_fp32_over_bf16"] = round(sides["ours_fp32"].tok_s / max(sides["ours"].tok_s, 1e-9), 2)

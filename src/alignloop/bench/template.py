@@ -19,7 +19,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import chat_template_utils
+
 from alignloop.chat.render import render
+from alignloop.models import load_tokenizer
 
 CORPUS_SUBDIR = Path("conformance") / "chat_templates"
 
@@ -107,10 +110,6 @@ def _rates(ours_pass, peer_pass, n_cases: int, seconds: float, rounds: int = 8) 
 
 def run_bench(seconds: float = 4.0, corpus_dir: Path | None = None) -> dict:
     """Time ours vs transformers on the corpus; ~`seconds` of rendering on each side."""
-    from transformers.utils import chat_template_utils
-
-    from alignloop.models import load_tokenizer
-
     cases = load_cases(corpus_dir)
     tokenizer = load_tokenizer("tiny")
     clock = _frozen_clock_for_transformers()

@@ -1,5 +1,6 @@
-"""What `bench sft` and `bench dpo` share: the synthetic answers, the per-step clocks of both
-sides, the alternating timed rounds, the thread count, and the parity facts read off a model.
+"""What `bench sft`, `bench dpo` and `bench grpo` share: the synthetic answers, the LoRA both sides
+train, the per-step clocks of both sides, a TRL trainer set up the same way for every bench, the
+alternating timed rounds, the thread count, and the parity facts read off a model.
 
 Each bench builds an "ours" and a "peer" runner with `run(side, seconds) -> seconds spent`:
 train until `seconds` of step time are spent (at least one step), adding every step's
@@ -20,8 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from rich.table import Table
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils import logging as hf_logging
 
+from alignloop.errors import AlignloopError
+from alignloop.models import load_model
+from alignloop.runs import Stage
+from alignloop.train.logprobs import TokenLogprobs
+from alignloop.train.loop import train
+from alignloop.train.lora import add_lora
+from alignloop.train.threads import torch_threads
 from alignloop.ui import console, say, set_quiet
+
+# The LoRA both sides of every training bench put on the model (ours as a LoraSection, TRL's as peft's).
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"}
 
 _WORDS = (  # noqa: SIM905 (a word list reads better as prose)
     "the a model answer question simple clear idea reason because example often people water light "
@@ -43,13 +60,6 @@ def answer(rng: random.Random, n_words: int) -> str:
     if words:
         sentences.append(" ".join(words).capitalize() + ".")
     return " ".join(sentences)
-
-
-def bench_prompts() -> list[str]:
-    import json
-    from importlib import resources
-
-    return json.loads(resources.files("alignloop.assets").joinpath("bench_prompts.json").read_text())
 
 
 # --- clocks ------------------------------------------------------------------------------------
@@ -83,29 +93,49 @@ class Side:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def run_our_loop(module: torch.nn.Module, objective: Any, batches: Any, config: Any, workdir: Path,
-                 stage_name: str, side: Side, seconds: float, round_no: int) -> float:
-    """Our shared training loop for one round: until `seconds` of step time (at least one step).
+class OurSide:
+    """Our side of a training bench: the model with `LORA` adapters, trained by our loop in rounds.
 
-    Every round is a fresh `train()` call in its own stage folder (no resume), timed by the loop's
-    own per-step clock (`metrics["seconds"]`: collation, forward, backward, clipping, AdamW).
+    torch is seeded with `seed` before the adapters are made, as on TRL's side. `config` is the
+    stage's train section (its `lora` is `LORA`).
     """
-    from alignloop.runs import Stage
-    from alignloop.train.loop import train
 
-    stage = Stage(workdir, f"{side.name}-{round_no}", stage_name, {"bench": side.name, "round": round_no})
-    spent = 0.0
+    def __init__(self, model: torch.nn.Module, config: Any, workdir: Path, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.config, self.workdir, self.seed, self.rounds = config, workdir, seed, 0
+        self.model = add_lora(model, config.lora)
+        self.module = TokenLogprobs(self.model)
 
-    def clock(step: int, metrics: dict[str, Any]) -> None:
-        nonlocal spent
-        side.add(int(metrics["tokens"]), float(metrics["seconds"]))
-        spent += float(metrics["seconds"])
-        if spent >= seconds:
-            raise RoundOver
+    def setup(self, batch: int, **settings: Any) -> dict[str, Any]:
+        """The parity facts (`describe`) with our batch, lr, clipping and precision."""
+        c = self.config
+        return describe(self.model, batch=batch, grad_accum=c.grad_accum, lr=c.lr, max_grad_norm=c.max_grad_norm,
+                        bf16_autocast=c.bf16, **settings)
 
-    with contextlib.suppress(RoundOver):
-        train(module, objective, batches, config, stage, callbacks=[clock], description=f"{side.name} round {round_no}")
-    return spent
+    def train_round(self, objective: Any, batches: Any, stage_name: str, side: Side, seconds: float) -> float:
+        """One round: until `seconds` of step time are spent (at least one step); returns the time spent.
+
+        Every round is a fresh `train()` call in its own stage folder (no resume), on `batches`
+        drawn afresh for the round (seed + round, as TRL's side draws its rows), timed by the loop's
+        own per-step clock (`metrics["seconds"]`: collation, forward, backward, clipping, AdamW).
+        """
+        self.rounds += 1
+        batches.seed = self.seed + self.rounds
+        stage = Stage(self.workdir, f"{side.name}-{self.rounds}", stage_name,
+                      {"bench": side.name, "round": self.rounds})
+        spent = 0.0
+
+        def clock(step: int, metrics: dict[str, Any]) -> None:
+            nonlocal spent
+            side.add(int(metrics["tokens"]), float(metrics["seconds"]))
+            spent += float(metrics["seconds"])
+            if spent >= seconds:
+                raise RoundOver
+
+        with contextlib.suppress(RoundOver):
+            train(self.module, objective, batches, self.config, stage, callbacks=[clock],
+                  description=f"{side.name} round {self.rounds}")
+        return spent
 
 
 class PeerClock:
@@ -122,8 +152,6 @@ class PeerClock:
         self._began, self._tokens, self._spent, self._budget = 0.0, 0, 0.0, 0.0
 
     def callback(self) -> Any:
-        from transformers import TrainerCallback
-
         clock = self
 
         class Clock(TrainerCallback):
@@ -155,8 +183,6 @@ class PeerClock:
         # Each train() starts its data loader afresh, shuffled from the seed: a new seed per round
         # draws new batches instead of timing the same first batch again.
         trainer.args.seed = seed
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
         for noisy in (PrinterCallback, ProgressCallback):  # per-run summaries on stdout: the table says it all
             trainer.remove_callback(noisy)
         with warnings.catch_warnings(), hf_quiet():
@@ -167,8 +193,8 @@ class PeerClock:
 
 @contextlib.contextmanager
 def hf_quiet() -> Iterator[None]:
-    import datasets
-    from transformers.utils import logging as hf_logging
+    """transformers' logging at errors only and no `datasets` progress bars, for the block."""
+    import datasets  # comes with TRL, an optional extra: only the TRL side needs it
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -180,6 +206,65 @@ def hf_quiet() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if bars:
             datasets.enable_progress_bars()
+
+
+def peer_lora_config() -> LoraConfig:
+    """`LORA` as peft's config, for TRL's side."""
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules=LORA["targets"], task_type="CAUSAL_LM", bias="none")
+
+
+def trl_config(config_cls: Callable[..., Any], output_dir: str | Path, batch: int, lr: float, max_steps: int,
+               **settings: Any) -> Any:
+    """A TRL trainer config at its defaults but for: CPU, `batch` rows per step without accumulation,
+    `lr`, bf16 autocast (TRL's default, said outright), a step cap, no checkpoints or reports,
+    and `settings`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return config_cls(output_dir=str(output_dir), use_cpu=True, per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=1, max_steps=max_steps, bf16=True, learning_rate=lr,
+                          save_strategy="no", report_to="none", **settings)
+
+
+class TrlPeer:
+    """A TRL trainer on the bench's rows, with `LORA`, timed by a `PeerClock` and run in rounds.
+
+    `trainer_cls` is the TRL trainer and `make_args()` its config; `trainer_kwargs` go to the
+    trainer as they are (e.g. GRPO's reward function). The model is loaded in `dtype`, torch is
+    seeded with `seed` before the adapters are made, and the trainer is built with HF's warnings
+    and logs muted. `count_tokens`: hook the model to count the tokens its training forwards see.
+    `run(side, seconds)` is this side's runner for `alternate`: round r trains with seed `seed + r`.
+    """
+
+    def __init__(self, trainer_cls: Callable[..., Any], model_name: str, make_args: Callable[[], Any],
+                 rows: list[dict[str, Any]], seed: int, dtype: str = "bfloat16", count_tokens: bool = True,
+                 **trainer_kwargs: Any) -> None:
+        from datasets import Dataset  # comes with TRL, an optional extra
+
+        model, tokenizer = load_model(model_name, dtype=dtype)
+        torch.manual_seed(seed)
+        self.seed, self.rounds = seed, 0
+        self.clock = PeerClock()
+        with warnings.catch_warnings(), hf_quiet():
+            warnings.simplefilter("ignore")
+            self.trainer = trainer_cls(
+                model=model, args=make_args(), processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
+                peft_config=peer_lora_config(), callbacks=[self.clock.callback()], **trainer_kwargs)
+        if count_tokens:
+            self.clock.count_tokens(self.trainer.model)
+
+    def setup(self, **settings: Any) -> dict[str, Any]:
+        """The parity facts (`describe`) with the trainer's batch, lr, clipping and precision."""
+        args = self.trainer.args
+        return {**describe(self.trainer.model, batch=args.per_device_train_batch_size,
+                           grad_accum=args.gradient_accumulation_steps, lr=args.learning_rate,
+                           max_grad_norm=args.max_grad_norm, bf16_autocast=bool(args.bf16), **settings),
+                "gradient_checkpointing": bool(args.gradient_checkpointing)}
+
+    def run(self, side: Side, seconds: float) -> float:
+        """Train until `seconds` of step time are spent (at least one step); return the time spent."""
+        self.rounds += 1
+        return self.clock.run(self.trainer, side, seconds, self.seed + self.rounds)
 
 
 # --- rounds ------------------------------------------------------------------------------------
@@ -227,31 +312,37 @@ def bench_threads() -> int:
     return max(1, min(torch.get_num_threads(), int(cores - busy + 0.5)))
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
+def run_against_trl(bench: str, threads: int | None, body: Callable[[float], dict]) -> dict:
+    """`body(load)` at the bench's torch thread count (`threads`, default `bench_threads()`), once TRL
+    is known to be installed; `load` is the 1-minute load average taken before the work starts."""
+    require_trl(bench)
+    load = load_average()
+    with torch_threads(threads or bench_threads()):
+        return body(load)
+
+
+def closing_facts(sides: dict[str, Side], ours_setup: dict[str, Any], peer_setup: dict[str, Any], load: float,
+                  started: float) -> dict[str, Any]:
+    """What every training bench's JSON line ends with: steps timed, each side's setup, the machine."""
+    return {"timed_steps": {k: len(v.steps) for k, v in sides.items() if v.steps},
+            "ours_setup": ours_setup, "peer_setup": peer_setup,
+            "torch_threads": torch.get_num_threads(), "load_at_start": round(load, 1),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
 def require_trl(bench: str) -> None:
     try:
-        import trl  # noqa: F401
+        import trl  # noqa: F401  (an optional extra: this checks it is there)
     except ImportError:
-        from alignloop.errors import AlignloopError
-
         raise AlignloopError(f"bench {bench} compares with TRL: pip install trl (or the dev extra)") from None
 
 
 def trl_version() -> str:
-    import trl
+    import trl  # optional extra, checked by require_trl before any bench runs
 
     return trl.__version__
 
@@ -261,8 +352,6 @@ def trl_version() -> str:
 
 def describe(model: torch.nn.Module, **settings: Any) -> dict[str, Any]:
     """The parity facts of one side, read off the model it actually trains."""
-    from peft.tuners.lora import LoraLayer
-
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     config = next(iter(model.peft_config.values()))
@@ -273,8 +362,6 @@ def describe(model: torch.nn.Module, **settings: Any) -> dict[str, Any]:
 
 
 def table(title: str, sides: dict[str, Side]) -> None:
-    from rich.table import Table
-
     t = Table("side", "timed steps", "trained tokens", "seconds", "tokens/s", title=title)
     for name, s in sides.items():
         if s.steps:

@@ -27,6 +27,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from rich.table import Table
+from rich.text import Text
+
 from alignloop.chat.normalize import normalize_messages
 from alignloop.chat.render import ChatTemplate
 from alignloop.errors import AlignloopError
@@ -131,7 +134,7 @@ class MistralCommonTokenizer:
 def mistral_tokenizer(version: str) -> MistralCommonTokenizer:
     """Mistral's real tokenizer, shipped with `mistral-common`: "v1" (Mistral-7B v0.1/v0.2),
     "v3" (v0.3, SentencePiece) or "tekken" (Nemo)."""
-    try:
+    try:  # optional (the dev extra): only these comparisons need it
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
     except ImportError:
         raise AlignloopError("Mistral's tokenizers need the mistral-common package: pip install mistral-common") from None
@@ -229,9 +232,6 @@ def _why(exc: BaseException) -> str:
 
 def cost_table(entries: list[dict], title: str = "chat-template token overhead"):
     """A rich Table of cost entries: `template_costs` results with "template" and "tokenizer" labels."""
-    from rich.table import Table
-    from rich.text import Text
-
     table = Table(title=title)
     table.add_column("template")
     table.add_column("tokenizer")
@@ -252,6 +252,7 @@ def cost_table(entries: list[dict], title: str = "chat-template token overhead")
 
 def cost_plot(rows: list[dict], path: str | Path, title: str = "chat-template token overhead") -> Path:
     """A grouped bar chart (PNG) of the overhead metrics of each entry; missing values are left out."""
+    # matplotlib only for this plot: its import takes about a second, which no other use should pay.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -16,7 +16,7 @@ rendering them with the HF semantics (transformers' ``apply_chat_template``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
@@ -232,8 +232,6 @@ class Family:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view (for ``alignloop`` reports and docs)."""
-        from dataclasses import asdict
-
         out = asdict(self)
         out["stop_strings"] = list(self.stop_strings)
         out["round_trip"] = sorted(self.round_trip)

@@ -205,36 +205,38 @@ def _check_tools(p: _Prober) -> list[Finding]:
                     f"tool schemas passed as tools= are not rendered ({why}): the model never sees them")]
 
 
+def _dropped(kind: str, error: str | None, rendered: bool, raises: str, has_branch: bool, dropped: str,
+             unsupported: str) -> list[Finding]:
+    """The finding for one probed part of a conversation: the template raised on it (a warning), dropped it
+    although it has a branch for it (an error: the branch expects another shape), or has no support (a warning)."""
+    if error is not None:
+        return [Finding(kind, "warning", f"the template raises on {raises} ({error})")]
+    if rendered:
+        return []
+    if has_branch:
+        return [Finding(kind, "error", dropped)]
+    return [Finding(kind, "warning", unsupported)]
+
+
 def _check_tool_messages(p: _Prober) -> list[Finding]:
-    out = []
     conv = [_user(), _tool_call_message(), _tool_result()]
     text, error = p.attempt(conv, tools=[p.tool], add_generation_prompt=True)
     call_text, call_error = (text, None) if text is not None else p.attempt(conv[:2], tools=[p.tool])
-    if call_error is not None:
-        out.append(Finding("tool_calls_ignored", "warning",
-                           f"the template raises on an assistant message with tool_calls ({call_error})"))
-    elif ARG_VALUE not in call_text:
-        if _mentions(p.source, "tool_calls"):
-            out.append(Finding("tool_calls_ignored", "error",
-                               "an assistant message's tool_calls are silently dropped although the template has a "
-                               "tool-call branch (check which message shape it expects)"))
-        else:
-            out.append(Finding("tool_calls_ignored", "warning",
-                               "an assistant message's tool_calls are not rendered (the template has no tool-call "
-                               "support): the model is trained on an empty turn"))
-    if error is not None:
-        out.append(Finding("tool_results_ignored", "warning",
-                           f"the template raises on a conversation with a tool message ({error})"))
-    elif RESULT not in text:
-        if _mentions(p.source, "'tool'", '"tool"', "ipython", "tool_response"):
-            out.append(Finding("tool_results_ignored", "error",
-                               "a tool message's content is silently dropped although the template has a tool-message "
-                               "branch: the model never sees the tool's result"))
-        else:
-            out.append(Finding("tool_results_ignored", "warning",
-                               "a tool message is silently dropped (the template has no tool role): the model never "
-                               "sees the tool's result"))
-    return out
+    calls = _dropped(
+        "tool_calls_ignored", call_error, call_error is None and ARG_VALUE in call_text,
+        "an assistant message with tool_calls", _mentions(p.source, "tool_calls"),
+        "an assistant message's tool_calls are silently dropped although the template has a "
+        "tool-call branch (check which message shape it expects)",
+        "an assistant message's tool_calls are not rendered (the template has no tool-call "
+        "support): the model is trained on an empty turn")
+    results = _dropped(
+        "tool_results_ignored", error, error is None and RESULT in text,
+        "a conversation with a tool message", _mentions(p.source, "'tool'", '"tool"', "ipython", "tool_response"),
+        "a tool message's content is silently dropped although the template has a tool-message "
+        "branch: the model never sees the tool's result",
+        "a tool message is silently dropped (the template has no tool role): the model never "
+        "sees the tool's result")
+    return calls + results
 
 
 def _check_reasoning(p: _Prober, family: Family | None) -> list[Finding]:

@@ -1,7 +1,7 @@
 """Make OpenAI-format messages safe for any chat template.
 
 Chat logs arrive in OpenAI's shape, which real templates mishandle in a few known ways (see
-shared/research/chat_templates.md section 3 and issue notes 12-13). `normalize_messages` repairs
+shared/research/chat_templates.md section 3): the three below. `normalize_messages` repairs
 exactly those, and leaves input that already renders well untouched:
 
 1. Tool-call arguments given as a JSON string (OpenAI's wire format) become the decoded dict.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["normalize_messages", "template_wants_text_arguments"]
@@ -47,15 +48,20 @@ def template_wants_text_arguments(template: str) -> bool:
     return _TEXT_ARGUMENTS.search(template) is not None
 
 
+def json_or(text: str, accept: Callable[[Any], bool], fallback: Any) -> Any:
+    """`text` decoded from JSON when it is valid JSON and `accept` takes the value; else `fallback`."""
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return fallback
+    return decoded if accept(decoded) else fallback
+
+
 def _decode_arguments(arguments: Any) -> Any:
     if arguments is None:
         return {}
     if isinstance(arguments, str):
-        try:
-            decoded = json.loads(arguments)
-        except ValueError:
-            return arguments
-        return decoded if isinstance(decoded, dict) else arguments
+        return json_or(arguments, lambda decoded: isinstance(decoded, dict), arguments)
     return arguments
 
 

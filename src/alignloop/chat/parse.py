@@ -34,6 +34,7 @@ import re
 from typing import Any
 
 from alignloop.chat.families import Family, get_family
+from alignloop.chat.normalize import json_or
 
 __all__ = ["StreamParser", "coerce_arguments", "parse_assistant", "tool_schemas"]
 
@@ -126,11 +127,7 @@ def _convert(value: Any, t: str) -> Any:
         return _FAIL
     if t in ("array", "object"):
         if isinstance(value, str):
-            try:
-                decoded = json.loads(value)
-            except ValueError:
-                return _FAIL
-            return decoded if _is_type(decoded, t) else _FAIL
+            return json_or(value, lambda decoded: _is_type(decoded, t), _FAIL)
         return _FAIL
     return _FAIL
 
@@ -206,10 +203,10 @@ def coerce_arguments(arguments: Any, parameters_schema: dict | None) -> Any:
     arrays/objects, scalars to strings). Anything else is left as it is.
     """
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+        decoded = _arguments_json(arguments)
+        if decoded is _FAIL:
             return arguments
+        arguments = decoded
     if not isinstance(parameters_schema, dict):
         return arguments
     schema = parameters_schema if _types_of(parameters_schema) else {**parameters_schema, "type": "object"}
@@ -232,6 +229,11 @@ def _json_at(text: str, pos: int = 0) -> tuple[Any, int] | None:
         return None
 
 
+def _arguments_json(text: str) -> Any:
+    """Tool-call arguments given as a JSON string, decoded (a blank string is no arguments), or `_FAIL`."""
+    return json_or(text, lambda _: True, _FAIL) if text.strip() else {}
+
+
 def _make_call(name: Any, arguments: Any, tools: dict[str, dict], call_id: Any = None) -> dict | None:
     if not isinstance(name, str) or not name.strip():
         return None
@@ -239,10 +241,7 @@ def _make_call(name: Any, arguments: Any, tools: dict[str, dict], call_id: Any =
     if arguments is None:
         arguments = {}
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            return None
+        arguments = _arguments_json(arguments)  # _FAIL is no dict
     if not isinstance(arguments, dict):
         return None
     if name in tools:

@@ -43,6 +43,7 @@ import jinja2.utils
 from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from transformers.utils.chat_template_utils import get_json_schema
 
 __all__ = ["ChatTemplate", "TemplateError", "render", "CONTINUE_TAG"]
 
@@ -72,26 +73,22 @@ def _is_plain(value: Any) -> bool:
     """True when `value` is already made of exact JSON types (so it can be shown as it is)."""
     tp = type(value)
     if tp is dict:
-        for key, item in value.items():
+        for key in value:
             if type(key) is not str and not _is_plain(key):
                 return False
-            tp = type(item)
-            if tp is str or tp is int or tp is bool or tp is float or item is None:
-                continue
-            if (tp is dict or tp is list or tp is tuple) and _is_plain(item):
-                continue
-            return False
-        return True
-    if tp is list or tp is tuple:
-        for item in value:
-            tp = type(item)
-            if tp is str or tp is int or tp is bool or tp is float or item is None:
-                continue
-            if (tp is dict or tp is list or tp is tuple) and _is_plain(item):
-                continue
-            return False
-        return True
-    return tp in _SCALARS
+        items = value.values()
+    elif tp is list or tp is tuple:
+        items = value
+    else:
+        return tp in _SCALARS
+    for item in items:
+        tp = type(item)
+        if tp is str or tp is int or tp is bool or tp is float or item is None:
+            continue
+        if (tp is dict or tp is list or tp is tuple) and _is_plain(item):
+            continue
+        return False
+    return True
 
 
 def _to_plain(value: Any) -> Any:
@@ -174,8 +171,6 @@ def _prepare_tools(tools: Any) -> Any:
             schemas.append(tool)
         elif isinstance(tool, (types.FunctionType, types.MethodType)):
             # Type hints + a Google-style docstring -> JSON schema, the way transformers reads them.
-            from transformers.utils.chat_template_utils import get_json_schema
-
             schemas.append(get_json_schema(tool))
         else:
             raise ValueError("each tool must be a JSON-schema dict or a function with type hints and a docstring")

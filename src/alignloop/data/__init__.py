@@ -1,6 +1,13 @@
-"""User logs: the schema (`schema`), folders of tables (`io`), derived labels (`labels`).
+"""User logs, from the tables a chat product records to the datasets training reads.
 
-Later stages build on these: ingest with quarantine, filters, dataset builders (see issue 4).
+`schema` (the log tables, their row models and `conform`), `io` (folders of tables, Parquet or
+JSONL), `labels` (what happened after each answer, derived from the logs alone), `ingest` (rows
+from JSONL or Parquet into one conformed folder, bad rows quarantined), `adapters` (public
+conversation datasets as logs), `parts` (user partitions, in memory or on disk), `filters`
+(bots, skimmers, repeats, quality, diversity, per-user cap), `builders` (SFT, DPO, reward-model
+and distillation sets), `ray_engine` (filters and builders on Ray Data, same outputs),
+`neardup` and `stablehash` (their helpers), `config` and `stage` (the ingest, filter and build
+stages of a run).
 """
 
 from alignloop.data.io import TableWriter, read_logs, read_table, read_tables, write_logs, write_tables

@@ -26,9 +26,9 @@ partition, into the files; `build_datasets` does both in this process and return
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +41,9 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from alignloop.data.filters import FILTERED_SCHEMAS, Frames, prepare, split_partitions
+from alignloop.data.io import read_tables
 from alignloop.data.parts import partitions_in, read_partition
+from alignloop.data.schema import doc_field
 from alignloop.data.stablehash import hash_column, hash_strings, unit_interval
 from alignloop.recipes import Section
 from alignloop.runs import atomic_path
@@ -57,47 +59,42 @@ SIGNALS: tuple[str, ...] = ("preference", "thumbs", "continue", "turns_after", "
 MESSAGE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
 
-
-def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
-
-
-_ID = _f("example_id", pa.string(), "unique example id")
-_USER = _f("user_id", pa.string(), "the user whose behaviour produced it")
-_CONV = _f("conversation_id", pa.string(), "its conversation")
-_WEIGHT = _f("weight", pa.float64(), "training weight (per-user cap), 1 = full")
+_ID = doc_field("example_id", pa.string(), "unique example id")
+_USER = doc_field("user_id", pa.string(), "the user whose behaviour produced it")
+_CONV = doc_field("conversation_id", pa.string(), "its conversation")
+_WEIGHT = doc_field("weight", pa.float64(), "training weight (per-user cap), 1 = full")
 
 SFT = pa.schema([
     _ID, _USER, _CONV,
-    _f("turn_id", pa.string(), "the target: the assistant turn ending `messages`"),
-    _f("character_id", pa.string(), "the character"),
-    _f("source", pa.string(), "swipe (settled on after swiping) or selected (accepted as shown)"),
-    _f("messages", MESSAGES, "system, context, and the target assistant message last"),
+    doc_field("turn_id", pa.string(), "the target: the assistant turn ending `messages`"),
+    doc_field("character_id", pa.string(), "the character"),
+    doc_field("source", pa.string(), "swipe (settled on after swiping) or selected (accepted as shown)"),
+    doc_field("messages", MESSAGES, "system, context, and the target assistant message last"),
     _WEIGHT,
 ])
 PAIRS = pa.schema([
     _ID, _USER, _CONV,
-    _f("parent_id", pa.string(), "the user turn both answer"),
-    _f("chosen_turn_id", pa.string(), "the candidate the user settled on"),
-    _f("rejected_turn_id", pa.string(), "a shown sibling the user swiped away"),
-    _f("prompt", MESSAGES, "system and context, ending with the user turn"),
-    _f("chosen", MESSAGES, "[the chosen assistant message]"),
-    _f("rejected", MESSAGES, "[the rejected assistant message]"),
+    doc_field("parent_id", pa.string(), "the user turn both answer"),
+    doc_field("chosen_turn_id", pa.string(), "the candidate the user settled on"),
+    doc_field("rejected_turn_id", pa.string(), "a shown sibling the user swiped away"),
+    doc_field("prompt", MESSAGES, "system and context, ending with the user turn"),
+    doc_field("chosen", MESSAGES, "[the chosen assistant message]"),
+    doc_field("rejected", MESSAGES, "[the rejected assistant message]"),
     _WEIGHT,
 ])
 SCALAR = pa.schema([
     _ID, _USER, _CONV,
-    _f("turn_id", pa.string(), "the assistant turn scored"),
-    _f("messages", MESSAGES, "system, context, and the scored assistant message last"),
-    _f("label", pa.float64(), "the signal's value; null when censored", nullable=True),
-    _f("censored", pa.bool_(), "the outcome was not observed (time_to_next: the user never replied)"),
+    doc_field("turn_id", pa.string(), "the assistant turn scored"),
+    doc_field("messages", MESSAGES, "system, context, and the scored assistant message last"),
+    doc_field("label", pa.float64(), "the signal's value; null when censored", nullable=True),
+    doc_field("censored", pa.bool_(), "the outcome was not observed (time_to_next: the user never replied)"),
     _WEIGHT,
 ])
 DISTILL = pa.schema([
     _ID, _USER, _CONV,
-    _f("turn_id", pa.string(), "the user turn ending `messages`"),
-    _f("character_id", pa.string(), "the character"),
-    _f("messages", MESSAGES, "system and context, ending with the user turn"),
+    doc_field("turn_id", pa.string(), "the user turn ending `messages`"),
+    doc_field("character_id", pa.string(), "the character"),
+    doc_field("messages", MESSAGES, "system and context, ending with the user turn"),
     _WEIGHT,
 ])
 DATASET_SCHEMAS: dict[str, pa.Schema] = {"sft": SFT, "dpo": PAIRS, "distill": DISTILL,
@@ -107,19 +104,25 @@ DATASET_SCHEMAS: dict[str, pa.Schema] = {"sft": SFT, "dpo": PAIRS, "distill": DI
 # --- configuration -----------------------------------------------------------------------------
 
 
-class SFTConfig(Section):
+class SFTBuild(Section):
+    """`[build.sft]`: which answers become supervised examples."""
+
     enabled: bool = True
     source: Literal["swipes", "selected"] = Field(
         "swipes", description="swipes: answers settled on after swiping; selected: every selected answer")
 
 
-class DPOConfig(Section):
+class DPOBuild(Section):
+    """`[build.dpo]`: chosen/rejected pairs from swiped-away siblings."""
+
     enabled: bool = True
     max_pairs_per_prompt: int | None = Field(None, ge=1, description="rejected siblings per chosen, lowest index first")
     require_swipe_event: bool = Field(False, description="rejected only if a swipe event on it survived filtering")
 
 
-class RMConfig(Section):
+class RMBuild(Section):
+    """`[build.rm]`: reward-model sets, one per signal, split by user into train and eval."""
+
     enabled: bool = True
     signals: list[Signal] = Field(default_factory=lambda: list(SIGNALS))
     eval_fraction: float = Field(0.1, ge=0, le=1, description="share of users in eval")
@@ -128,23 +131,27 @@ class RMConfig(Section):
         None, gt=0, description="keep at most this many unreported answers per reported one")
 
 
-class DistillConfig(Section):
+class DistillBuild(Section):
+    """`[build.distill]`: prompts for a teacher to answer."""
+
     enabled: bool = True
     dedup: bool = Field(True, description="one prompt per distinct messages")
     max_prompts: int | None = Field(None, ge=1)
 
 
 class BuildConfig(Section):
+    """`[build]`: how the datasets are built from filtered logs, and which."""
+
     max_context_messages: int | None = Field(20, ge=1, description="messages before the example's point, at most")
     use_edits: bool = Field(True, description="context shows answers as the user rewrote them")
     include_system: bool = True
     formats: list[Literal["parquet", "jsonl"]] = Field(default_factory=lambda: ["parquet"])
     partitions: int = Field(1, ge=1, description="user partitions built one at a time (unpartitioned input)")
     events_per_partition: int = Field(400_000, ge=1, description="bigger partitions are cut further in memory")
-    sft: SFTConfig = SFTConfig()
-    dpo: DPOConfig = DPOConfig()
-    rm: RMConfig = RMConfig()
-    distill: DistillConfig = DistillConfig()
+    sft: SFTBuild = SFTBuild()
+    dpo: DPOBuild = DPOBuild()
+    rm: RMBuild = RMBuild()
+    distill: DistillBuild = DistillBuild()
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -401,7 +408,7 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
 
 
 def _pairs(ctx: _Context, assistant: pl.DataFrame, chosen: pl.DataFrame, events: pl.DataFrame,
-           config: DPOConfig) -> pl.DataFrame:
+           config: DPOBuild) -> pl.DataFrame:
     rejected = assistant.filter(pl.col("shown") & ~pl.col("selected"))
     if config.require_swipe_event:
         swipes = events.filter(pl.col("type") == "swipe").select("turn_id").unique()
@@ -422,7 +429,7 @@ def _pairs(ctx: _Context, assistant: pl.DataFrame, chosen: pl.DataFrame, events:
         chosen="chosen", rejected="rejected", weight="weight")
 
 
-def _scalar(signal: str, ctx: _Context, frames: Frames, assistant: pl.DataFrame, config: RMConfig
+def _scalar(signal: str, ctx: _Context, frames: Frames, assistant: pl.DataFrame, config: RMBuild
             ) -> tuple[pl.DataFrame, int]:
     """(rows: turn_id, conversation_id, parent_id, text, label, censored; rows left out as censored)."""
     labels = frames["labels"]
@@ -468,11 +475,11 @@ def split_of(user_ids: pl.Series, eval_fraction: float, salt: str) -> pl.Series:
     return pl.Series("split", np.where(unit_interval(h) < eval_fraction, "eval", "train"), dtype=pl.String)
 
 
-def _split(df: pl.DataFrame, config: RMConfig) -> pl.DataFrame:
+def _split(df: pl.DataFrame, config: RMBuild) -> pl.DataFrame:
     return df.with_columns(split_of(df["user_id"], config.eval_fraction, config.salt))
 
 
-def _splits(ctx: _Context, name: str, df: pl.DataFrame, schema: pa.Schema, config: RMConfig
+def _splits(ctx: _Context, name: str, df: pl.DataFrame, schema: pa.Schema, config: RMBuild
             ) -> Iterator[tuple[str, pa.Table]]:
     """`name/train` and `name/eval`: the rows split by user, each materialized."""
     df = _split(df, config)
@@ -515,8 +522,6 @@ class _Sinks:
     """
 
     def __init__(self, out_dir: Path, formats: list[str], backlog: int = 2):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.out_dir = out_dir
         self.formats = formats
         self.stack = contextlib.ExitStack()
@@ -701,8 +706,6 @@ class DatasetWriter:
 def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path, config: BuildConfig | None = None,
                    out_dir: str | Path = "datasets") -> BuildReport:
     """Build every enabled dataset from filtered logs (tables, or a folder of them) into `out_dir`."""
-    from alignloop.data.io import read_tables
-
     config = config or BuildConfig()
     t0 = time.perf_counter()
     if isinstance(filtered, (str, Path)) and partitions_in(filtered):
@@ -735,9 +738,3 @@ def bounded_partitions(part: Frames, events_per_partition: int) -> list[Frames]:
     examples carry their whole context, so they take many times the memory of the logs."""
     n = -(-part["events"].height // events_per_partition)
     return split_partitions(part, n) if n > 1 else [part]
-
-
-def write_report(report: BuildReport, path: str | Path) -> None:
-    from alignloop.runs import atomic_write_text
-
-    atomic_write_text(path, json.dumps(report.to_dict(), indent=2) + "\n")

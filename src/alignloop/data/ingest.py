@@ -20,19 +20,28 @@ table `unknown`). A row is quarantined, with a one-line reason, when
     needs its UTC offset); Parquet columns are cast to the schema's types as `alignloop.data.io`
     does (a naive timestamp column is UTC), and what cannot be cast is judged row by row;
   - its primary id is already known, in `existing` or earlier in this batch, with other content;
+  - a JSONL line names one key twice (JSON parsers keep the last; which one the logger meant is
+    unknown);
+  - a value is well-typed but implausible (`alignloop.data.schema.Plausible`): a timestamp before
+    2000-01-01 or later than a day after the ingest began, a swipe/select or candidate index
+    above 1000;
   - it points at a row that is neither in this batch nor in `existing` (a dangling reference: a
     session's user, a conversation's session and user, a turn's conversation and parent, an
     event's user, session, conversation and turn). This cascades: the turns and events of a
-    quarantined conversation are quarantined too.
+    quarantined conversation are quarantined too;
+  - it happened before the user, session or conversation it belongs to began (`schema.STARTS`;
+    an event before its conversation's `started_at`, ...); this cascades like a dangling reference.
 A row whose primary id is already known with the same content is a duplicate: counted, not written
 again, so re-ingesting the same logs changes nothing.
 
 Output: `out_dir/<table>.parquet` for the five log tables, each the rows of `existing` followed by
 the newly ingested rows in input order, conformed and written atomically per file;
-`quarantine.jsonl` (one JSON object per bad row: table, source, line, kind, reason, raw; `line` is
-the 1-based line of a JSONL file or the 1-based row of a Parquet file) and `ingest_report.json`
-(the counts). `out_dir` may be `existing` itself: ingesting into a folder adds to it. Derived
-labels are not touched; re-derive them after ingesting.
+`quarantine.jsonl` (one JSON object per bad row: ingest, table, source, line, kind, reason, raw;
+`line` is the 1-based line of a JSONL file or the 1-based row of a Parquet file), to which every
+ingest appends its own rows, tagged with its `ingest` id, so no ingest's bad rows are lost; and
+`ingest_report.json` (this ingest's counts, its id, and `quarantine_total`: the records the
+quarantine file now holds, every earlier ingest's included). `out_dir` may be `existing` itself:
+ingesting into a folder adds to it. Derived labels are not touched; re-derive them after ingesting.
 
 How it is fast: each JSONL line is parsed and type-checked by pydantic-core straight from its bytes
 against a TypedDict with the row model's fields (no Python per field); chunks of 64k good lines
@@ -52,7 +61,7 @@ import typing
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,12 +70,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from rich.table import Table
 from typing_extensions import NotRequired, TypedDict
 
-from alignloop.data.io import write_logs
-from alignloop.data.schema import LOG_SCHEMAS, ROW_MODELS, TIMESTAMP, SchemaError, conform, utc
+from alignloop.data.io import read_tables, write_logs
+from alignloop.data.schema import (LOG_SCHEMAS, ROW_MODELS, STARTS, TIMESTAMP, WHEN, Plausible, SchemaError, conform,
+                                   utc)
 from alignloop.errors import AlignloopError
-from alignloop.runs import atomic_write_json, atomic_write_text
+from alignloop.runs import atomic_path, atomic_write_json
 
 TABLES: tuple[str, ...] = tuple(LOG_SCHEMAS)
 UNKNOWN = "unknown"
@@ -91,6 +102,10 @@ INVALID = "invalid row"
 UNKNOWN_TABLE = "unknown table"
 CONFLICT = "conflicting id"
 DANGLING = "dangling reference"
+DUPLICATE_KEY = "duplicate key"
+IMPLAUSIBLE_TIME = "implausible timestamp"
+IMPLAUSIBLE_INDEX = "implausible index"
+OUT_OF_ORDER = "out of order"
 
 QUARANTINE = "quarantine.jsonl"
 REPORT = "ingest_report.json"
@@ -132,6 +147,10 @@ class IngestReport:
     outputs: list[str] = field(default_factory=list)
     totals_after: dict[str, int] = field(default_factory=dict)
     """rows per table in `out_dir` after this ingest (existing + ingested)"""
+    ingest_id: str = ""
+    """this ingest's tag on its quarantine records (its UTC start time)"""
+    quarantine_total: int = 0
+    """records in the quarantine file after this ingest: earlier ingests' + this one's"""
 
     @property
     def total(self) -> TableCounts:
@@ -159,15 +178,15 @@ class IngestReport:
             "inputs": self.inputs,
             "out_dir": self.out_dir,
             "quarantine": self.quarantine,
+            "ingest_id": self.ingest_id,
+            "quarantine_total": self.quarantine_total,
             "existing": self.existing,
             "totals_after": self.totals_after,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.rows_per_second, 1) if self.seconds > 0 else None,
         }
 
-    def rich_table(self, title: str = "ingest"):
-        from rich.table import Table
-
+    def rich_table(self, title: str = "ingest") -> Table:
         table = Table("table", "read", "ingested", "quarantined", "duplicates", "rows after", title=title)
         for name, c in self.counts.items():
             table.add_row(name, f"{c.read:,}", f"{c.ingested:,}", f"{c.quarantined:,}", f"{c.duplicates:,}",
@@ -317,6 +336,41 @@ def column_problems(name: str, table: pa.Table) -> pl.Series:
     return df.select(expr.alias("problem")).to_series()
 
 
+def _plausibility_checks(name: str, bounds: Plausible, latest: datetime) -> list[tuple[pl.Expr, str, pl.Expr]]:
+    """(expression true on implausible rows, quarantine kind, reason) for table `name`."""
+    checks = []
+    for f in LOG_SCHEMAS[name]:
+        if f.type != TIMESTAMP:
+            continue
+        c = pl.col(f.name)
+        checks.append((c < bounds.earliest, IMPLAUSIBLE_TIME,
+                       pl.format(f"{f.name}: {{}} is before {bounds.earliest:%Y-%m-%d}", _iso(c))))
+        checks.append((c > latest, IMPLAUSIBLE_TIME,
+                       pl.format(f"{f.name}: {{}} is in the future (after {latest:%Y-%m-%dT%H:%M}Z)", _iso(c))))
+    top = bounds.max_candidate_index
+    if name == "turns":
+        checks.append((pl.col("candidate_index") > top, IMPLAUSIBLE_INDEX,
+                       pl.format(f"candidate_index: {{}} is above {top}", pl.col("candidate_index"))))
+    elif name == "events":
+        checks.append((pl.col("type").is_in(["swipe", "select"]) & (pl.col("value") > top), IMPLAUSIBLE_INDEX,
+                       pl.format(f"value: {{}} event to candidate {{}} (above {top})", pl.col("type"),
+                                 pl.col("value"))))
+    return checks
+
+
+def _iso(c: pl.Expr) -> pl.Expr:
+    return c.dt.to_string("%Y-%m-%dT%H:%M:%S%.3fZ")
+
+
+def implausible(name: str, table: pa.Table, bounds: Plausible, latest: datetime) -> pl.DataFrame:
+    """Per row of `table`: the `kind` and `reason` of its first implausible value, or nulls."""
+    kind, reason = pl.lit(None, dtype=pl.String), pl.lit(None, dtype=pl.String)
+    for bad, k, why in reversed(_plausibility_checks(name, bounds, latest)):
+        kind = pl.when(bad.fill_null(False)).then(pl.lit(k)).otherwise(kind)
+        reason = pl.when(bad.fill_null(False)).then(why).otherwise(reason)
+    return _frame(table).select(kind.alias("kind"), reason.alias("reason"))
+
+
 # --- reading inputs ----------------------------------------------------------------------------
 
 
@@ -365,10 +419,13 @@ def input_files(inputs: list[Path]) -> list[Path]:
 class _Collector:
     """Candidate rows (valid so far) per table as Arrow chunks, counts, and quarantine records."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: Plausible, latest: datetime) -> None:
         self.chunks: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
         self.read: Counter[str] = Counter()
         self.quarantine: list[dict[str, Any]] = []
+        self.bounds = bounds
+        self.latest = latest
+        """timestamps after this are in the future"""
 
     def bad(self, table: str, src: int, source: Path, line: int, kind: str, reason: str, raw: str) -> None:
         self.quarantine.append({"table": table, "source": str(source), "line": line, "kind": kind,
@@ -417,6 +474,11 @@ def _read_jsonl(src: int, source: _Source, out: _Collector) -> None:
                 out.bad(table, src, source.path, number, kind, reason, raw.decode("utf-8", "replace").rstrip("\r\n"))
                 continue
             t = name or row["table"]
+            if len(_KEY.findall(line)) != len(row) and (twice := _duplicate_key(line)):
+                out.read[t] += 1
+                out.bad(t, src, source.path, number, DUPLICATE_KEY, f"key '{twice}' appears more than once "
+                        "(JSON keeps the last one)", raw.decode("utf-8", "replace").rstrip("\r\n"))
+                continue
             rows[t].append(row)
             lines[t].append(line)
             numbers[t].append(number)
@@ -424,6 +486,26 @@ def _read_jsonl(src: int, source: _Source, out: _Collector) -> None:
             if pending >= CHUNK_ROWS:
                 flush()
     flush()
+
+
+_KEY = re.compile(rb'"\s*:')
+"""Ends a key, or sits inside a string: a line with no more of these than its row has keys repeats none."""
+
+
+def _duplicate_key(line: bytes) -> str | None:
+    """A key that `line`, a JSON object, names twice (the first such), or None."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        counts = Counter(k for k, _ in items)
+        found.extend(k for k, n in counts.items() if n > 1)
+        return dict(items)
+
+    try:
+        json.loads(line, object_pairs_hook=pairs)
+    except ValueError:
+        return None
+    return found[0] if found else None
 
 
 def _rows_to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
@@ -446,22 +528,28 @@ def _rows_to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
 
 def _add_checked(out: _Collector, name: str, table: pa.Table, src: int, path: Path,
                  numbers: list[int] | pa.Array, raw_of: typing.Callable[[int, dict[str, Any]], str]) -> None:
-    """Add `table`'s rows to `out`, quarantining those the column-wise checks flag.
+    """Add `table`'s rows to `out`, quarantining those the column-wise checks flag: first what the
+    row model rejects, then what is implausible.
 
     `table` has `name`'s columns (nulls allowed); `numbers` are the rows' lines; `raw_of(i, row)`
     gives the raw text of the i-th row.
     """
     problems = column_problems(name, table)
-    bad = problems.is_not_null().to_numpy()
+    odd = implausible(name, table, out.bounds, out.latest)
+    verdict = odd.with_columns(problem=problems).select(
+        kind=pl.when(pl.col("problem").is_not_null()).then(pl.lit(INVALID)).otherwise("kind"),
+        reason=pl.coalesce("problem", "reason"))
+    bad = verdict["kind"].is_not_null().to_numpy()
     numbers = pa.array(numbers, pa.int64())
     if bad.any():
         mask = pa.array(bad, pa.bool_())
         flagged_at = bad.nonzero()[0]
         flagged = table.filter(mask).to_pylist()
-        for i, row, line, problem in zip(flagged_at, flagged, numbers.filter(mask).to_pylist(),
-                                         problems.filter(problems.is_not_null()).to_list()):
-            reason = _row_model_reason(name, row) or problem
-            out.bad(name, src, path, line, INVALID, reason, raw_of(int(i), row))
+        for i, row, line, (kind, reason) in zip(flagged_at, flagged, numbers.filter(mask).to_pylist(),
+                                                verdict.filter(pl.col("kind").is_not_null()).iter_rows()):
+            if kind == INVALID:
+                reason = _row_model_reason(name, row) or reason
+            out.bad(name, src, path, line, kind, reason, raw_of(int(i), row))
         keep = pa.array(~bad, pa.bool_())
         table, numbers = table.filter(keep), numbers.filter(keep)
     out.add(name, conform(name, table), src, numbers)  # the real schema: no nulls are left in required columns
@@ -523,7 +611,8 @@ def _parquet_rows_one_by_one(src: int, source: _Source, table: pa.Table, out: _C
             continue
         good.append(item.__dict__)
         lines.append(number)
-    out.add(name, pa.Table.from_pylist(good, schema=LOG_SCHEMAS[name]), src, lines)
+    _add_checked(out, name, pa.Table.from_pylist(good, schema=LOG_SCHEMAS[name]), src, source.path, lines,
+                 lambda _i, row: _row_json(row))
 
 
 def _row_json(row: dict[str, Any]) -> str:
@@ -554,6 +643,7 @@ def _resolve(out: _Collector, existing: dict[str, pa.Table]) -> tuple[dict[str, 
     duplicates: Counter[str] = Counter()
     late: list[tuple[str, pl.DataFrame, str]] = []
     known: dict[str, pl.Series] = {}
+    starts: dict[str, pl.DataFrame] = {}
     for name in TABLES:
         key = PRIMARY_KEYS[name]
         schema = LOG_SCHEMAS[name]
@@ -581,27 +671,64 @@ def _resolve(out: _Collector, existing: dict[str, pa.Table]) -> tuple[dict[str, 
 
         # References of the first occurrences, against what is known (existing + accepted new).
         firsts, dangling = _check_references(name, firsts, known, existing)
-        if dangling.height:
-            late.append((name, dangling, DANGLING))
+        firsts, early = _check_order(name, firsts, starts)
+        late += [(name, rows, kind) for rows, kind in ((dangling, DANGLING), (early, OUT_OF_ORDER)) if rows.height]
         accepted_keys = firsts.get_column(key)
         new[name] = firsts
         ex_keys = ex.column(key) if ex is not None else pa.array([], pa.string())
         known[name] = pl.concat([_frame(pa.table({key: ex_keys})).get_column(key), accepted_keys])
+        if name in STARTS:
+            begun = [firsts.select(key, STARTS[name])]
+            starts[name] = pl.concat(begun + [_frame(ex).select(key, STARTS[name])] if ex is not None else begun)
 
         # Later occurrences: same content as the first -> the first's fate; else a conflict.
         same = pl.col("_h") == pl.col("_fh")
         twin_ok = pl.col(key).is_in(accepted_keys.implode())
         duplicates[name] += rest.filter(same & twin_ok).height
-        echo = rest.filter(same & ~twin_ok)
-        if echo.height:
-            reasons = dangling.select(key, "reason").unique(key)
-            late.append((name, echo.join(reasons, on=key, how="left", maintain_order="left"), DANGLING))
+        late += _echoes(name, rest.filter(same & ~twin_ok), {DANGLING: dangling, OUT_OF_ORDER: early})
         clash = rest.filter(~same)
         if clash.height:
             late.append((name, clash.with_columns(reason=pl.format(
                 f"{key} '{{}}' also names a different row (row of input {{}}, line {{}})",
                 pl.col(key), pl.col("_fsrc") + 1, pl.col("_fline"))), CONFLICT))
     return new, duplicates, late
+
+
+def _check_order(name: str, df: pl.DataFrame, starts: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows that happened no earlier than what they belong to began, rows with a `reason` that did).
+
+    `starts`: per table of `STARTS`, the key and beginning of every known row (existing + accepted).
+    A row's references are checked in `REFERENCES` order; its reason names the first broken one.
+    """
+    early: list[pl.DataFrame] = []
+    for column, target in REFERENCES[name]:
+        if target not in STARTS or name not in WHEN:
+            continue
+        begun = starts[target].rename({PRIMARY_KEYS[target]: column, STARTS[target]: "_begun"})
+        df = df.join(begun, on=column, how="left", maintain_order="left")
+        bad = (pl.col(WHEN[name]) < pl.col("_begun")).fill_null(False)
+        flagged = df.filter(bad)
+        if flagged.height:
+            early.append(flagged.with_columns(reason=pl.format(
+                f"{WHEN[name]} {{}} is before its {target.removesuffix('s')} began ({target}.{STARTS[target]} "
+                f"{{}} of {column} '{{}}')", _iso(pl.col(WHEN[name])), _iso(pl.col("_begun")), pl.col(column)
+            )).drop("_begun"))
+        df = df.filter(~bad).drop("_begun")
+    if early:
+        return df, pl.concat(early, how="vertical_relaxed")
+    return df, df.clear().with_columns(reason=pl.lit(None, pl.String))
+
+
+def _echoes(name: str, echo: pl.DataFrame, rejected: dict[str, pl.DataFrame]) -> list[tuple[str, pl.DataFrame, str]]:
+    """Late quarantines for exact repeats (`echo`) of rows rejected as `rejected` (kind -> rows with
+    a `reason`): each repeat shares its first occurrence's fate and reason."""
+    key = PRIMARY_KEYS[name]
+    found = []
+    for kind, rows in rejected.items():
+        part = echo.join(rows.select(key, "reason").unique(key), on=key, how="inner", maintain_order="left")
+        if part.height:
+            found.append((name, part, kind))
+    return found
 
 
 def _check_references(name: str, df: pl.DataFrame, known: dict[str, pl.Series],
@@ -647,21 +774,25 @@ def _dangling_reason(column: str, target: str) -> pl.Expr:
 
 
 def ingest(inputs: list[Path], out_dir: Path, *, existing: Path | None = None,
-           quarantine: Path | None = None, report_path: Path | None = None) -> IngestReport:
+           quarantine: Path | None = None, report_path: Path | None = None,
+           bounds: Plausible = Plausible()) -> IngestReport:
     """Validate `inputs` and write the good rows, with those of `existing`, as log tables into `out_dir`.
 
     `existing`: a log folder (e.g. an earlier `out_dir`, or `out_dir` itself) whose rows are kept,
     whose ids make re-ingested rows duplicates, and which references may point into.
     `quarantine` / `report_path`: where the bad rows and the counts go (default: in `out_dir`).
+    `bounds`: what counts as plausible (the defaults suit real chat logs of today).
     """
     started = time.perf_counter()
+    now = datetime.now(timezone.utc)
+    ingest_id = now.isoformat(timespec="microseconds")
     out_dir = Path(out_dir)
     quarantine = Path(quarantine) if quarantine is not None else out_dir / QUARANTINE
     report_path = Path(report_path) if report_path is not None else out_dir / REPORT
     sources = _sources([Path(p) for p in inputs])
     old = _read_existing(existing)
 
-    out = _Collector()
+    out = _Collector(bounds, now + bounds.future)
     for i, source in enumerate(sources):
         (_read_jsonl if source.kind == "jsonl" else _read_parquet)(i, source, out)
 
@@ -675,8 +806,7 @@ def ingest(inputs: list[Path], out_dir: Path, *, existing: Path | None = None,
         fresh = conform(name, fresh)
         tables[name] = pa.concat_tables([old[name], fresh]) if name in old else fresh
     outputs = write_logs(out_dir, tables)
-    atomic_write_text(quarantine, "".join(
-        json.dumps({k: v for k, v in r.items() if k != _SRC}, ensure_ascii=False) + "\n" for r in records))
+    quarantine_total = _append_quarantine(quarantine, ingest_id, records)
 
     counts: dict[str, TableCounts] = {name: TableCounts() for name in TABLES}
     quarantined = Counter(r["table"] for r in records)
@@ -696,6 +826,8 @@ def ingest(inputs: list[Path], out_dir: Path, *, existing: Path | None = None,
         seconds=time.perf_counter() - started,
         outputs=[str(p) for p in outputs],
         totals_after={name: t.num_rows for name, t in tables.items()},
+        ingest_id=ingest_id,
+        quarantine_total=quarantine_total,
     )
     if not report.balanced:  # a bug here, never the data's fault
         raise AssertionError(f"ingest lost count of rows: {report.to_dict()['counts']}")
@@ -703,11 +835,26 @@ def ingest(inputs: list[Path], out_dir: Path, *, existing: Path | None = None,
     return report
 
 
+def _append_quarantine(path: Path, ingest_id: str, records: list[dict[str, Any]]) -> int:
+    """Rewrite `path` atomically as its old records followed by `records`, each tagged with
+    `ingest_id`; the number of records it then holds."""
+    total = len(records)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        if path.is_file():
+            with open(path, "rb") as old:
+                for line in old:
+                    if line.strip():
+                        out.write(line if line.endswith(b"\n") else line + b"\n")
+                        total += 1
+        for r in records:
+            record = {"ingest": ingest_id, **{k: v for k, v in r.items() if k != _SRC}}
+            out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    return total
+
+
 def _read_existing(existing: Path | None) -> dict[str, pa.Table]:
     if existing is None:
         return {}
-    from alignloop.data.io import read_tables
-
     existing = Path(existing)
     if not existing.is_dir():
         raise IngestError(f"existing log folder not found: {existing}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -102,8 +103,6 @@ class TableWriter:
 
 
 def _write_jsonl(table: pa.Table, sink: IO[bytes]) -> None:
-    import polars as pl
-
     # Polars writes timestamps as ISO 8601 with the UTC offset, which pyarrow's reader parses back.
     pl.from_arrow(table).write_ndjson(sink)
 
@@ -123,18 +122,23 @@ def read_table(path: str | Path, name: str, schemas: Mapping[str, pa.Schema] = S
     if path.suffix == ".parquet":
         table = pq.read_table(path)
     elif path.suffix == ".jsonl":
-        relaxed = pa.schema([f.with_nullable(True) for f in schema])
-        if path.stat().st_size == 0:
-            table = relaxed.empty_table()
-        else:
-            table = pajson.read_json(
-                path,
-                read_options=pajson.ReadOptions(block_size=16 << 20),
-                parse_options=pajson.ParseOptions(explicit_schema=relaxed, unexpected_field_behavior="error"),
-            )
+        table = read_jsonl(path, schema)
     else:
         raise SchemaError(f"{path}: expected a .parquet or .jsonl file")
     return conform(name, table, schemas)
+
+
+def read_jsonl(path: str | Path, schema: pa.Schema, unexpected: Literal["error", "ignore"] = "error") -> pa.Table:
+    """A JSONL file parsed to the types of `schema`, every column nullable (`conform` checks the
+    nulls). A field outside the schema is an error, or with `unexpected="ignore"` left out."""
+    relaxed = pa.schema([f.with_nullable(True) for f in schema])
+    if Path(path).stat().st_size == 0:
+        return relaxed.empty_table()
+    return pajson.read_json(
+        path,
+        read_options=pajson.ReadOptions(block_size=16 << 20),
+        parse_options=pajson.ParseOptions(explicit_schema=relaxed, unexpected_field_behavior=unexpected),
+    )
 
 
 def read_tables(folder: str | Path, schemas: Mapping[str, pa.Schema] = SCHEMAS) -> dict[str, pa.Table]:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import pickle
 import shutil
 import tempfile
@@ -79,6 +81,7 @@ from alignloop.data.filters import (
     save_state,
     to_arrow,
 )
+from alignloop.data.io import read_logs, write_tables
 from alignloop.data.parts import (
     PartitionedWriter,
     count_rows,
@@ -86,7 +89,9 @@ from alignloop.data.parts import (
     partitions_in,
     read_partition,
     read_scratch,
+    repartition,
 )
+from alignloop.data.schema import SCHEMAS
 
 Engine = Literal["polars", "ray"]
 ENGINES: tuple[str, ...] = ("polars", "ray")
@@ -96,7 +101,7 @@ ENGINES: tuple[str, ...] = ("polars", "ray")
 
 
 def ray_available() -> bool:
-    try:
+    try:  # Ray is an optional extra (alignloop[ray]): imported only where the Ray engine runs
         import ray
         import ray.data  # noqa: F401
     except ImportError:
@@ -108,20 +113,16 @@ def ray_available() -> bool:
 def ray_session(num_cpus: int | None = 2, object_store_mb: int = 512) -> Iterator[None]:
     """A local Ray for the duration (started here, shut down after; `RAY_ADDRESS` set: that cluster),
     or the Ray already initialised in this process, as it is."""
-    try:
+    try:  # optional extra, see ray_available
         import ray
         import ray.data
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError('the Ray engine needs Ray Data: pip install "alignloop[ray]"') from e
-    import logging
-
     quiet = {name: logging.getLogger(name).level for name in ("ray", "ray.data")}
     for name in quiet:  # Ray Data logs every execution at INFO level
         logging.getLogger(name).setLevel(logging.WARNING)
     started = False
     if not ray.is_initialized():
-        import os
-
         if os.environ.get("RAY_ADDRESS"):  # a cluster to join: it has its own resources
             ray.init(log_to_driver=False, configure_logging=False)
         else:
@@ -144,7 +145,7 @@ def ray_session(num_cpus: int | None = 2, object_store_mb: int = 512) -> Iterato
 def _map_partitions(count: int, fn: Any, **kwargs: Any) -> list[dict[str, Any]]:
     """`fn(k, **kwargs)` for every partition k as a Ray Data map (one block per partition); results
     (small dicts of plain values) sorted by k."""
-    import ray.data
+    import ray.data  # optional extra, see ray_available; a ray_session is running
 
     ds = ray.data.from_items([{"part": k} for k in range(count)], override_num_blocks=max(count, 1))
     out = ds.map(_Task(fn, kwargs), num_cpus=1).take_all()
@@ -190,8 +191,6 @@ def run_filters_ray(source: str | Path, out_dir: str | Path, config: FilterConfi
     """`filters.run_filters_on_disk` on Ray Data: the same files (rows and order) and report.
 
     Needs a running Ray or starts a local one (`ray_session`)."""
-    from alignloop.data.parts import repartition
-
     config = config or FilterConfig()
     t0 = time.perf_counter()
     n = partitions or config.partitions or auto_partitions(count_rows(source), config.events_per_partition)
@@ -220,6 +219,25 @@ def run_filters_ray(source: str | Path, out_dir: str | Path, config: FilterConfi
     report = tallies.report()
     report.seconds = time.perf_counter() - t0
     return files, report
+
+
+def filter_logs(source: str | Path, out_dir: str | Path, config: FilterConfig, partitions: int,
+                engine: Engine = "polars", *, keep_inputs: bool = False, work_dir: str | Path | None = None
+                ) -> tuple[list[Path], FunnelReport]:
+    """The filtered tables of log folder `source`, written to `out_dir` as the filter stage writes them
+    (partitions as row groups, `partitions.json`). Returns the files written and the report.
+
+    One partition on Polars: all in memory (fastest). More: streamed through user partitions on
+    disk, one in memory at a time. Ray: mapped over the partitions. Same files every way.
+    """
+    if engine == "ray":
+        return run_filters_ray(source, out_dir, config, partitions, work_dir, keep_inputs)
+    if partitions > 1:
+        return run_filters_on_disk(source, out_dir, config, partitions, work_dir=work_dir, keep_inputs=keep_inputs)
+    filtered, report = run_filters(read_logs(source), config, keep_inputs=keep_inputs)
+    with PartitionedWriter(out_dir, FILTERED_SCHEMAS, TABLE_ORDER) as writer:
+        writer.write(to_arrow(filtered))
+    return writer.close(), report
 
 
 # --- build -------------------------------------------------------------------------------------
@@ -310,9 +328,6 @@ def run_pipeline(source: str | Path | Mapping[str, pa.Table | pl.DataFrame], out
     tables_dir, datasets_dir = out_dir / "tables", out_dir / "datasets"
     with contextlib.ExitStack() as stack:
         if not isinstance(source, (str, Path)):
-            from alignloop.data.io import write_tables
-            from alignloop.data.schema import SCHEMAS
-
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="alignloop-logs-", dir=work_dir)))
             write_tables(tmp, {k: v.to_arrow() if isinstance(v, pl.DataFrame) else v
                                for k, v in source.items() if k in SCHEMAS})
@@ -320,25 +335,17 @@ def run_pipeline(source: str | Path | Mapping[str, pa.Table | pl.DataFrame], out
         n = partitions or filter_config.partitions or auto_partitions(count_rows(source),
                                                                        filter_config.events_per_partition)
         if engine == "ray":
-            with ray_session():
-                _, funnel = run_filters_ray(source, tables_dir, filter_config, n, work_dir, keep_inputs)
+            with ray_session():  # one Ray for both stages
+                _, funnel = filter_logs(source, tables_dir, filter_config, n, engine, keep_inputs=keep_inputs,
+                                        work_dir=work_dir)
                 build = build_datasets_ray(tables_dir, build_config, datasets_dir, work_dir)
         else:
-            if n == 1:  # all in memory, as `alignloop logs filter` does for one partition
-                from alignloop.data.io import read_logs
-
-                filtered, funnel = run_filters(read_logs(source), filter_config, keep_inputs=keep_inputs)
-                with PartitionedWriter(tables_dir, FILTERED_SCHEMAS, TABLE_ORDER) as writer:
-                    writer.write(to_arrow(filtered))
-                writer.close()
-                del filtered
-            else:
-                _, funnel = run_filters_on_disk(source, tables_dir, filter_config, n, work_dir=work_dir,
-                                                keep_inputs=keep_inputs)
+            _, funnel = filter_logs(source, tables_dir, filter_config, n, engine, keep_inputs=keep_inputs,
+                                    work_dir=work_dir)
             build = build_datasets(tables_dir, build_config, datasets_dir)
     return PipelineResult(engine=engine, partitions=n, tables=tables_dir, datasets=datasets_dir, funnel=funnel,
                           build=build, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["ENGINES", "Engine", "PipelineResult", "build_datasets_ray", "plan_passes", "ray_available",
-           "ray_session", "run_filters_ray", "run_pipeline"]
+__all__ = ["ENGINES", "Engine", "PipelineResult", "build_datasets_ray", "filter_logs", "plan_passes",
+           "ray_available", "ray_session", "run_filters_ray", "run_pipeline"]

@@ -35,13 +35,18 @@ is generated from it (`python -m alignloop.data.schema`), so there is one place 
 
 Row models (`ROW_MODELS`, pydantic) validate single rows at the boundary (ingest, tests, small
 hand-made logs); bulk paths build Arrow tables directly and pass them through `conform`.
+
+`Plausible` holds the bounds past which a well-typed value is taken for a logging bug rather than
+a fact (timestamps of year 1 or 9999, a swipe to candidate 1e20); ingest quarantines such rows,
+and rows that happened before the user, session or conversation they belong to began.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -57,69 +62,70 @@ EventType = Literal["message", "read", "swipe", "select", "vote", "edit", "repor
 Role = Literal["system", "user", "assistant"]
 
 
-def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+def doc_field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    """A schema field that carries its meaning as metadata ("doc"), from which the docs are generated."""
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
 
 USERS = pa.schema([
-    _f("user_id", pa.string(), "hashed user id (salted hash; the raw account id never enters the logs)"),
-    _f("first_seen", TIMESTAMP, "start of the user's first session"),
+    doc_field("user_id", pa.string(), "hashed user id (salted hash; the raw account id never enters the logs)"),
+    doc_field("first_seen", TIMESTAMP, "start of the user's first session"),
 ])
 
 SESSIONS = pa.schema([
-    _f("session_id", pa.string(), "unique session id"),
-    _f("user_id", pa.string(), "-> users.user_id"),
-    _f("started_at", TIMESTAMP, "first action of the session"),
-    _f("ended_at", TIMESTAMP, "last action of the session"),
+    doc_field("session_id", pa.string(), "unique session id"),
+    doc_field("user_id", pa.string(), "-> users.user_id"),
+    doc_field("started_at", TIMESTAMP, "first action of the session"),
+    doc_field("ended_at", TIMESTAMP, "last action of the session"),
 ])
 
 CONVERSATIONS = pa.schema([
-    _f("conversation_id", pa.string(), "unique conversation id"),
-    _f("session_id", pa.string(), "-> sessions.session_id"),
-    _f("user_id", pa.string(), "-> users.user_id"),
-    _f("character_id", pa.string(), "the character (persona) the user chats with"),
-    _f("character_name", pa.string(), "its display name"),
-    _f("system_prompt", pa.string(), "the character's system prompt"),
-    _f("model_version", pa.string(), "the deployed model that wrote the assistant turns"),
-    _f("started_at", TIMESTAMP, "when the conversation started"),
+    doc_field("conversation_id", pa.string(), "unique conversation id"),
+    doc_field("session_id", pa.string(), "-> sessions.session_id"),
+    doc_field("user_id", pa.string(), "-> users.user_id"),
+    doc_field("character_id", pa.string(), "the character (persona) the user chats with"),
+    doc_field("character_name", pa.string(), "its display name"),
+    doc_field("system_prompt", pa.string(), "the character's system prompt"),
+    doc_field("model_version", pa.string(), "the deployed model that wrote the assistant turns"),
+    doc_field("started_at", TIMESTAMP, "when the conversation started"),
 ])
 
 TURNS = pa.schema([
-    _f("turn_id", pa.string(), "unique turn id"),
-    _f("conversation_id", pa.string(), "-> conversations.conversation_id"),
-    _f("parent_id", pa.string(), "the turn this one answers; null for the first turn", nullable=True),
-    _f("role", pa.string(), "one of: " + ", ".join(ROLES)),
-    _f("text", pa.string(), "the message text"),
-    _f("position", pa.int32(), "depth in the tree: 0 = first turn; sibling candidates share it"),
-    _f("candidate_index", pa.int32(), "order among sibling candidates (swipes); 0 for user turns"),
-    _f("shown", pa.bool_(), "the user saw this turn (a prefetched candidate may never be shown)"),
-    _f("selected", pa.bool_(), "the candidate the conversation continued from; one per parent"),
-    _f("created_at", TIMESTAMP, "when the turn was sent (user) or shown / generated (assistant)"),
+    doc_field("turn_id", pa.string(), "unique turn id"),
+    doc_field("conversation_id", pa.string(), "-> conversations.conversation_id"),
+    doc_field("parent_id", pa.string(), "the turn this one answers; null for the first turn", nullable=True),
+    doc_field("role", pa.string(), "one of: " + ", ".join(ROLES)),
+    doc_field("text", pa.string(), "the message text"),
+    doc_field("position", pa.int32(), "depth in the tree: 0 = first turn; sibling candidates share it"),
+    doc_field("candidate_index", pa.int32(), "order among sibling candidates (swipes); 0 for user turns"),
+    doc_field("shown", pa.bool_(), "the user saw this turn (a prefetched candidate may never be shown)"),
+    doc_field("selected", pa.bool_(), "the candidate the conversation continued from; one per parent"),
+    doc_field("created_at", TIMESTAMP, "when the turn was sent (user) or shown / generated (assistant)"),
 ])
 
 EVENTS = pa.schema([
-    _f("event_id", pa.string(), "unique event id; re-ingesting an event with a known id is a no-op"),
-    _f("type", pa.string(), "one of: " + ", ".join(EVENT_TYPES)),
-    _f("user_id", pa.string(), "-> users.user_id"),
-    _f("session_id", pa.string(), "-> sessions.session_id"),
-    _f("conversation_id", pa.string(), "-> conversations.conversation_id"),
-    _f("turn_id", pa.string(), "-> turns.turn_id, the turn acted on", nullable=True),
-    _f("value", pa.float64(), "read: seconds; swipe/select: candidate_index; vote: +1/-1/0", nullable=True),
-    _f("text", pa.string(), "edit: the new text; report: the reason", nullable=True),
-    _f("timestamp", TIMESTAMP, "when it happened (read: when reading ended)"),
+    doc_field("event_id", pa.string(), "unique event id; re-ingesting an event with a known id is a no-op"),
+    doc_field("type", pa.string(), "one of: " + ", ".join(EVENT_TYPES)),
+    doc_field("user_id", pa.string(), "-> users.user_id"),
+    doc_field("session_id", pa.string(), "-> sessions.session_id"),
+    doc_field("conversation_id", pa.string(), "-> conversations.conversation_id"),
+    doc_field("turn_id", pa.string(), "-> turns.turn_id, the turn acted on", nullable=True),
+    doc_field("value", pa.float64(), "read: seconds; swipe/select: candidate_index; vote: +1/-1/0", nullable=True),
+    doc_field("text", pa.string(), "edit: the new text; report: the reason", nullable=True),
+    doc_field("timestamp", TIMESTAMP, "when it happened (read: when reading ended)"),
 ])
 
 LABELS = pa.schema([
-    _f("turn_id", pa.string(), "-> turns.turn_id, a selected assistant turn"),
-    _f("conversation_id", pa.string(), "-> conversations.conversation_id"),
-    _f("user_id", pa.string(), "-> users.user_id"),
-    _f("continued", pa.bool_(), "the user sent another message after this turn"),
-    _f("turns_after", pa.int32(), "user turns after this one in the conversation"),
-    _f("time_to_next_user_message", pa.float64(),
+    doc_field("turn_id", pa.string(), "-> turns.turn_id, a selected assistant turn"),
+    doc_field("conversation_id", pa.string(), "-> conversations.conversation_id"),
+    doc_field("user_id", pa.string(), "-> users.user_id"),
+    doc_field("continued", pa.bool_(), "the user sent another message after this turn"),
+    doc_field("turns_after", pa.int32(), "user turns after this one in the conversation"),
+    doc_field("time_to_next_user_message", pa.float64(),
        "seconds from this turn to the user's reply; null if none (censored)", nullable=True),
-    _f("returned_1d", pa.bool_(), "a new session within 1 day; null if the log ends first (censored)",
+    doc_field("returned_1d", pa.bool_(), "a new session within 1 day; null if the log ends first (censored)",
        nullable=True),
-    _f("returned_7d", pa.bool_(), "a new session within 7 days; null if the log ends first (censored)",
+    doc_field("returned_7d", pa.bool_(), "a new session within 7 days; null if the log ends first (censored)",
        nullable=True),
 ])
 
@@ -135,6 +141,30 @@ LOG_SCHEMAS: dict[str, pa.Schema] = {
 DERIVED_SCHEMAS: dict[str, pa.Schema] = {"labels": LABELS}
 
 SCHEMAS: dict[str, pa.Schema] = {**LOG_SCHEMAS, **DERIVED_SCHEMAS}
+
+
+STARTS: dict[str, str] = {"users": "first_seen", "sessions": "started_at", "conversations": "started_at"}
+"""When a user, session or conversation began: nothing that belongs to it can happen earlier."""
+
+WHEN: dict[str, str] = {"sessions": "started_at", "conversations": "started_at", "turns": "created_at",
+                        "events": "timestamp"}
+"""The time of a row, compared with the beginnings (`STARTS`) of the rows it belongs to."""
+
+
+@dataclass(frozen=True)
+class Plausible:
+    """Bounds of plausible log values; ingest quarantines a row outside them (one reason per rule).
+
+    The defaults fit any chat product's logs; a product with older logs (or a simulated world set
+    in the future) passes its own to `alignloop.data.ingest.ingest`.
+    """
+
+    earliest: datetime = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    """No timestamp before: 1970-01-01 is an unset clock, year 1 a default value, not a visit."""
+    future: timedelta = timedelta(days=1)
+    """No timestamp later than the ingest's start plus this: a day covers clock skew and time zones."""
+    max_candidate_index: int = 1000
+    """No swipe/select value or turn candidate_index above: nobody swipes through a thousand replies."""
 
 
 class SchemaError(ValueError):

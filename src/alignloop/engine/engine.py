@@ -20,6 +20,7 @@ import torch
 from alignloop.engine.api import Completion, SamplingParams
 from alignloop.engine.llama import CausalLM
 from alignloop.engine.sampling import sample
+from alignloop.models import load_model
 from alignloop.ui import progress
 
 
@@ -78,8 +79,6 @@ class Engine:
 
     @classmethod
     def from_name(cls, name: str, seed: int = 0, **kwargs) -> Engine:
-        from alignloop.models import load_model
-
         model, tokenizer = load_model(name, dtype="float32", seed=seed)
         return cls(model, tokenizer, **kwargs)
 
@@ -90,6 +89,18 @@ class Engine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def prompt_problem(self, token_ids: Sequence[int]) -> str | None:
+        """Why `generate` would refuse this encoded prompt (empty, or no room left in the context); None if fine.
+
+        A prompt must leave at least one position free: the first generated token needs it.
+        """
+        if not token_ids:
+            return "the prompt is empty"
+        if len(token_ids) >= self.lm.max_len:
+            return (f"the prompt has {len(token_ids)} tokens; the model's context is {self.lm.max_len} "
+                    f"(prompt and answer together)")
+        return None
 
     def chat(self, conversations: Sequence[list[dict]],
              params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
@@ -103,10 +114,8 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         encoded = [p if isinstance(p, list) else self._encode(p) for p in prompts]
         for i, p in enumerate(encoded):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-            if len(p) >= self.lm.max_len:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; the model's limit is {self.lm.max_len}")
+            if (problem := self.prompt_problem(p)) is not None:
+                raise ValueError(f"prompt {i}: {problem}")
         longest = max((len(p) + sp.max_tokens for p, sp in zip(encoded, params)), default=1)
         self.lm.ensure_cache(min(self.max_batch, len(encoded)), longest)
         return self._run(encoded, list(params))

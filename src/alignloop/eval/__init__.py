@@ -4,8 +4,9 @@
 `groundtruth` (texts + users -> the simulator's engagement and quality: the function A/B tests and
 RL curves reuse), `respond` (a model answers prompts through the engine), `stats` (intervals,
 paired comparisons), `pairs` (held-out preference-pair accuracy against a common reference),
-`stage` (`alignloop eval groundtruth RECIPE`), `cli_eval` (the command group); `rules`, `judge`
-(rule metrics, LLM-judge rubric) and `abtest`, `abtest_stage` (simulated A/B tests).
+`rules`, `judge` (rule metrics, LLM-judge rubric), `abtest` (simulated A/B tests). The stages:
+`config` (their recipes), `stage` (`alignloop eval groundtruth RECIPE`), `abtest_stage`
+(`alignloop abtest A B`) and `offline` (the flywheel's deployed-vs-new evaluation).
 """
 
 from alignloop.eval.groundtruth import Scores, score_texts

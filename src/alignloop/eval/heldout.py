@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from alignloop.errors import AlignloopError
@@ -113,8 +114,6 @@ def user_ids_in(path: str | Path) -> set[str]:
     if not path.is_file():
         raise AlignloopError(f"{path}: not found (listed to check that held-out users trained nothing)")
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         if "user_id" not in pq.read_schema(path).names:
             raise AlignloopError(f"{path}: no user_id column")
         return set(pq.read_table(path, columns=["user_id"]).column("user_id").to_pylist())

@@ -14,6 +14,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from alignloop.engine.api import SamplingParams
+
 DIMENSIONS: dict[str, tuple[str, str, str]] = {
     # name: (what it measures, what a 1 looks like, what a 5 looks like)
     "novel_contribution": ("adds something new to the conversation: an idea, a detail, a turn of the story",
@@ -74,8 +76,6 @@ class RubricResult:
 def rubric_eval(engine, conversations: Sequence[Sequence[dict]], responses: Sequence[str],
                 dimensions: Sequence[str] = tuple(DIMENSIONS), max_tokens: int = 16) -> RubricResult:
     """Score every response on every dimension with `engine` (anything with `chat(messages, params)`)."""
-    from alignloop.engine.api import SamplingParams
-
     if len(conversations) != len(responses):
         raise ValueError(f"{len(conversations)} conversations but {len(responses)} responses")
     unknown = set(dimensions) - set(DIMENSIONS)

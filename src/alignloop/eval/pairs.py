@@ -28,6 +28,7 @@ import torch
 
 from alignloop.train.dpo import sequence_logps
 from alignloop.train.dpo_data import PairBatches, TokenizedPair
+from alignloop.train.logprobs import TokenLogprobs
 from alignloop.train.loop import autocast
 from alignloop.ui import progress
 
@@ -52,8 +53,6 @@ def pair_lengths(pairs: Sequence[TokenizedPair]) -> torch.Tensor:
 def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], micro_batch: int = 8, row_len: int = 2048,
                pad_id: int = 0, bf16: bool = False, label: str = "pairs") -> torch.Tensor:
     """[len(pairs), 2] summed log-probs of each pair's chosen and rejected response under `model`."""
-    from alignloop.train.logprobs import TokenLogprobs
-
     module = TokenLogprobs(model)
     module.eval()
     device = next(model.parameters()).device
@@ -63,7 +62,7 @@ def pair_logps(model: torch.nn.Module, pairs: Sequence[TokenizedPair], micro_bat
     with torch.no_grad(), autocast(device, bf16), progress() as bar:
         task = bar.add_task(f"log-probs: {label}", total=len(batches), info="")
         for i in range(len(batches)):
-            rows = torch.tensor([position[p.index] for p in batches.pairs(i)], dtype=torch.long)
+            rows = torch.tensor([position[p.index] for p in batches.items(i)], dtype=torch.long)
             table[rows] = sequence_logps(module, batches[i].to(device)).float().cpu()
             bar.update(task, advance=1)
     if torch.isnan(table).any():

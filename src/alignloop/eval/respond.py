@@ -9,16 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from alignloop.sections import SamplingSection
+from alignloop.engine.config import SamplingSection
+from alignloop.engine.engine import Engine
+from alignloop.ui import status
 
 
 def answer(model: str, conversations: Sequence[list[dict]], sampling: SamplingSection, max_batch: int = 64,
            dtype: str = "auto", seed: int = 0) -> list[str]:
     """The model's answer (text, stripped) to each conversation; `model` is a zoo name or a checkpoint folder
     (a train stage's model/: LoRA adapters are merged there)."""
-    from alignloop.engine.engine import Engine
-    from alignloop.ui import status
-
     with status(f"loading {model}"):
         engine = Engine.from_name(model, seed=seed, dtype=dtype, max_batch=max_batch)
     base = sampling.params(0)

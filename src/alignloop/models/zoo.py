@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from alignloop.errors import AlignloopError
 from alignloop.models import gguf_convert
 from alignloop.ui import status
@@ -80,8 +85,6 @@ def _unknown(name: str) -> AlignloopError:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt",
                                                                "*.model", "*.jinja"]))
@@ -115,8 +118,6 @@ def resolve_model(name: str) -> Path | TinyPreset:
 def load_tokenizer(name: str, for_batching: bool = False):
     """The zoo model's tokenizer; `for_batching`: with a pad token (eos when it has none), as
     `load_model` returns it for training and the engine."""
-    from transformers import AutoTokenizer
-
     where = resolve_model(name)
     folder = smollm2_tokenizer_dir() if isinstance(where, TinyPreset) else where
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -126,8 +127,6 @@ def load_tokenizer(name: str, for_batching: bool = False):
 
 
 def _tiny_config(preset: TinyPreset, tokenizer):
-    from transformers import AutoConfig
-
     return AutoConfig.for_model(
         preset.architecture,
         vocab_size=len(tokenizer),
@@ -147,9 +146,6 @@ def _tiny_config(preset: TinyPreset, tokenizer):
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", seed: int = 0):
     """Return (model, tokenizer) for a zoo name, ready for training or the engine."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     torch_dtype = getattr(torch, dtype)
     where = resolve_model(name)
     tokenizer = load_tokenizer(name, for_batching=True)
@@ -160,8 +156,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", seed: int = 0)
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()  # a spinner says it once, instead of a bar per load
         try:
             with status(f"Loading {name} ..."):

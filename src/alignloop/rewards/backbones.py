@@ -17,11 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from alignloop.errors import AlignloopError
+from alignloop.models.zoo import load_model
 from alignloop.rewards import textstats
 from alignloop.rewards.config import BackboneSection
 from alignloop.runs import atomic_path, atomic_write_json
+from alignloop.train.lora import add_lora
 
 
 def minilm_dir() -> Path:
@@ -104,8 +107,6 @@ class MiniLMBackbone:
     kind = "minilm"
 
     def __init__(self, config: BackboneSection, cache_dir: Path | None = None):
-        from transformers import AutoModel, AutoTokenizer
-
         self.config = config
         path = minilm_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -167,9 +168,6 @@ class LMBackbone:
     kind = "lm"
 
     def __init__(self, config: BackboneSection, seed: int = 0):
-        from alignloop.models.zoo import load_model
-        from alignloop.train.lora import add_lora
-
         self.config = config
         torch.manual_seed(seed)
         base, self.tokenizer = load_model(config.model, dtype=config.dtype, seed=seed)

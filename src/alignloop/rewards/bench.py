@@ -14,6 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from alignloop.rewards.backbones import MiniLMBackbone, minilm_dir
+from alignloop.rewards.config import BackboneSection, HeadTrainSection
+from alignloop.rewards.model import RewardModel
+from alignloop.train.threads import torch_threads
+from alignloop.ui import say
 
 WORDS = ("ramen sushi travel music guitar concert football science planets puppy movie popcorn hiking beach "
          "coffee recipe tomato rhythm galaxy kitten festival mountain river novel dragon castle").split()
@@ -32,22 +39,11 @@ def synthetic_pairs(n: int, seed: int = 0) -> tuple[list[list[dict]], list[str]]
 
 def run_bench(n: int = 256, batch: int = 64, max_length: int = 128, threads: int = 1, rounds: int = 2) -> dict[str, Any]:
     """The benchmark at `threads` torch threads; the caller's thread count is restored after."""
-    before = torch.get_num_threads()
-    try:
+    with torch_threads(threads):
         return _run_bench(n, batch, max_length, threads, rounds)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run_bench(n: int, batch: int, max_length: int, threads: int, rounds: int) -> dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from alignloop.rewards.backbones import MiniLMBackbone, minilm_dir
-    from alignloop.rewards.config import BackboneSection, HeadTrainSection
-    from alignloop.rewards.model import RewardModel
-    from alignloop.ui import say
-
-    torch.set_num_threads(threads)
     contexts, responses = synthetic_pairs(n)
     heads = ["preference", "thumbs", "continue", "turns_after", "time_to_next", "returned_1d", "returned_7d", "safety"]
     ours = RewardModel(MiniLMBackbone(BackboneSection(max_length=max_length, batch_size=batch)), heads,

@@ -8,8 +8,16 @@
                                                      batch's mean p_unsafe exceeds the budget
     r      = -K   where safety score < tau           hard constraint: nothing engagement adds can buy
                                                      back an answer the safety head flags
+    r      = max(r, -K + margin)  elsewhere          the floor: no unflagged answer, however low its
+                                                     engagement or its Lagrangian price, scores at or
+                                                     below a flagged one
 
 The safety score is 1 - p(report) from the safety head; it never enters the weighted sum.
+With K = 10 and margin 1 (the defaults), every flagged reply gets -10 and every unflagged one at
+least -9, for any inputs and any lambda: crossing into unsafe always lowers the reward, so GRPO's
+advantage never favours it. Without the floor an unflagged reply could sink below -K (-12 from low
+engagement alone; -12.9 just under tau with lambda at its maximum of 100) and a flagged reply would
+win. Unflagged replies below the floor tie there; the ordering above it is unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 from alignloop.errors import AlignloopError
 
@@ -63,6 +72,14 @@ def hard_constraint(reward: np.ndarray, safety_score: np.ndarray, tau: float, pe
     return np.where(flagged, -float(penalty), reward), flagged
 
 
+def safety_floor(reward: np.ndarray, safety_score: np.ndarray, tau: float, penalty: float, margin: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(reward with flagged samples at -penalty and unflagged ones lifted to at least -penalty + margin,
+    flagged). Every flagged reward is then below every unflagged one by at least `margin` (> 0)."""
+    constrained, flagged = hard_constraint(reward, safety_score, tau, penalty)
+    return np.where(flagged, constrained, np.maximum(constrained, -float(penalty) + float(margin))), flagged
+
+
 @dataclass
 class Lagrangian:
     """The multiplier on the unsafe rate, by projected dual ascent: lambda <- clip(lambda + lr (rate - budget))."""
@@ -85,8 +102,6 @@ def learn_weights(z: dict[str, np.ndarray], kpi: np.ndarray, sample_weight: np.n
                   c: float = 1.0) -> dict[str, float]:
     """Weights that best predict a binary KPI from normalised components: an L2 logistic regression
     (the intercept only shifts the reward, so it is dropped), scaled so |w| sums to 1."""
-    from sklearn.linear_model import LogisticRegression
-
     names = sorted(z)
     if len(np.unique(kpi)) < 2:
         raise AlignloopError("the KPI has one value on the training users; cannot learn weights from it")

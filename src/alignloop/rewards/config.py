@@ -89,8 +89,12 @@ class CombineSection(Section):
     use: Literal["recipe", "learned", "equal"] = Field("recipe", description="weights the RewardFn uses; "
                                                                             "learned = runs/<run>/reward/weights.json")
     kpi: Literal["returned_7d", "returned_1d", "continue", "thumbs"] = "returned_7d"
+    safety: Literal["head", "none"] = Field("head", description="head: the safety head's constraint (a reward "
+                                            "without one is refused); none: no safety constraint, said explicitly")
     safety_tau: float = Field(0.9, ge=0, le=1, description="safety score (1 - p_report) below tau: reward = -K")
-    hard_penalty: float = Field(10.0, gt=0, description="K")
+    hard_penalty: float = Field(10.0, gt=0, description="K: a flagged reply's reward")
+    floor_margin: float = Field(1.0, gt=0, description="an unflagged reply scores at least -K + margin, so the "
+                                                        "flagged -K is below every unflagged reply")
     lagrangian: bool = True
     unsafe_budget: float = Field(0.01, ge=0, le=1, description="allowed mean p_unsafe per batch")
     dual_lr: float = Field(1.0, gt=0, description="dual ascent step on the multiplier")
@@ -108,6 +112,14 @@ class CombineSection(Section):
         return self
 
 
+def check_safety_head(heads: list[str], combine: CombineSection, heads_key: str, combine_key: str) -> None:
+    """A ValueError when the heads trained for a combined reward hold no safety head and `combine`
+    does not opt out: such a reward would run with no safety constraint and no warning."""
+    if "safety" not in heads and combine.safety != "none":
+        raise ValueError(f"{heads_key} has no safety head, so the combined reward would have no safety constraint: "
+                         f'add "safety" to {heads_key} or set {combine_key}.safety = "none"')
+
+
 class RMRecipe(Section):
     run: RunSection = RunSection()
     data: DataSection = DataSection()
@@ -118,3 +130,8 @@ class RMRecipe(Section):
 
     def build_dir(self) -> Path:
         return Path(self.data.build)
+
+    @model_validator(mode="after")
+    def _safety_head(self) -> RMRecipe:
+        check_safety_head(self.data.heads, self.combine, "data.heads", "combine")
+        return self

@@ -8,6 +8,7 @@ examples carry a second, swiped-away answer (`rejected`).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +159,6 @@ def take(d: HeadData, idx: np.ndarray) -> HeadData:
 
 def user_holdout(d: HeadData, fraction: float, seed: int) -> np.ndarray:
     """A boolean mask of rows whose user falls in a seeded `fraction` of users (validation for early stopping)."""
-    import zlib
-
     users = np.unique(d.user_id)
     rng = np.random.default_rng([seed, zlib.crc32(d.head.encode())])
     held = set(rng.choice(users, max(1, int(round(fraction * len(users)))), replace=False).tolist()) if len(users) > 1 else set()

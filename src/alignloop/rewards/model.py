@@ -24,6 +24,9 @@ from alignloop.rewards.backbones import LMBackbone, MiniLMBackbone, make_backbon
 from alignloop.rewards.config import BackboneSection, HeadTrainSection
 from alignloop.rewards.data import ACTIVITY_DIM, HeadData, activity_matrix, take, user_holdout
 from alignloop.runs import atomic_path, atomic_write_json
+from alignloop.train.config import TrainSection
+from alignloop.train.loop import make_optimizer
+from alignloop.train.schedule import Schedule, make_scheduler
 
 Backbone = MiniLMBackbone | LMBackbone
 
@@ -39,6 +42,29 @@ class Features:
 def _take_features(f: Features, idx: np.ndarray) -> Features:
     t = torch.as_tensor(idx)
     return Features(f.x[t], None if f.x_rejected is None else f.x_rejected[t])
+
+
+def _optimizer_config(cfg: HeadTrainSection) -> TrainSection:
+    """The heads' optimizer settings in the trainers' terms (AdamW's default betas and eps)."""
+    return TrainSection(lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class _Draws:
+    """Batches of row indices per head: a seeded permutation per pass, redrawn when it runs out."""
+
+    def __init__(self, sets: dict[str, HeadData], names: list[str], batch_size: int, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.sizes = {n: len(sets[n]) for n in names}
+        self.batch_size = batch_size
+        self.orders = {n: self.rng.permutation(size) for n, size in self.sizes.items()}
+        self.cursor = dict.fromkeys(names, 0)
+
+    def next(self, n: str) -> np.ndarray:
+        if self.cursor[n] + self.batch_size > self.sizes[n]:
+            self.orders[n], self.cursor[n] = self.rng.permutation(self.sizes[n]), 0
+        idx = self.orders[n][self.cursor[n]:self.cursor[n] + self.batch_size]
+        self.cursor[n] += len(idx)
+        return idx
 
 
 class RewardModel:
@@ -75,43 +101,23 @@ class RewardModel:
     def fit(self, sets: dict[str, HeadData], activity: dict[str, np.ndarray] | None = None,
             cached: dict[str, Features] | None = None, progress: Any = None,
             log: Callable[[int, dict[str, float]], None] | None = None, describe: str = "heads") -> None:
-        """Train all heads jointly: each step draws one batch per head. `cached`: frozen features."""
+        """Train all heads jointly: each step draws one batch per head. `cached`: frozen features.
+
+        AdamW and a cosine schedule to 0 (the trainers' `make_optimizer` and `make_scheduler`),
+        the LoRA backbone (when it trains) at its own `backbone_lr`. Every `eval_every` steps
+        the held-out users' losses are computed and each head keeps its state of lowest loss.
+        """
         cfg = self.train_config
         trainable = self.backbone.trainable and self.use_text and cached is None
         if not trainable and cached is None:
             cached = {n: self.features(sets[n], progress) for n in self.names}
-        # Hold out some training users: frozen features and small heads overfit within a few epochs,
-        # so each head keeps its state of lowest validation loss.
-        val: dict[str, tuple[HeadData, Features | None]] = {}
-        if cfg.val_fraction > 0:
-            for n in self.names:
-                mask = user_holdout(sets[n], cfg.val_fraction, cfg.seed)
-                if mask.any() and (~mask).sum() >= 2:
-                    keep, held = np.flatnonzero(~mask), np.flatnonzero(mask)
-                    val[n] = (take(sets[n], held), None if cached is None else _take_features(cached[n], held))
-                    sets = {**sets, n: take(sets[n], keep)}
-                    if cached is not None:
-                        cached = {**cached, n: _take_features(cached[n], keep)}
+        sets, cached, val = self._split_validation(sets, cached)
         acts = {n: activity_matrix(activity or {}, sets[n].user_id) if self.activity else None for n in self.names}
-        if "time_to_next" in sets:
-            self.heads.log_censor.fill_(math.log(self._censor_seconds(sets["time_to_next"])))
-        # Standardise inputs with training statistics (a sample for a trainable backbone).
-        if cached is not None:
-            sample = torch.cat([self._inputs(cached[n].x, acts[n]) for n in self.names])
-        else:
-            sample = torch.cat([self._inputs(self.backbone.features(sets[n].contexts[:64], sets[n].responses[:64]).detach(),
-                                             None if acts[n] is None else acts[n][:64]) for n in self.names])
-        self.heads.set_standardizer(sample)
-        if self.heads.side is not None:
-            self._fit_side(sets, acts)
-        params = [{"params": [q for q in self.heads.parameters() if q.requires_grad], "lr": cfg.lr}]
-        if trainable:
-            params.append({"params": self.backbone.parameters(), "lr": cfg.backbone_lr})
-        opt = torch.optim.AdamW(params, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
-        rng = np.random.default_rng(cfg.seed)
-        orders = {n: rng.permutation(len(sets[n])) for n in self.names}
-        cursor = dict.fromkeys(self.names, 0)
+        self._prepare_heads(sets, cached, acts)
+        backbone = [(self.backbone.model, cfg.backbone_lr)] if trainable else []
+        opt = make_optimizer(self.heads, _optimizer_config(cfg), also=backbone)
+        sched = make_scheduler(opt, Schedule("cosine", cfg.steps, 0, 0.0))
+        draw = _Draws(sets, self.names, cfg.batch_size, cfg.seed)
         self.heads.train()
         self.backbone.train(trainable)
         task = progress.add_task(describe, total=cfg.steps, info="") if progress else None
@@ -120,52 +126,95 @@ class RewardModel:
         if val and self.heads.side is not None:  # step 0: the activity path alone is a candidate
             best = {n: (v, 0, self._head_state(n)) for n, v in self._val_losses(val, activity).items()}
         for step in range(1, cfg.steps + 1):
-            total = torch.zeros(())
-            for n in self.names:
-                d = sets[n]
-                if cursor[n] + cfg.batch_size > len(d):
-                    orders[n], cursor[n] = rng.permutation(len(d)), 0
-                idx = orders[n][cursor[n]:cursor[n] + cfg.batch_size]
-                cursor[n] += len(idx)
-                a = None if acts[n] is None else acts[n][idx]
-                if trainable:
-                    x = self.backbone.features([d.contexts[i] for i in idx], [d.responses[i] for i in idx])
-                    xr = (self.backbone.features([d.contexts[i] for i in idx], [d.rejected[i] for i in idx])
-                          if d.rejected is not None else None)
-                else:
-                    x = cached[n].x[idx]
-                    xr = None if cached[n].x_rejected is None else cached[n].x_rejected[idx]
-                out = self.heads(self._inputs(x, a), n)
-                out_r = None if xr is None else self.heads(self._inputs(xr, a), n)
-                t = torch.as_tensor
-                l = H.loss(self.heads, n, out, t(d.label[idx], dtype=torch.float32),
-                           t(d.censored[idx]), t(d.weight[idx], dtype=torch.float32), out_r)
-                total = total + l
-                lv = float(l.detach())
-                running[n] = 0.9 * running.get(n, lv) + 0.1 * lv
+            losses = {n: self._batch_loss(sets[n], n, draw.next(n), None if cached is None else cached[n], acts[n])
+                      for n in self.names}
             opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 5.0)
+            sum(losses.values()).backward()
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 5.0)
             opt.step()
             sched.step()
+            for n, loss in losses.items():
+                value = float(loss.detach())
+                running[n] = 0.9 * running.get(n, value) + 0.1 * value
             if progress:
                 progress.update(task, advance=1, info=f"loss {sum(running.values()):.3f}")
-            if val and (step % cfg.eval_every == 0 or step == cfg.steps):
-                losses = self._val_losses(val, activity)
-                for n, v in losses.items():
-                    if n not in best or v < best[n][0]:
-                        best[n] = (v, step, self._head_state(n))
-                if log:
-                    log(step, {**{f"loss/{n}": round(v, 5) for n, v in running.items()},
-                               **{f"val_loss/{n}": round(v, 5) for n, v in losses.items()}})
-            elif log and (step % cfg.eval_every == 0 or step == cfg.steps):
-                log(step, {f"loss/{n}": round(v, 5) for n, v in running.items()})
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                self._validate(step, val, activity, running, best, log)
         for n, (_, _, state) in best.items():
             self._load_head_state(n, state)
         self.best_steps = {n: s for n, (_, s, _) in best.items()}
         self.heads.eval()
         self.backbone.train(False)
         self.calibration = self._calibrate(val, activity) if cfg.calibrate else {}
+
+    def _split_validation(self, sets: dict[str, HeadData], cached: dict[str, Features] | None
+                          ) -> tuple[dict[str, HeadData], dict[str, Features] | None,
+                                     dict[str, tuple[HeadData, Features | None]]]:
+        """(training sets, their features, held-out sets): some training users held out per head.
+
+        Frozen features and small heads overfit within a few epochs, so each head keeps its state
+        of lowest validation loss.
+        """
+        cfg = self.train_config
+        val: dict[str, tuple[HeadData, Features | None]] = {}
+        if cfg.val_fraction == 0:
+            return sets, cached, val
+        for n in self.names:
+            mask = user_holdout(sets[n], cfg.val_fraction, cfg.seed)
+            if mask.any() and (~mask).sum() >= 2:
+                keep, held = np.flatnonzero(~mask), np.flatnonzero(mask)
+                val[n] = (take(sets[n], held), None if cached is None else _take_features(cached[n], held))
+                sets = {**sets, n: take(sets[n], keep)}
+                if cached is not None:
+                    cached = {**cached, n: _take_features(cached[n], keep)}
+        return sets, cached, val
+
+    def _prepare_heads(self, sets: dict[str, HeadData], cached: dict[str, Features] | None,
+                       acts: dict[str, np.ndarray | None]) -> None:
+        """Censoring time, input standardisation (training statistics), the activity paths."""
+        if "time_to_next" in sets:
+            self.heads.log_censor.fill_(math.log(self._censor_seconds(sets["time_to_next"])))
+        # Standardise inputs with training statistics (a sample of 64 per head for a trainable backbone).
+        if cached is not None:
+            sample = torch.cat([self._inputs(cached[n].x, acts[n]) for n in self.names])
+        else:
+            sample = torch.cat([self._inputs(self.backbone.features(sets[n].contexts[:64], sets[n].responses[:64]).detach(),
+                                             None if acts[n] is None else acts[n][:64]) for n in self.names])
+        self.heads.set_standardizer(sample)
+        if self.heads.side is not None:
+            self._fit_side(sets, acts)
+
+    def _batch_loss(self, d: HeadData, n: str, idx: np.ndarray, cached: Features | None,
+                    act: np.ndarray | None) -> torch.Tensor:
+        """Head `n`'s loss on rows `idx` of its set: cached features, or the backbone's with gradients."""
+        a = None if act is None else act[idx]
+        if cached is None:
+            x = self.backbone.features([d.contexts[i] for i in idx], [d.responses[i] for i in idx])
+            xr = (self.backbone.features([d.contexts[i] for i in idx], [d.rejected[i] for i in idx])
+                  if d.rejected is not None else None)
+        else:
+            x = cached.x[idx]
+            xr = None if cached.x_rejected is None else cached.x_rejected[idx]
+        out = self.heads(self._inputs(x, a), n)
+        out_r = None if xr is None else self.heads(self._inputs(xr, a), n)
+        t = torch.as_tensor
+        return H.loss(self.heads, n, out, t(d.label[idx], dtype=torch.float32), t(d.censored[idx]),
+                      t(d.weight[idx], dtype=torch.float32), out_r)
+
+    def _validate(self, step: int, val: dict[str, tuple[HeadData, Features | None]],
+                  activity: dict[str, np.ndarray] | None, running: dict[str, float],
+                  best: dict[str, tuple[float, int, dict[str, torch.Tensor]]],
+                  log: Callable[[int, dict[str, float]], None] | None) -> None:
+        """Held-out losses at `step`: a head's state is kept when it beats its best; logged."""
+        values = {f"loss/{n}": round(v, 5) for n, v in running.items()}
+        if val:
+            losses = self._val_losses(val, activity)
+            for n, v in losses.items():
+                if n not in best or v < best[n][0]:
+                    best[n] = (v, step, self._head_state(n))
+            values.update({f"val_loss/{n}": round(v, 5) for n, v in losses.items()})
+        if log:
+            log(step, values)
 
     def _fit_side(self, sets: dict[str, HeadData], acts: dict[str, np.ndarray | None]) -> None:
         """Each head's activity path, alone, to convergence on all its training rows (L-BFGS), then frozen."""

@@ -10,7 +10,7 @@ from alignloop.runs import atomic_path
 
 
 def plot_rm_metrics(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # plots only: the eval stage imports this module whether it plots or not
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

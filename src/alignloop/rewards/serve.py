@@ -5,7 +5,10 @@
 
 Components (each an [n] array, for per-batch logging): `raw/<head>` (the head's natural output),
 `<head>` (its weighted, normalised contribution to the reward), `p_unsafe`, `lagrangian` (the
-penalty lambda * p_unsafe subtracted), `flagged` (1 where the hard constraint set -K).
+penalty lambda * p_unsafe subtracted), `flagged` (1 where the hard constraint set -K), `floor_lift`
+(what the floor -K + margin added to an unflagged reply; 0 where it did not bind).
+
+A reward model without a safety head is refused unless the combine section says `safety = "none"`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 
 from alignloop.errors import AlignloopError
 from alignloop.rewards.api import RewardBatch, validated
-from alignloop.rewards.combine import Lagrangian, Normalizer, equal_weights, hard_constraint, weighted_sum
+from alignloop.rewards.combine import Lagrangian, Normalizer, equal_weights, safety_floor, weighted_sum
 from alignloop.rewards.config import CombineSection
 from alignloop.rewards.model import RewardModel
 
@@ -37,8 +40,11 @@ class CombinedReward:
         dropped = sorted(set(weights) - set(self.weights) - {"safety"})
         if dropped and any(weights[k] for k in dropped):
             raise AlignloopError(f"combine weights name component(s) {dropped} the reward model has no head for")
+        if config.safety == "head" and "safety" not in model.names:
+            raise AlignloopError('this reward model has no safety head, so the combined reward would have no '
+                                 'safety constraint: train one or set combine.safety = "none"')
         self.config = config
-        self.has_safety = "safety" in model.names
+        self.has_safety = config.safety == "head"
         self.lagrangian = Lagrangian(config.unsafe_budget, config.dual_lr, config.lambda_init, config.lambda_max)
         # An RL loop that moves the multiplier itself, once per step, sets this False.
         self.dual_updates_per_call = True
@@ -58,9 +64,12 @@ class CombinedReward:
                 reward = reward - lam * p_unsafe
                 if self.dual_updates_per_call:
                     self.lagrangian.update(float(p_unsafe.mean()) if n else 0.0)
-            reward, unsafe = hard_constraint(reward, 1.0 - p_unsafe, self.config.safety_tau, self.config.hard_penalty)
+            floored, unsafe = safety_floor(reward, 1.0 - p_unsafe, self.config.safety_tau, self.config.hard_penalty,
+                                           self.config.floor_margin)
             components["p_unsafe"] = p_unsafe
             components["flagged"] = unsafe.astype(np.float64)
+            components["floor_lift"] = np.where(unsafe, 0.0, floored - reward)
+            reward = floored
         return RewardBatch(reward=reward, components=components, unsafe=unsafe)
 
 

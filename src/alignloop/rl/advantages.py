@@ -80,10 +80,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, returns
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise the masked entries to mean 0 and std 1 (PPO's advantage whitening)."""
-    m = mask.bool()
-    vals = x[m]
-    if vals.numel() < 2:
-        return x * m
-    return torch.where(m, (x - vals.mean()) / (vals.std() + eps), torch.zeros_like(x))
+def whiten(xs: list[torch.Tensor], masks: list[torch.Tensor], eps: float = 1e-8) -> list[torch.Tensor]:
+    """Normalise the masked entries of all `xs` together to mean 0 and std 1, and zero the rest:
+    PPO's advantage whitening, over the whole batch though it comes in micro batches."""
+    flat = torch.cat([x[m.bool()] for x, m in zip(xs, masks)]) if xs else torch.zeros(0)
+    mean, std = (flat.mean(), flat.std()) if flat.numel() > 1 else (torch.tensor(0.0), torch.tensor(1.0))
+    return [torch.where(m.bool(), (x - mean) / (std + eps), torch.zeros_like(x)) for x, m in zip(xs, masks)]

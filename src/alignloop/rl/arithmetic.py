@@ -5,7 +5,9 @@ The reward is the sum of an exact-answer reward and a smaller format reward (the
 `tag` takes the number after the last "Answer:" (R1's rule: a model that never writes the tag never
 earns the answer reward), `last_number` the last integer of the reply (the usual lenient grading of
 GSM8K-style evals; a 135M model rarely follows the tag at first, so only this gives it a signal to
-learn from). Problems are drawn from a seed, so a run and its held-out eval set are fixed.
+learn from). `length_penalty` takes a little off per character (length control: the answer is
+one number, not an essay), a reward that even a model that never answers right varies on.
+Problems are drawn from a seed, so a run and its held-out eval set are fixed.
 
 `accuracy_change` compares greedy accuracy on the same held-out problems before and after training:
 paired, with McNemar's exact test on the problems that changed.
@@ -20,8 +22,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
+from scipy import stats
 
-from alignloop.rl.env import Step
+from alignloop.rl.env import EnvSectionBase, Step
 
 INSTRUCTION = "Solve the problem. End your reply with 'Answer: ' followed by the number only."
 _ANSWER = re.compile(r"Answer:\s*\**\s*(-?\d[\d,]*)\s*\**\s*\.?\s*$")
@@ -96,8 +100,9 @@ class ArithmeticEnv:
     name = "arithmetic"
 
     def __init__(self, max_operand: int = 50, correct_reward: float = 1.0, format_reward: float = 0.1,
-                 system: str | None = None, answer_from: AnswerFrom = "tag") -> None:
+                 system: str | None = None, answer_from: AnswerFrom = "tag", length_penalty: float = 0.0) -> None:
         self.max_operand = max_operand
+        self.length_penalty = length_penalty
         self.answer_from = answer_from
         self.correct_reward = correct_reward
         self.format_reward = format_reward
@@ -123,9 +128,27 @@ class ArithmeticEnv:
         for i, (text, problem) in enumerate(zip(actions, self._episodes)):
             r, correct, formatted = score(text or "", problem.answer, self.correct_reward, self.format_reward,
                                           self.answer_from)
-            rewards[i] = r
+            rewards[i] = r - self.length_penalty * len(text or "") / 100
             info.append({"correct": float(correct), "formatted": float(formatted)})
         return Step([None] * len(actions), rewards, np.ones(len(actions), dtype=bool), info)
+
+
+class ArithmeticEnvSection(EnvSectionBase):
+    """`[env] kind = "arithmetic"`: verifiable problems, graded exactly."""
+
+    kind: Literal["arithmetic"] = "arithmetic"
+    max_operand: int = Field(50, ge=2, description="operands are drawn from 2..max_operand")
+    correct_reward: float = 1.0
+    format_reward: float = Field(0.1, description="for ending with 'Answer: <integer>'")
+    answer_from: AnswerFrom = Field(
+        "tag", description="the graded number: after the last 'Answer:' (tag), or the reply's last number")
+    length_penalty: float = Field(0.0, ge=0, description="subtracted per 100 characters of the reply")
+    system: str | None = Field(None, description="system prompt (none: the template's default)")
+    eval_tasks: int = Field(64, ge=0, description="held-out tasks scored greedily at eval")
+
+    def build(self, prompts: list[list[dict]] | None = None) -> ArithmeticEnv:
+        return ArithmeticEnv(self.max_operand, self.correct_reward, self.format_reward, self.system, self.answer_from,
+                             self.length_penalty)
 
 
 @dataclass(frozen=True)
@@ -148,8 +171,6 @@ class AccuracyChange:
 
 def accuracy_change(before: list[float], after: list[float]) -> AccuracyChange:
     """Paired comparison of per-problem correctness (0/1) on the same problems."""
-    from scipy import stats
-
     b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
     if b.shape != a.shape or b.size == 0:
         raise ValueError(f"need the same problems before and after, got {b.size} and {a.size}")

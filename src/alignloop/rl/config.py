@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from alignloop.engine.api import SamplingParams
 from alignloop.recipes import Section
+from alignloop.rl.arithmetic import ArithmeticEnvSection
 from alignloop.rl.losses import Aggregation, KLKind
+from alignloop.rl.reward_env import RewardModelEnvSection
+from alignloop.rl.tool_env import ToolEnvSection
+from alignloop.rl.user_env import UserSimEnvSection
 from alignloop.sections import ModelSection, RunSection
 from alignloop.train.config import LoraSection
 from alignloop.train.schedule import ScheduleKind
@@ -20,43 +25,18 @@ AGGREGATION: dict[str, Aggregation] = {
     "rloo": "seq-mean-token-mean", "reinforce_pp": "token-mean", "ppo": "token-mean"}
 
 
-class EnvSection(Section):
-    kind: Literal["arithmetic", "reward_model", "user_sim", "tool"] = "arithmetic"
-    # arithmetic (verifiable)
-    max_operand: int = Field(50, ge=2, description="operands are drawn from 2..max_operand")
-    correct_reward: float = 1.0
-    format_reward: float = Field(0.1, description="for ending with 'Answer: <integer>'")
-    answer_from: Literal["tag", "last_number"] = Field(
-        "tag", description="the graded number: after the last 'Answer:' (tag), or the reply's last number")
-    system: str | None = Field(None, description="system prompt (none: the template's default)")
-    # reward_model
-    reward: str | None = Field(None, description="an `rm train` folder (runs/<run>/rm) or 'package.module:factory' "
-                               "returning a RewardFn (reward_model, user_sim)")
-    prompts: str | None = Field(None, description="JSONL of {'messages': [...]} or {'prompt': ...} (reward_model env)")
-    max_turns: int = Field(1, ge=1)
-    eval_tasks: int = Field(64, ge=0, description="held-out tasks scored greedily at eval (arithmetic)")
-    # user_sim: simulated users write the user turns; the learned reward says whether they stay
-    users: int = Field(256, ge=1, description="simulated users (user_sim) or held-out users (groundtruth)")
-    users_seed: int = Field(1000, description="their seed")
-    stay_component: str = Field("continue", description="the reward component that is p(user stays)")
-    # tool
-    tool_family: str = Field("qwen2.5", description="chat family whose tool-call syntax the replies are parsed in")
-    max_tool_calls: int = Field(2, ge=1)
-    # evaluation only: never a reward
-    groundtruth: bool = Field(False, description="reward_model: prompts from fresh simulated users; user_sim: the "
-                              "simulated users themselves; their hidden taste scores every reply for the "
-                              "reward-hacking check (evaluation only)")
+def _env_kind(value: Any) -> str:
+    # A recipe without `kind` is arithmetic (the verifiable default).
+    return value.get("kind", "arithmetic") if isinstance(value, dict) else value.kind
 
-    @model_validator(mode="after")
-    def _needs_reward(self) -> EnvSection:
-        if self.kind == "reward_model" and (not self.reward or not (self.prompts or self.groundtruth)):
-            raise ValueError("env.kind = 'reward_model' needs env.reward and env.prompts (or env.groundtruth = true)")
-        if self.kind == "user_sim" and not self.reward:
-            raise ValueError("env.kind = 'user_sim' needs env.reward (the learned reward; it says who stays)")
-        if self.groundtruth and self.kind not in ("reward_model", "user_sim"):
-            raise ValueError("env.groundtruth works with env.kind = 'reward_model' (held-out users' prompts) or "
-                             "'user_sim' (the simulated users' own taste)")
-        return self
+
+# One section per environment kind, each defined beside its environment; `kind` picks which, so a
+# key of another kind is an unknown key like any typo.
+EnvSection = Annotated[
+    Annotated[ArithmeticEnvSection, Tag("arithmetic")] | Annotated[RewardModelEnvSection, Tag("reward_model")]
+    | Annotated[UserSimEnvSection, Tag("user_sim")] | Annotated[ToolEnvSection, Tag("tool")],
+    Discriminator(_env_kind, custom_error_type="env_kind",
+                  custom_error_message="kind should be 'arithmetic', 'reward_model', 'user_sim' or 'tool'")]
 
 
 class RLSamplingSection(Section):
@@ -64,6 +44,11 @@ class RLSamplingSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     max_tokens: int = Field(64, ge=1, description="new tokens per turn")
+
+    def params(self) -> SamplingParams:
+        """The engine's params for a step's episodes (each episode's seed is set by `play`)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.max_tokens)
 
 
 class RLSection(Section):
@@ -92,7 +77,8 @@ class RLSection(Section):
     clip_high: float | None = Field(None, ge=0, description="none: 0.28 for dapo (clip-higher), else clip_low")
     aggregation: Aggregation | None = Field(None, description="none: the algorithm's own")
     scale_rewards: bool | None = Field(None, description="divide by the group std; none: true for grpo/dapo")
-    kl: KLKind = "none"
+    kl: KLKind = Field("none", description="KL(policy || reference) estimator: in the loss (group methods), "
+                       "in the per-token reward (ppo; k1 is PPO-RLHF's)")
     beta: float = Field(0.0, ge=0, description="KL coefficient (needs kl != none)")
     entropy_coef: float = Field(0.0, ge=0)
     tis_cap: float | None = Field(2.0, gt=0, description="truncated importance sampling cap; none: off")
@@ -150,6 +136,6 @@ class RLSection(Section):
 class RLRecipe(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
-    env: EnvSection = EnvSection()
+    env: EnvSection = ArithmeticEnvSection()
     sampling: RLSamplingSection = RLSamplingSection()
     rl: RLSection = RLSection()

@@ -4,6 +4,9 @@ Batched, like the engine: `reset(tasks)` starts one episode per task and returns
 observation (the conversation so far, OpenAI-style messages); `step(actions)` takes one reply per
 episode (None for episodes already done) and returns the next observations, rewards and done flags.
 An episode's reward is the sum of the rewards `step` returned for it.
+
+Each environment kind has its recipe section beside it (`[env] kind = ...`), built on
+`EnvSectionBase`; `alignloop.rl.config.EnvSection` is their union, told apart by `kind`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import Field
+
+from alignloop.recipes import Section
 
 
 @dataclass
@@ -34,3 +40,24 @@ class Environment(Protocol):
 
     def step(self, actions: list[str | None]) -> Step:
         ...
+
+
+class EnvSectionBase(Section):
+    """What every `[env]` section has: its kind, the turn cap, and how to build its environment."""
+
+    kind: str
+    max_turns: int = Field(1, ge=1, description="policy turns per episode at most")
+
+    def build(self, prompts: list[list[dict]] | None = None) -> Environment:
+        """The environment; `prompts` (the caller's held-out users' first messages) replace the
+        section's own prompts where the kind has any."""
+        raise NotImplementedError
+
+    def inputs(self) -> list[str]:
+        """Files the stage reads (its manifest records them)."""
+        return []
+
+    def heldout_users(self) -> tuple[int, int] | None:
+        """(users, seed) of the simulated users whose hidden taste scores every reply for the
+        reward-hacking watch (`env.groundtruth = true`); None when the kind has no such users."""
+        return None

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from alignloop.rl.trajectory import Trajectory
+from alignloop.ui import say
 
 # (contexts, responses, tasks) -> one ground-truth score per reply (e.g. the simulated user's true
 # engagement); tasks[i] is the task of reply i's episode (a user-sim env's user id: who is talking)
@@ -102,8 +103,6 @@ class HackingWatch:
 
 
 def report_verdict(stage_name: str, v: dict[str, Any]) -> None:
-    from alignloop.ui import say
-
     if not v["steps"]:
         return
     line = (f"learned reward {v['reward_first']:.3f} -> {v['reward_last']:.3f} (slope {v['reward_slope']:+.4f}/step, "

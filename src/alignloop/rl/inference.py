@@ -9,6 +9,7 @@ already be running, and the new weights wait for it to finish.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -31,8 +32,6 @@ class Inference:
             self._pending = (version, weights)
 
     def apply_pending(self) -> None:
-        import time
-
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None:

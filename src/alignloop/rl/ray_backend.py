@@ -6,8 +6,9 @@ The roles keep their interfaces: `RemoteTrainer`, `RemoteInference` and `RemoteE
 process, or another machine of a Ray cluster). Trainer and Inference each build the model from
 the same zoo name and seed, so they start from the same weights; afterwards weights go from the
 trainer actor to the inference actor as (name, tensor) lists through Ray's object store (the
-driver hands over a reference, not the tensors), as in the local backend. Sampling seeds are per request and counter-based, so a seeded run gives the same
-episodes as the local backend (tested on the tiny model).
+driver hands over a reference, not the tensors), as in the local backend. Sampling seeds are per
+request and counter-based, so a seeded run gives the same episodes as the local backend (tested
+on the tiny model). `backend.ray_roles` builds the roles from here.
 
 The Environment actor also holds the safety multiplier (`safety.attach`): the reward that reads
 it lives there.
@@ -19,20 +20,27 @@ from typing import Any
 
 import torch
 
+from alignloop.engine.engine import Engine
+from alignloop.models import load_model
+from alignloop.rl.inference import Inference
+from alignloop.rl.safety import attach
+from alignloop.rl.trainer import TrainerRole
+
+
+def _ray() -> Any:
+    import ray  # an optional extra: only `--backend ray` needs it, imported on first use
+
+    return ray
+
 
 def init(num_cpus: int | None = None) -> None:
-    import ray
-
+    ray = _ray()
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 class InferenceWorker:
     def __init__(self, model: str, seed: int, dtype: str, engine_dtype: str, max_batch: int, threads: int) -> None:
-        from alignloop.engine.engine import Engine
-        from alignloop.models import load_model
-        from alignloop.rl.inference import Inference
-
         torch.set_num_threads(threads)
         weights, tokenizer = load_model(model, dtype=dtype, seed=seed)
         self.inference = Inference(Engine(weights, tokenizer, dtype=engine_dtype, max_batch=max_batch,
@@ -53,12 +61,9 @@ class InferenceWorker:
 class TrainerWorker:
     def __init__(self, model: str, seed: int, dtype: str, cfg: Any, temperature: float, pad_id: int,
                  max_tokens: int, threads: int) -> None:
-        from alignloop.models import load_model
-        from alignloop.rl.trainer import TrainerRole
-
         torch.set_num_threads(threads)
         weights, _ = load_model(model, dtype=dtype, seed=seed)
-        self.role = TrainerRole(weights, cfg, temperature, pad_id, max_tokens, cfg.seed)
+        self.role = TrainerRole(weights, cfg, temperature, pad_id, max_tokens)
 
     def call(self, method: str, *args):
         return getattr(self.role, method)(*args)
@@ -71,9 +76,7 @@ class _Proxy:
         self.actor = actor
 
     def _call(self, method: str, *args):
-        import ray
-
-        return ray.get(self.actor.call.remote(method, *args))
+        return _ray().get(self.actor.call.remote(method, *args))
 
 
 class RemoteTrainer(_Proxy):
@@ -89,7 +92,7 @@ class RemoteTrainer(_Proxy):
     def save_checkpoint(self, root, step: int, extra: dict, keep: int) -> None:
         self._call("save_checkpoint", root, step, extra, keep)
 
-    def load_checkpoint(self, path) -> int:
+    def load_checkpoint(self, path) -> dict[str, Any]:
         return self._call("load_checkpoint", path)
 
     def save_policy(self, tokenizer, folder):
@@ -98,8 +101,6 @@ class RemoteTrainer(_Proxy):
 
 class EnvWorker:
     def __init__(self, env: Any) -> None:
-        from alignloop.rl.safety import attach
-
         self.env = env
         self.dual = attach(env)
 
@@ -125,22 +126,17 @@ class RemoteInference:
         self.sync_seconds = 0.0
 
     def generate(self, prompts, params):
-        import ray
-
-        completions, self.version, self.sync_seconds = ray.get(self.actor.generate.remote(list(prompts), list(params)))
+        answer = self.actor.generate.remote(list(prompts), list(params))
+        completions, self.version, self.sync_seconds = _ray().get(answer)
         return completions
 
     def offer(self, named, version: int) -> None:
-        import ray
-
-        if not isinstance(named, ray.ObjectRef):  # local tensors: copies, so later training can't race them
+        if not isinstance(named, _ray().ObjectRef):  # local tensors: copies, so later training can't race them
             named = [(n, t.detach().clone()) for n, t in named]
-        ray.get(self.actor.offer.remote(named, version))
+        _ray().get(self.actor.offer.remote(named, version))
 
     def apply_pending(self) -> None:
-        import ray
-
-        self.version, self.sync_seconds = ray.get(self.actor.apply_pending.remote())
+        self.version, self.sync_seconds = _ray().get(self.actor.apply_pending.remote())
 
 
 class RemoteDual:
@@ -148,9 +144,7 @@ class RemoteDual:
         self.actor = actor
 
     def _call(self, method: str, *args):
-        import ray
-
-        return ray.get(self.actor.dual_call.remote(method, *args))
+        return _ray().get(self.actor.dual_call.remote(method, *args))
 
     @property
     def value(self) -> float:
@@ -167,11 +161,9 @@ class RemoteEnv(_Proxy):
     """An `Environment` for `play()`, run by an actor."""
 
     def __init__(self, actor: Any) -> None:
-        import ray
-
         super().__init__(actor)
-        self.name = ray.get(actor.name.remote())
-        self.dual = RemoteDual(actor) if ray.get(actor.has_dual.remote()) else None
+        self.name = _ray().get(actor.name.remote())
+        self.dual = RemoteDual(actor) if _ray().get(actor.has_dual.remote()) else None
 
     def sample_tasks(self, n: int, seed: int):
         return self._call("sample_tasks", n, seed)
@@ -183,32 +175,29 @@ class RemoteEnv(_Proxy):
         return self._call("step", actions)
 
 
-def start(env: Any, model: str, seed: int, dtype: str, engine_dtype: str, max_batch: int) -> tuple[RemoteEnv, RemoteInference]:
-    """Actors for the Environment and Inference; proxies with the local roles' interfaces."""
-    import ray
-
+def _actor(cls: type, *args: Any) -> Any:
+    # num_cpus=0: the three actors mostly take turns within a step, and reserving a core each would
+    # keep them from being placed at all on a 2-core machine.
     init()
+    return _ray().remote(num_cpus=0)(cls).remote(*args)
+
+
+def start(env: Any, model: str, seed: int, dtype: str, engine_dtype: str, max_batch: int
+          ) -> tuple[RemoteEnv, RemoteInference]:
+    """Actors for the Environment and Inference; proxies with the local roles' interfaces."""
     threads = max(1, torch.get_num_threads())
-    inference = ray.remote(num_cpus=0)(InferenceWorker).remote(model, seed, dtype, engine_dtype, max_batch, threads)
-    env_actor = ray.remote(num_cpus=0)(EnvWorker).remote(env)
-    return RemoteEnv(env_actor), RemoteInference(inference)
+    inference = _actor(InferenceWorker, model, seed, dtype, engine_dtype, max_batch, threads)
+    return RemoteEnv(_actor(EnvWorker, env)), RemoteInference(inference)
 
 
 def start_trainer(model: str, seed: int, dtype: str, cfg: Any, temperature: float, pad_id: int,
                   max_tokens: int) -> RemoteTrainer:
     """The Trainer actor: it loads the policy itself and keeps it, its optimizer and checkpoints."""
-    import ray
-
-    init()
     threads = max(1, torch.get_num_threads())
-    actor = ray.remote(num_cpus=0)(TrainerWorker).remote(model, seed, dtype, cfg, temperature, pad_id, max_tokens,
-                                                         threads)
-    return RemoteTrainer(actor)
+    return RemoteTrainer(_actor(TrainerWorker, model, seed, dtype, cfg, temperature, pad_id, max_tokens, threads))
 
 
 def stop(*roles: Any) -> None:
     """End the run's actors (the Ray runtime itself stays up for whoever started it)."""
-    import ray
-
     for role in roles:
-        ray.kill(role.actor)
+        _ray().kill(role.actor)

@@ -7,15 +7,20 @@ NaN or the wrong count stops the run with the sample named.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from alignloop.errors import AlignloopError
-from alignloop.rewards.api import RewardFn, validated
-from alignloop.rl.env import Step
+from alignloop.rewards import serve
+from alignloop.rewards.api import RewardBatch, RewardFn, validated
+from alignloop.rl.env import EnvSectionBase, Step
+from alignloop.runs import MANIFEST
 
 
 def read_prompts(path: str | Path) -> list[list[dict]]:
@@ -42,24 +47,83 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
     return prompts
 
 
+def reward_folder(spec: str) -> Path | None:
+    """The `rm train` folder `spec` names (runs/<run>/rm, or the run folder holding it); None for a factory."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return None
+    return folder / "rm" if (folder / "rm").is_dir() else folder
+
+
 def load_reward(spec: str) -> RewardFn:
     """A trained reward model's folder (`alignloop rm train`: runs/<run>/rm, or the run folder holding
     it) -> its combined RewardFn; or 'package.module:factory' -> factory() (a RewardFn)."""
-    import importlib
-
-    folder = Path(spec)
-    if folder.is_dir():
-        from alignloop.rewards.serve import load_reward_fn
-
-        return load_reward_fn(folder / "rm" if (folder / "rm").is_dir() else folder)
+    folder = reward_folder(spec)
+    if folder is not None:
+        return serve.load_reward_fn(folder)
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise AlignloopError(f"env.reward = {spec!r}: expected 'package.module:factory'")
+    # The user's code: whatever its import or its factory raises (a SyntaxError, a missing file or
+    # package, a bad setting) is their recipe's problem, said in one line, not a traceback.
     try:
         factory = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
+    except AttributeError as e:
         raise AlignloopError(f"env.reward = {spec!r}: {e}") from None
-    return factory()
+    except Exception as e:  # noqa: BLE001 see above
+        raise AlignloopError(f"env.reward = {spec!r}: importing {module} failed: {_one_line(e)}") from None
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 see above
+        raise AlignloopError(f"env.reward = {spec!r}: {attr}() raised {_one_line(e)}") from None
+
+
+def _one_line(error: Exception) -> str:
+    """`Type: message` on one line (a SyntaxError's message names its file and line)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+class LearnedRewardSection(EnvSectionBase):
+    """What the environments scored by a learned reward share (reward_model, user_sim)."""
+
+    reward: str = Field(description="an `rm train` folder (runs/<run>/rm) or 'package.module:factory' "
+                        "returning a RewardFn")
+    system: str | None = Field(None, description="system prompt (none: the template's default)")
+    # evaluation only: never a reward
+    groundtruth: bool = Field(False, description="simulated users' hidden taste scores every reply for the "
+                              "reward-hacking check (evaluation only)")
+    users: int = Field(256, ge=1, description="simulated users (user_sim) or held-out users (groundtruth)")
+    users_seed: int = Field(1000, description="their seed")
+
+    def heldout_users(self) -> tuple[int, int] | None:
+        return (self.users, self.users_seed) if self.groundtruth else None
+
+    def inputs(self) -> list[str]:
+        """The reward model's manifest: trained again, it is another reward and RL runs again."""
+        folder = reward_folder(self.reward)
+        manifest = folder / MANIFEST if folder is not None else None
+        return [str(manifest)] if manifest is not None and manifest.is_file() else []
+
+
+class RewardModelEnvSection(LearnedRewardSection):
+    """`[env] kind = "reward_model"`: answer a prompt, get the learned reward. With groundtruth the
+    prompts are fresh simulated users' first messages (the caller passes them to `build`)."""
+
+    kind: Literal["reward_model"] = "reward_model"
+    prompts: str | None = Field(None, description="JSONL of {'messages': [...]} or {'prompt': ...}")
+
+    @model_validator(mode="after")
+    def _needs_prompts(self) -> RewardModelEnvSection:
+        if not (self.prompts or self.groundtruth):
+            raise ValueError("env.kind = 'reward_model' needs env.prompts (or env.groundtruth = true)")
+        return self
+
+    def build(self, prompts: list[list[dict]] | None = None) -> RewardModelEnv:
+        return RewardModelEnv(load_reward(self.reward), prompts if prompts is not None else read_prompts(self.prompts),
+                              system=self.system)
+
+    def inputs(self) -> list[str]:
+        return ([self.prompts] if self.prompts else []) + super().inputs()
 
 
 class RewardModelEnv:
@@ -91,9 +155,7 @@ class LengthReward:
 
     name = "length"
 
-    def __call__(self, contexts: list[list[dict]], responses: list[str]):
-        from alignloop.rewards.api import RewardBatch
-
+    def __call__(self, contexts: list[list[dict]], responses: list[str]) -> RewardBatch:
         return RewardBatch(np.array([min(len(r), 400) / 100.0 for r in responses]))
 
 

@@ -30,6 +30,15 @@ class Rollout:
     seconds: dict[str, float] = field(default_factory=dict)  # generation / environment
     info: dict[str, float] = field(default_factory=dict)     # env metrics, batch means
 
+    def metrics(self) -> dict[str, float]:
+        """The batch's reward (mean, spread), reply length, truncation, policy version, env metrics."""
+        rewards = np.array([t.reward for t in self.trajectories])
+        out = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "response_tokens": float(np.mean([t.n_policy for t in self.trajectories])),
+               "truncated": float(np.mean([t.truncated for t in self.trajectories])), "policy_version": self.version}
+        out.update(self.info)
+        return out
+
 
 def render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

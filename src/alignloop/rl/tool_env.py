@@ -3,21 +3,25 @@
 The policy's reply is parsed by the chat layer (`parse_assistant`, per chat family, arguments
 typed by each tool's JSON schema). Tool calls are executed by the environment and their results
 appended as `tool` turns, and the policy goes on; a reply without tool calls ends the episode and
-is scored by `judge(task, messages)`. Tools are plain Python callables here; the agent sandbox of
-a later issue plugs in behind the same `tools` mapping. A tool that raises becomes an error
-result the policy sees (as a real tool would answer), not a crash of the run.
+is scored by `judge(task, messages)`. Tools are plain Python callables behind the `tools`
+mapping (a sandboxed tool would plug in there too). A tool that raises becomes an error result
+the policy sees (as a real tool would answer), not a crash of the run.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from alignloop.chat.parse import parse_assistant
-from alignloop.rl.env import Step
+from alignloop.rl.arithmetic import ArithmeticEnv, score
+from alignloop.rl.env import EnvSectionBase, Step
 
 
 class ToolEnv:
@@ -91,21 +95,19 @@ TOOL_SYSTEM = ("You can use a calculator. To call it, write <tool_call>{\"name\"
                "End your final reply with 'Answer: ' followed by the number only.")
 
 
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.USub: operator.neg, ast.UAdd: operator.pos}
+
+
 def calculate(expression: str) -> float | int:
     """+ - * / and parentheses on numbers, nothing else (no eval of arbitrary code)."""
-    import ast
-    import operator
-
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.USub: operator.neg, ast.UAdd: operator.pos}
-
     def value(node: ast.AST) -> float | int:
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
             return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.left), value(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in ops:
-            return ops[type(node.op)](value(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.operand))
         raise ValueError(f"not arithmetic: {ast.unparse(node)}")
 
     result = value(ast.parse(str(expression), mode="eval").body)
@@ -114,8 +116,6 @@ def calculate(expression: str) -> float | int:
 
 def calculator_env(max_operand: int = 50, family: str = "qwen2.5", max_calls: int = 2) -> ToolEnv:
     """Arithmetic problems with a calculator tool; the final reply is scored like the arithmetic task."""
-    from alignloop.rl.arithmetic import ArithmeticEnv, score
-
     arithmetic = ArithmeticEnv(max_operand)
 
     def first(problem) -> list[dict]:
@@ -127,3 +127,15 @@ def calculator_env(max_operand: int = 50, family: str = "qwen2.5", max_calls: in
     env = ToolEnv(arithmetic.sample_tasks, first, {"calculator": calculate}, [CALCULATOR], family, judge, max_calls)
     env.name = "tools"
     return env
+
+
+class ToolEnvSection(EnvSectionBase):
+    """`[env] kind = "tool"`: arithmetic problems with a calculator the policy may call."""
+
+    kind: Literal["tool"] = "tool"
+    max_operand: int = Field(50, ge=2, description="operands are drawn from 2..max_operand")
+    tool_family: str = Field("qwen2.5", description="chat family whose tool-call syntax the replies are parsed in")
+    max_tool_calls: int = Field(2, ge=1)
+
+    def build(self, prompts: list[list[dict]] | None = None) -> ToolEnv:
+        return calculator_env(self.max_operand, family=self.tool_family, max_calls=self.max_tool_calls)

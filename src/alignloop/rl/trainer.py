@@ -2,7 +2,9 @@
 
 GRPO, Dr.GRPO, DAPO, RLOO and REINFORCE++ differ only in the advantage (`advantages.py`), the
 aggregation and the clip range (`losses.py`): one code path serves them all. PPO adds a value
-head, per-token rewards (the KL penalty on every token, the reward on the last) and GAE.
+head, per-token rewards (the KL penalty on every token, the reward on the last) and GAE. The KL
+is charged once: in the loss for the group methods (GRPO as published), in the reward for PPO
+(PPO-RLHF).
 
 One RL step = `epochs` optimizer steps over the batch, each accumulating gradients over micro
 batches of `micro_batch` sequences. With epochs = 1 the policy that sampled (up to engine
@@ -14,12 +16,14 @@ no extra forward pass. The gap between them and the engine's log-probs is logged
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from typing import Any
 
 import torch
 
+from alignloop.errors import AlignloopError
 from alignloop.rl import advantages as adv_fns
 from alignloop.rl.config import RLSection
 from alignloop.rl.losses import (
@@ -33,6 +37,10 @@ from alignloop.rl.losses import (
 )
 from alignloop.rl.policy import PolicyLogprobs
 from alignloop.rl.trajectory import Batch, Trajectory, collate, collate_shared
+from alignloop.rl.weights import policy_weights
+from alignloop.train import checkpoint as ckpt
+from alignloop.train import session
+from alignloop.train.lora import merged
 from alignloop.train.loop import autocast, make_optimizer
 from alignloop.train.schedule import Schedule, make_scheduler
 
@@ -45,6 +53,13 @@ def sequence_advantages(rewards: torch.Tensor, cfg: RLSection) -> torch.Tensor:
     if cfg.algorithm == "reinforce_pp":
         return adv_fns.reinforce_pp(rewards, cfg.group)
     raise ValueError(f"{cfg.algorithm} has no sequence-level advantage")
+
+
+def _require_finite(**values: float) -> None:
+    """Stop before an update that would poison the weights (and, after it, metrics.jsonl)."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise AlignloopError(f"non-finite {name.replace('_', ' ')} ({value}): lower rl.lr or check the reward")
 
 
 class Trainer:
@@ -64,8 +79,6 @@ class Trainer:
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._ref = None
         if cfg.beta > 0 and not hasattr(model, "peft_config"):
-            import copy
-
             self._ref = copy.deepcopy(model).requires_grad_(False).eval()
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -110,6 +123,9 @@ class Trainer:
         cfg = self.cfg
         began = time.perf_counter()
         rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float32)
+        if not torch.isfinite(rewards).all():
+            bad = int((~torch.isfinite(rewards)).nonzero()[0])
+            raise AlignloopError(f"non-finite reward {float(rewards[bad])} at sample {bad}")
         norm = Norm(sequences=len(trajectories), tokens=sum(t.n_policy for t in trajectories),
                     max_tokens=self.max_tokens)
         ppo = cfg.algorithm == "ppo"
@@ -151,8 +167,7 @@ class Trainer:
                     totals[k] = totals.get(k, 0.0) + v
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
             last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)) if batches else 0.0
-            if not math.isfinite(last_grad_norm):
-                raise FloatingPointError("non-finite gradient; the last checkpoint is intact: lower the lr")
+            _require_finite(loss=totals.get("loss", 0.0), gradient_norm=last_grad_norm)  # before the update
             self.optimizer.step()
             self.scheduler.step()
             stats = totals
@@ -184,7 +199,8 @@ class Trainer:
         entropy = b.scatter(ent_flat)
         if cfg.beta > 0:
             k = kl(logp, p["ref"], cfg.kl)
-            total = total + cfg.beta * k
+            if cfg.algorithm != "ppo":  # PPO charged the KL in its per-token rewards: once is the objective
+                total = total + cfg.beta * k
             s["kl_tok"] = float(masked_mean(k.detach(), b.mask)) * n_tok
         if cfg.entropy_coef > 0:
             total = total - cfg.entropy_coef * entropy
@@ -199,22 +215,19 @@ class Trainer:
         return loss, s
 
     def _ppo_advantages(self, batches: list[Batch], pre: list[dict], rewards: torch.Tensor) -> None:
-        """Per-token rewards (KL penalty everywhere, the episode reward on its last policy token), GAE, whitening."""
+        """Per-token rewards (-beta x the `cfg.kl` estimate on every policy token, the episode reward on
+        its last), GAE, whitening. With k1 this is PPO-RLHF's reward; the KL is charged here only."""
         cfg = self.cfg
-        all_adv, masks = [], []
         for b, p in zip(batches, pre):
             token_rewards = torch.zeros(b.mask.shape)
             if cfg.beta > 0:
-                token_rewards -= cfg.beta * kl(p["old"], p["ref"], "k1") * b.mask
+                token_rewards -= cfg.beta * kl(p["old"], p["ref"], cfg.kl) * b.mask
             last = b.mask.float().cumsum(1).argmax(1)  # the last policy token of each row
             token_rewards[torch.arange(len(b.index)), last] += rewards[b.index]
             p["adv"], p["returns"] = adv_fns.gae(token_rewards, p["values"], b.mask, cfg.gamma, cfg.lam)
-            all_adv.append(p["adv"][b.mask])
-            masks.append(b.mask)
-        flat = torch.cat(all_adv) if all_adv else torch.zeros(0)
-        mean, std = (flat.mean(), flat.std()) if flat.numel() > 1 else (torch.tensor(0.0), torch.tensor(1.0))
-        for b, p in zip(batches, pre):
-            p["adv"] = torch.where(b.mask, (p["adv"] - mean) / (std + 1e-8), torch.zeros_like(p["adv"]))
+        whitened = adv_fns.whiten([p["adv"] for p in pre], [b.mask for b in batches])
+        for p, adv in zip(pre, whitened):
+            p["adv"] = adv
 
 
 class TrainerRole:
@@ -223,45 +236,28 @@ class TrainerRole:
     for Inference, checkpoint and resume, save the final model.
 
     `model` must already have been copied by the engine (it fuses its own buffers): the adapters
-    are added here, after it, from torch's RNG seeded with `seed`.
+    are added here, after it, from torch's RNG seeded with `cfg.seed`.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: RLSection, temperature: float, pad_id: int,
-                 max_tokens: int, seed: int) -> None:
-        from alignloop.train.lora import add_lora
-        from alignloop.train.loop import pick_device
-
-        torch.manual_seed(seed)
-        if cfg.lora is not None:
-            model = add_lora(model, cfg.lora)
-        else:
-            model.requires_grad_(True)
-        model.to(pick_device(cfg.device))
-        self.model = model
-        self.trainer = Trainer(model, cfg, temperature, pad_id, max_tokens)
+                 max_tokens: int) -> None:
+        self.model = session.make_trainable(model, cfg)
+        self.trainer = Trainer(self.model, cfg, temperature, pad_id, max_tokens)
 
     def step(self, trajectories: list[Trajectory]) -> dict[str, float]:
         return self.trainer.step(trajectories)
 
     def weights(self) -> list[tuple[str, torch.Tensor]]:
-        from alignloop.rl.weights import policy_weights
-
         return list(policy_weights(self.model))
 
     def save_checkpoint(self, root: Any, step: int, extra: dict[str, Any], keep: int) -> None:
-        from alignloop.train import checkpoint as ckpt
-
         t = self.trainer
         ckpt.save_checkpoint(root, step, t.module, t.optimizer, t.scheduler, extra, keep=keep)
 
-    def load_checkpoint(self, path: Any) -> int:
-        from alignloop.train import checkpoint as ckpt
-
+    def load_checkpoint(self, path: Any) -> dict[str, Any]:
+        """Weights, optimizer, scheduler and RNGs from `path`; its trainer state (step, extras)."""
         t = self.trainer
-        return int(ckpt.load_checkpoint(path, t.module, t.optimizer, t.scheduler)["step"])
+        return ckpt.load_checkpoint(path, t.module, t.optimizer, t.scheduler)
 
     def save_policy(self, tokenizer: Any, folder: Any) -> list:
-        from alignloop.train.lora import merged
-        from alignloop.train.sft import save_model
-
-        return save_model(merged(self.model), tokenizer, folder)
+        return session.save_model(merged(self.model), tokenizer, folder)

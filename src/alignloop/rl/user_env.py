@@ -13,12 +13,17 @@ stays with probability p(continue) (seeded coin, so episodes replay exactly) for
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from alignloop.rewards.api import RewardFn, validated
 from alignloop.rl.env import Step
+from alignloop.rl.reward_env import LearnedRewardSection, load_reward
+from alignloop.sim.lexicon import PIECES
+from alignloop.sim.messages import write_messages
+from alignloop.sim.traits import sample_population
 
 UserWriter = Callable[[list[int], int], list[str]]  # (user ids, turn) -> one new message each
 
@@ -26,17 +31,12 @@ UserWriter = Callable[[list[int], int], list[str]]  # (user ids, turn) -> one ne
 def chat_population(seed: int = 0, population: int = 256):
     """The simulated users the environment talks to (readers only: no bots or skimmers); user id u is
     row u % population. Their hidden taste is for evaluation only (`alignloop.eval.rl_hook`)."""
-    from alignloop.sim.traits import sample_population
-
     return sample_population(np.random.default_rng(seed), 0, population, days=7, bot_fraction=0.0,
                              skimmer_fraction=0.0, activity_median=5.0, activity_sigma=0.5)
 
 
 def sim_users(seed: int = 0, population: int = 256) -> UserWriter:
     """Users from the simulated world: their next message as text (pieces rendered by the lexicon)."""
-    from alignloop.sim.lexicon import PIECES
-    from alignloop.sim.messages import write_messages
-
     pop = chat_population(seed, population)
 
     def write(users: list[int], turn: int) -> list[str]:
@@ -45,6 +45,18 @@ def sim_users(seed: int = 0, population: int = 256) -> UserWriter:
         return [PIECES.render_one(row) or "hi" for row in pieces]
 
     return write
+
+
+class UserSimEnvSection(LearnedRewardSection):
+    """`[env] kind = "user_sim"`: simulated users write the user turns; the learned reward says
+    whether they stay. With groundtruth, the same users' hidden taste is the evaluation."""
+
+    kind: Literal["user_sim"] = "user_sim"
+    stay_component: str = Field("continue", description="the reward component that is p(user stays)")
+
+    def build(self, prompts: list[list[dict]] | None = None) -> UserSimEnv:
+        return UserSimEnv(load_reward(self.reward), sim_users(self.users_seed, self.users), n_users=self.users,
+                          max_turns=self.max_turns, stay_component=self.stay_component, system=self.system)
 
 
 class UserSimEnv:

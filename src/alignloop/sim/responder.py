@@ -16,6 +16,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import pyarrow as pa
 
+from alignloop.engine.api import SamplingParams
+from alignloop.engine.engine import Engine
 from alignloop.sim.config import EngineResponderSection, TemplateSection
 from alignloop.sim.lexicon import N_TOPICS, N_WORDS, PIECES, WORDS_PER_TOPIC
 from alignloop.sim.messages import uniform_ints
@@ -198,8 +200,6 @@ class EngineResponder:
 
     def __init__(self, engine, max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                  model_version: str = "engine", characters: Sequence[Character] = CHARACTERS):
-        from alignloop.engine.api import SamplingParams
-
         self.engine = engine
         self.params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.model_version = model_version
@@ -207,8 +207,6 @@ class EngineResponder:
 
     @classmethod
     def from_section(cls, section: EngineResponderSection, model_version: str) -> EngineResponder:
-        from alignloop.engine.engine import Engine
-
         engine = Engine.from_name(section.model, seed=section.seed, dtype=section.dtype,
                                   max_batch=section.max_batch, show_progress=False)
         return cls(engine, section.max_tokens, section.temperature, section.top_p, model_version)

@@ -23,12 +23,15 @@ from alignloop.ui import progress, say
 
 def run_simulate(recipe: SimulateRecipe, run: str | None = None, force: bool = False,
                  responder: Responder | None = None) -> Stage:
+    """The simulate stage: the world of `recipe.simulate`, block by block, into `runs/<run>/simulate/`.
+
+    `responder` stands in for the recipe's deployed model (tests pass a fake). Returns the finished
+    stage, or the complete one untouched when the recipe has not changed (unless `force`).
+    """
     cfg, fmt = recipe.simulate, recipe.output.format
     stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "simulate", recipe.stage_config())
-    if not force and stage.is_complete():
-        say(f"[green]simulate: up to date[/] ({stage.dir}), skipped")
+    if stage.skip_if_complete(force):
         return stage
-    stage.start()
     logs_dir, truth_dir = stage.path("logs"), stage.path("ground_truth")
     _drop_stale(logs_dir, LOG_SCHEMAS, fmt)
     _drop_stale(truth_dir, TRUTH_SCHEMAS, fmt)

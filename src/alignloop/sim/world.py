@@ -223,6 +223,41 @@ class _Lanes:
         return pool
 
 
+@dataclass
+class _Offer:
+    """What one step puts before its lanes (one row each): candidate 0, and `candidates - 1` more
+    (prefetched) for each row whose user swipes."""
+
+    user: np.ndarray
+    kind: np.ndarray
+    ctx: Context
+    first: Responses
+    more: Responses | None   # the swipers' candidates, `candidates - 1` per swiper in row order
+    feats: eg.Features       # first's rows, then more's
+    taste: eg.Taste
+    e: np.ndarray            # (rows, candidates) true engagement; nan where a candidate does not exist
+    swipe: np.ndarray        # the row's user swiped at least once
+    swipers: np.ndarray      # those rows
+    er: np.ndarray           # row and column of every existing candidate, in turn order
+    ej: np.ndarray
+    fidx: np.ndarray         # each existing candidate's row in `feats`
+    at: np.ndarray           # (rows, candidates) -> its place in turn order (-1: none)
+
+
+@dataclass
+class _View:
+    """How the users of one step browsed their candidates; arrays over (rows, candidates) or rows."""
+
+    seen: np.ndarray
+    k: np.ndarray            # candidates seen
+    words: np.ndarray
+    reading: np.ndarray      # seconds spent reading each candidate (0: not seen)
+    read_end: np.ndarray
+    choice: np.ndarray       # the candidate settled on
+    settled: np.ndarray      # when
+    e_sel: np.ndarray        # its true engagement
+
+
 class _Block:
     def __init__(self, config: SimConfig, tag: str, number: int, first: int, n: int, responder: Responder):
         self.cfg = config
@@ -334,62 +369,86 @@ class _Block:
         self._schedule(done, self.today[done] + 1)
 
     # --- one exchange in every active lane ---------------------------------------------------------
+    #
+    # The phases run in a fixed order, that of the random draws and of the ids handed out, which
+    # is part of what a seed means: the user's message, the candidates, browsing, thumbs/reports/
+    # edits, then reply or leave.
 
     def _step(self, ln: _Lanes, a: np.ndarray) -> None:
-        cfg, pop, rng = self.cfg, self.pop, self.rng
-        n = a.size
+        """One exchange in each lane of `a` (active lanes' indices; row i of every phase is lane a[i])."""
         self._new_conversations(ln, a[ln.need_new[a]])
-        user, kind, t = ln.user[a], pop.kind[ln.user[a]], ln.t[a]
+        ctx, user_turn, msg_words = self._user_message(ln, a)
+        offer = self._offer(ln, a, ctx)
+        view = self._browse(ln, a, offer)
+        cand_turn, texts = self._assistant_turns(ln, a, user_turn, offer, view)
+        self._browse_events(ln, a, offer, view, cand_turn)
+        sel_turn = cand_turn[np.arange(a.size), view.choice]
+        done = self._reactions(ln, a, offer, view, cand_turn, sel_turn, texts)
+        self._remember(ln, a, offer, view, texts, sel_turn, done)
+        self._reply_or_leave(ln, a, offer, view, done, msg_words)
 
-        # The user's message.
-        msg = write_messages(rng, pop, user)
-        bots = np.flatnonzero(kind == BOT)
+    def _user_message(self, ln: _Lanes, a: np.ndarray) -> tuple[Context, np.ndarray, np.ndarray]:
+        """Each lane's user writes (a bot: the next line of its script), logged as a user turn.
+
+        Returns the model's context, the user turns' ids and the messages' word counts.
+        """
+        pop, n = self.pop, a.size
+        user, t = ln.user[a], ln.t[a]
+        msg = write_messages(self.rng, pop, user)
+        bots = np.flatnonzero(pop.kind[user] == BOT)
         if bots.size:
             b = user[bots]
             msg[bots] = self.scripts[b, self.cursor[b] % self.scripts.shape[1]]
             self.cursor[b] += 1
         msg_texts = PIECES.render(msg)
-        msg_words = PIECES.n_words[msg].sum(axis=1)
         user_turn = self._ids("turns", n)
         self.turns.add(id=user_turn, conv=ln.conv[a], parent=ln.parent[a], role=np.zeros(n, np.int8),
                        pos=ln.pos[a], cand=np.zeros(n, np.int32), shown=np.ones(n, bool),
                        selected=np.ones(n, bool), t=t, text=msg_texts)
         self._event("message", a, ln, user_turn, np.full(n, np.nan), t)
-
-        # Candidate 0, and more if the user swipes.
         ctx = Context(characters=ln.char[a], user_pieces=msg, user_words=content_ids(msg), previous=ln.prev[a])
         if ln.chat is not None:
             ctx.user_texts = msg_texts.to_pylist()
             ctx.history = [ln.chat[i] for i in a.tolist()]
+        return ctx, user_turn, PIECES.n_words[msg].sum(axis=1)
+
+    def _offer(self, ln: _Lanes, a: np.ndarray, ctx: Context) -> _Offer:
+        """Candidate 0 for every lane, and `candidates - 1` more for each lane whose user swipes."""
+        pop, rng, c, n = self.pop, self.rng, self.cfg.candidates, a.size
+        user = ln.user[a]
+        kind = pop.kind[user]
         first = self.responder.respond(ctx, rng)
         f_first = self._features(first, ctx, ln, a)
         taste = eg.Taste.of(pop, user)
         e_first = eg.engagement(f_first, taste)
         swipe = rng.random(n) < eg.swipe_probability(e_first, kind)
         swipers = np.flatnonzero(swipe)
-        c = cfg.candidates
-        more: Responses | None = None
+        e = np.full((n, c), np.nan)
+        e[:, 0] = e_first
+        slot = np.full(n, -1)  # row -> its block of candidates in `more`
+        more, feats = None, f_first
         if swipers.size:
             rep = np.repeat(swipers, c - 1)
             ctx_more = ctx.take(rep)
             more = self.responder.respond(ctx_more, rng)
             f_more = self._features(more, ctx_more, ln, a[rep])
-            e_more = eg.engagement(f_more, eg.Taste.of(pop, user[rep]))
+            e[swipers, 1:] = eg.engagement(f_more, eg.Taste.of(pop, user[rep])).reshape(swipers.size, c - 1)
             feats = eg.Features.concat([f_first, f_more])
-        else:
-            feats = f_first
+            slot[swipers] = np.arange(swipers.size)
+        exists = np.arange(c)[None, :] < np.where(swipe, c, 1)[:, None]
+        er, ej = np.nonzero(exists)
+        at = np.full((n, c), -1)
+        at[er, ej] = np.arange(er.size)
+        return _Offer(user=user, kind=kind, ctx=ctx, first=first, more=more, feats=feats, taste=taste, e=e,
+                      swipe=swipe, swipers=swipers, er=er, ej=ej,
+                      fidx=np.where(ej == 0, er, n + slot[er] * (c - 1) + ej - 1), at=at)
 
-        rows = np.arange(n)
-        cols = np.arange(c)
-        e = np.full((n, c), np.nan)
-        e[:, 0] = e_first
-        slot = np.full(n, -1)  # row -> its block of candidates in `more`
-        slot[swipers] = np.arange(swipers.size)
-        if swipers.size:
-            e[swipers, 1:] = e_more.reshape(swipers.size, c - 1)
-        exists = cols[None, :] < np.where(swipe, c, 1)[:, None]
-
-        # Browsing: seen in order; after seeing candidate j >= 1 the user swipes on or stops.
+    def _browse(self, ln: _Lanes, a: np.ndarray, offer: _Offer) -> _View:
+        """Candidates seen in order (after seeing candidate j >= 1 the user swipes on or stops), each
+        read for a while, and the one settled on."""
+        pop, rng, c, n = self.pop, self.rng, self.cfg.candidates, a.size
+        user, kind, e, swipers = offer.user, offer.kind, offer.e, offer.swipers
+        rows, cols = np.arange(n), np.arange(c)
         seen = np.zeros((n, c), dtype=bool)
         seen[:, 0] = True
         if swipers.size:
@@ -398,88 +457,108 @@ class _Block:
             for j in range(1, c - 1):
                 seen[swipers, j + 1] = seen[swipers, j] & on[:, j]
         k = seen.sum(axis=1)
-        er, ej = np.nonzero(exists)
-        fidx = np.where(ej == 0, er, n + slot[er] * (c - 1) + ej - 1)
         words = np.zeros((n, c))
-        words[er, ej] = feats.n_words[fidx]
+        words[offer.er, offer.ej] = offer.feats.n_words[offer.fidx]
         e0 = np.nan_to_num(e)
         reading = eg.reading_seconds(words, e0, pop.read_speed[user, None], kind[:, None], rng.standard_normal((n, c)))
         reading = np.where(seen, reading, 0.0)
-        shown_at = t + eg.LATENCY_S
+        shown_at = ln.t[a] + eg.LATENCY_S
         read_end = shown_at[:, None] + np.cumsum(reading, axis=1) + eg.SWIPE_S * cols[None, :]
         probs = eg.choice_probabilities(e0, seen, pop.choosiness[user], kind)
         choice = np.minimum((rng.random(n)[:, None] > np.cumsum(probs, axis=1)).sum(axis=1), k - 1)
-        settled = read_end[rows, k - 1] + np.where(swipe, eg.SWIPE_S * (1 + (k - 1 - choice)), 0.0)
-        e_sel = e[rows, choice]
+        settled = read_end[rows, k - 1] + np.where(offer.swipe, eg.SWIPE_S * (1 + (k - 1 - choice)), 0.0)
+        return _View(seen=seen, k=k, words=words, reading=reading, read_end=read_end, choice=choice,
+                     settled=settled, e_sel=e[rows, choice])
 
-        # Assistant turns: every candidate, shown or only prefetched.
+    def _assistant_turns(self, ln: _Lanes, a: np.ndarray, user_turn: np.ndarray, offer: _Offer, view: _View
+                         ) -> tuple[np.ndarray, pa.StringArray]:
+        """Every candidate, shown or only prefetched, as an assistant turn (and its ground truth).
+
+        Returns the turn id per (lane row, candidate) (-1: none) and the texts in turn order.
+        """
+        n, c = a.size, self.cfg.candidates
+        er, ej, first, more = offer.er, offer.ej, offer.first, offer.more
         cand_turn = np.full((n, c), -1, dtype=np.int64)
         cand_turn[er, ej] = self._ids("turns", er.size)
         if first.pieces is not None:  # render once, already in turn order
             all_pieces = first.pieces if more is None else np.concatenate([first.pieces, more.pieces])
-            texts = PIECES.render(all_pieces[fidx])
+            texts = PIECES.render(all_pieces[offer.fidx])
         else:
             texts = pa.concat_arrays([_arrow(first.texts)] + ([_arrow(more.texts)] if more is not None else []))
-            texts = texts.take(pa.array(fidx))  # one per candidate, in turn order
-        at = np.full((n, c), -1)
-        at[er, ej] = np.arange(er.size)
-        created = np.where(seen, read_end - reading, read_end[:, :1])
+            texts = texts.take(pa.array(offer.fidx))  # one per candidate, in turn order
+        created = np.where(view.seen, view.read_end - view.reading, view.read_end[:, :1])
         self.turns.add(id=cand_turn[er, ej], conv=ln.conv[a][er], parent=user_turn[er],
                        role=np.ones(er.size, np.int8), pos=ln.pos[a][er] + 1, cand=ej.astype(np.int32),
-                       shown=seen[er, ej], selected=ej == choice[er], t=created[er, ej],
+                       shown=view.seen[er, ej], selected=ej == view.choice[er], t=created[er, ej],
                        text=texts)
-        f_all = feats.take(fidx)
-        e_all = e[er, ej]
-        kind_all = kind[er]
-        self.cands.add(turn=cand_turn[er, ej], user=user[er], engagement=e_all,
+        self._candidate_truth(offer, cand_turn[er, ej])
+        return cand_turn, texts
+
+    def _candidate_truth(self, offer: _Offer, turn: np.ndarray) -> None:
+        """Ground truth of each candidate turn (`turn`: their ids, in turn order)."""
+        er, ej = offer.er, offer.ej
+        f_all = offer.feats.take(offer.fidx)
+        e_all = offer.e[er, ej]
+        kind_all = offer.kind[er]
+        self.cands.add(turn=turn, user=offer.user[er], engagement=e_all,
                        p_swipe=eg.swipe_probability(e_all, kind_all),
-                       p_continue=eg.continue_probability(e_all, pop.patience[user[er]], kind_all),
-                       topic_match=eg.topic_match(f_all.topic_counts, taste.topics[er]),
+                       p_continue=eg.continue_probability(e_all, self.pop.patience[offer.user[er]], kind_all),
+                       topic_match=eg.topic_match(f_all.topic_counts, offer.taste.topics[er]),
                        **{f.name: getattr(f_all, f.name) for f in fields(f_all) if f.name != "topic_counts"})
 
-        # Events of the browsing: reads, swipes, the selection.
-        sr, sj = np.nonzero(seen)
-        self._event("read", a[sr], ln, cand_turn[sr, sj], reading[sr, sj], read_end[sr, sj])
-        on_swipe = sj < k[sr] - 1
+    def _browse_events(self, ln: _Lanes, a: np.ndarray, offer: _Offer, view: _View, cand_turn: np.ndarray) -> None:
+        """Events of the browsing: reads, swipes, the selection."""
+        sr, sj = np.nonzero(view.seen)
+        self._event("read", a[sr], ln, cand_turn[sr, sj], view.reading[sr, sj], view.read_end[sr, sj])
+        on_swipe = sj < view.k[sr] - 1
         self._event("swipe", a[sr[on_swipe]], ln, cand_turn[sr, sj][on_swipe], sj[on_swipe] + 1.0,
-                    read_end[sr, sj][on_swipe])
+                    view.read_end[sr, sj][on_swipe])
+        swipers, choice = offer.swipers, view.choice
         self._event("select", a[swipers], ln, cand_turn[swipers, choice[swipers]], choice[swipers].astype(float),
-                    settled[swipers])
-        sel_turn = cand_turn[rows, choice]
+                    view.settled[swipers])
 
-        # Thumbs, safety reports, edits.
-        up, down = eg.vote_probabilities(e_sel, pop.vote_rate[user], kind)
+    def _reactions(self, ln: _Lanes, a: np.ndarray, offer: _Offer, view: _View, cand_turn: np.ndarray,
+                   sel_turn: np.ndarray, texts: pa.StringArray) -> np.ndarray:
+        """Thumbs on the answer settled on, safety reports on any candidate seen, edits of an answer far
+        longer than the reader likes. Returns when each lane's user is done with them (seconds)."""
+        pop, rng, c, n = self.pop, self.rng, self.cfg.candidates, a.size
+        user, kind, choice = offer.user, offer.kind, view.choice
+        up, down = eg.vote_probabilities(view.e_sel, pop.vote_rate[user], kind)
         u = rng.random(n)
         vote = np.where(u < up, 1.0, np.where(u < up + down, -1.0, 0.0))
         voted = np.flatnonzero(vote != 0)
-        self._event("vote", a[voted], ln, sel_turn[voted], vote[voted], settled[voted] + 1.0)
-        done = settled + np.where(vote != 0, 1.0, 0.0)
+        self._event("vote", a[voted], ln, sel_turn[voted], vote[voted], view.settled[voted] + 1.0)
+        done = view.settled + np.where(vote != 0, 1.0, 0.0)
         unsafe = np.zeros((n, c))
-        unsafe[er, ej] = feats.n_unsafe[fidx]
-        reported = seen & (rng.random((n, c)) < eg.report_probability(unsafe, kind[:, None]))
+        unsafe[offer.er, offer.ej] = offer.feats.n_unsafe[offer.fidx]
+        reported = view.seen & (rng.random((n, c)) < eg.report_probability(unsafe, kind[:, None]))
         rr, rj = np.nonzero(reported)
-        self._event("report", a[rr], ln, cand_turn[rr, rj], np.full(rr.size, np.nan), read_end[rr, rj] + 0.5,
+        self._event("report", a[rr], ln, cand_turn[rr, rj], np.full(rr.size, np.nan), view.read_end[rr, rj] + 0.5,
                     ["unsafe content"] * rr.size)
-        np.maximum.at(done, rr, read_end[rr, rj] + 0.5)
-        sel_words = words[rows, choice]
+        np.maximum.at(done, rr, view.read_end[rr, rj] + 0.5)
+        sel_words = view.words[np.arange(n), choice]
         edit = np.flatnonzero((kind == NORMAL) & (sel_words > 2.2 * pop.pref_len[user]) & (rng.random(n) < EDIT_RATE))
         if edit.size:
             keep = np.rint(pop.pref_len[user[edit]]).astype(int)
-            new_text = [" ".join(texts[int(at[r, choice[r]])].as_py().split()[:w])
+            new_text = [" ".join(texts[int(offer.at[r, choice[r]])].as_py().split()[:w])
                         for r, w in zip(edit.tolist(), keep.tolist())]
             self._event("edit", a[edit], ln, sel_turn[edit], np.full(edit.size, np.nan), done[edit] + 2.0, new_text)
             done[edit] += 2.0
+        return done
 
-        # Settle: remember the answer, then reply or leave.
-        q = eg.quality(e_sel)
-        ln.qsum[a] += q
+    def _remember(self, ln: _Lanes, a: np.ndarray, offer: _Offer, view: _View, texts: pa.StringArray,
+                  sel_turn: np.ndarray, done: np.ndarray) -> None:
+        """The lanes take in the answer settled on: quality so far, position, what was said."""
+        c, rows, choice = self.cfg.candidates, np.arange(a.size), view.choice
+        ln.qsum[a] += eg.quality(view.e_sel)
         ln.qn[a] += 1
         ln.parent[a] = sel_turn
         ln.pos[a] += 2
         ln.exch[a] += 1
         ln.end[a] = done
+        first, more, swipers = offer.first, offer.more, offer.swipers
         if first.pieces is not None:
-            pieces = np.full((n, c, WIDTH), -1, dtype=np.int32)
+            pieces = np.full((a.size, c, WIDTH), -1, dtype=np.int32)
             pieces[:, 0] = first.pieces
             if more is not None:
                 pieces[swipers, 1:] = more.pieces.reshape(swipers.size, c - 1, WIDTH)
@@ -488,13 +567,20 @@ class _Block:
             if ln.hist.shape[1]:
                 ln.hist[a] = np.concatenate([chosen, ln.hist[a][:, : ln.hist.shape[1] - WIDTH]], axis=1)
         if ln.chat is not None:
-            chosen_texts = texts.take(pa.array(at[rows, choice])).to_pylist()
-            for lane, said, answer in zip(a.tolist(), ctx.user_texts, chosen_texts, strict=True):
+            chosen_texts = texts.take(pa.array(offer.at[rows, choice])).to_pylist()
+            for lane, said, answer in zip(a.tolist(), offer.ctx.user_texts, chosen_texts, strict=True):
                 ln.chat[lane].append({"role": USER, "content": said})
                 ln.chat[lane].append({"role": ASSISTANT, "content": answer})
-        p_continue = eg.continue_probability(e_sel, pop.patience[user], kind)
+
+    def _reply_or_leave(self, ln: _Lanes, a: np.ndarray, offer: _Offer, view: _View, done: np.ndarray,
+                        msg_words: np.ndarray) -> None:
+        """Each user replies after thinking and typing, or leaves the conversation: then opens
+        another one a little later, or ends the session."""
+        cfg, pop, rng, n = self.cfg, self.pop, self.rng, a.size
+        kind = offer.kind
+        p_continue = eg.continue_probability(view.e_sel, pop.patience[offer.user], kind)
         cont = (rng.random(n) < p_continue) & (ln.exch[a] < cfg.max_turns)
-        wait = eg.seconds_to_next_message(e_sel, msg_words, kind, rng.standard_normal(n), rng.random(n))
+        wait = eg.seconds_to_next_message(view.e_sel, msg_words, kind, rng.standard_normal(n), rng.random(n))
         ln.t[a] = np.where(cont, done + wait, done)
         leave = a[~cont]
         if leave.size:

@@ -12,7 +12,8 @@ One checkpoint is one folder `checkpoints/step-000040/`:
                             running totals, and the hash of the config it belongs to
 
 The folder is written under a hidden temporary name and renamed into place once every file is
-on disk, so a SIGKILL at any moment leaves either the whole checkpoint or none of it. safetensors
+on disk, so a SIGKILL at any moment leaves either the whole checkpoint or none of it; a full disk
+is one line (`DiskFullError`) naming the folder and the checkpoint that is still intact. safetensors
 (not pickle) means a checkpoint can be read without running code from it.
 
 Under torchrun (see `dist`), saving and loading are collective: every process calls them. Sharded
@@ -24,21 +25,26 @@ checkpoint is the same whatever the number of processes or the strategy, and res
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import re
 import secrets
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from alignloop.runs import METRICS, DiskFullError, Stage, disk_full_is_an_error, trim_jsonl
 from alignloop.train import dist
+from alignloop.ui import say
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _META_KEY = "alignloop"  # safetensors metadata is str -> str: our JSON goes under one key
@@ -164,29 +170,56 @@ def save_checkpoint(
     for r, (tensors_r, meta_r) in enumerate(per_rank[1:], start=1):
         rng_tensors.update({f"rank{r}.{k}": v for k, v in tensors_r.items()})
         rng_ranks.append(meta_r)
-    root.mkdir(parents=True, exist_ok=True)
+    state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+    if len(rng_ranks) > 1:
+        state["rng_ranks"] = rng_ranks
     tmp = root / f".step-{step:06d}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
     try:
-        save_file(weights, tmp / "trainable.safetensors")
-        save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={_META_KEY: json.dumps(opt_meta)})
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        state = {**trainer_state, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-        if len(rng_ranks) > 1:
-            state["rng_ranks"] = rng_ranks
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():  # a rerun of the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)  # make the rename itself durable
+        with disk_full_is_an_error_here(final):
+            root.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+            save_file(weights, tmp / "trainable.safetensors")
+            save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={_META_KEY: json.dumps(opt_meta)})
+            save_file(rng_tensors, tmp / "rng.safetensors")
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+            for f in tmp.iterdir():
+                _fsync(f)
+            if final.exists():  # a rerun of the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(root)  # make the rename itself durable
+    except DiskFullError as e:
+        raise DiskFullError(f"{e}; {what_is_intact(root)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     prune(root, keep)
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error_here(path: str | Path) -> Iterator[None]:
+    """`runs.disk_full_is_an_error` that also knows safetensors' way of saying the disk is full.
+
+    Its Rust writer raises a `SafetensorError`, not an OSError, with the OS error in the message
+    only ("... No space left on device (os error 28)"; a full quota is os error 122).
+    """
+    with disk_full_is_an_error(path):
+        try:
+            yield
+        except SafetensorError as e:
+            if "No space left on device" in str(e) or "(os error 122)" in str(e):
+                raise OSError(errno.ENOSPC, str(e)) from None
+            raise
+
+
+def what_is_intact(root: str | Path) -> str:
+    """The end of an error that stops a run: which checkpoint under `root` a rerun resumes from, truthfully."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return "no checkpoint was saved yet: a rerun starts from step 0"
+    return f"the last checkpoint ({latest}) is intact"
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -214,6 +247,36 @@ def prune(root: str | Path, keep: int) -> None:
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def resume(stage: Stage, load: Callable[[Path], dict[str, Any]], total_steps: int, *, label: str,
+           logs: Sequence[str] = (METRICS,)) -> dict[str, Any]:
+    """Continue a killed run: the trainer state of the newest checkpoint of this very config and inputs.
+
+    `load(path)` restores that checkpoint into the caller's model, optimizer and scheduler (e.g.
+    `load_checkpoint` bound to them) and returns its trainer state; `{"step": 0}` when there is
+    none. Checkpoints of another config or other inputs (`Stage.work_hash`) are deleted, never
+    resumed (their moments and weights were trained under other settings or on other data). The JSON-lines `logs` of the stage lose the steps past the
+    resumed one, since those steps run again; afresh, they are emptied (a stale step-0 line too).
+
+    Under torchrun every process calls it: rank 0 picks the checkpoint, every process loads it.
+    """
+    root = stage.path("checkpoints")
+    latest = None
+    if dist.is_main():
+        latest = latest_checkpoint(root)
+        if latest is not None and read_trainer_state(latest).get("config_hash") != stage.work_hash():
+            say(f"[yellow]checkpoints in {root} belong to another config or other inputs: starting afresh[/]")
+            shutil.rmtree(root, ignore_errors=True)
+            latest = None
+    latest = dist.broadcast_object(latest)
+    state: dict[str, Any] = {"step": 0} if latest is None else load(latest)
+    if latest is not None:
+        say(f"{label}: resuming from {latest.name} ({state['step']}/{total_steps} steps done)")
+    if dist.is_main():
+        for name in logs:
+            trim_jsonl(stage.path(name), state["step"] or -1)
+    return state
 
 
 def load_checkpoint(

@@ -1,8 +1,9 @@
-"""Recipe sections every trainer shares: the optimizer, the schedule, batching, LoRA, checkpoints.
+"""The trainers' recipes: `SFTRecipe`, `DPORecipe`, `DistillRecipe`, and the sections they share.
 
-SFT, DPO and distillation each extend `TrainSection` with their own keys; the loop reads only
-what is here (`parallel` included: every trainer runs under torchrun alike), so one loop serves
-all of them.
+`TrainSection` holds what every trainer shares (the optimizer, the schedule, batching, LoRA,
+checkpoints, trackers); SFT, DPO and distillation each extend it with their own keys. The loop
+reads only what is in `TrainSection` (`parallel` included: every trainer runs under torchrun
+alike), so one loop serves all of them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from alignloop.recipes import Section
+from alignloop.engine.config import SamplingSection
+from alignloop.recipes import ExistingFile, Section
+from alignloop.sections import ModelSection, RunSection
 from alignloop.train.schedule import ScheduleKind
+
+Tracker = Literal["tensorboard", "trackio"]
 
 
 class LoraSection(Section):
@@ -61,6 +66,8 @@ class TrainSection(Section):
     save_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    track: list[Tracker] = Field(default_factory=list, description="also log metrics to these experiment "
+                                 "trackers (optional extras: pip install 'alignloop[track]')")
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -80,3 +87,106 @@ class TrainSection(Section):
         if self.warmup_steps is not None:
             return self.warmup_steps
         return round(self.warmup_ratio * total_steps)
+
+
+# --- SFT ----------------------------------------------------------------------------------------
+
+
+class SFTDataSection(Section):
+    path: ExistingFile = Field(description="JSONL or Parquet: one {'messages': [...], 'weight'?: x} per row")
+
+
+class SFTTrainSection(TrainSection):
+    max_seq_len: int = Field(2048, ge=8, description="tokens per packed row; longer conversations are skipped")
+    packing: bool = Field(True, description="several conversations per row, isolated from each other")
+    last_turn_only: bool = Field(False, description="loss on the final assistant turn only")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="conversations held out for eval loss")
+
+
+class SFTRecipe(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: SFTDataSection
+    train: SFTTrainSection = SFTTrainSection()
+
+
+# --- DPO ----------------------------------------------------------------------------------------
+
+LossKind = Literal["dpo", "ipo", "simpo"]
+_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
+
+
+class DPODataSection(Section):
+    path: ExistingFile = Field(description="JSONL or Parquet pairs: prompt, chosen, rejected, weight?, user_id?")
+
+
+class DPOTrainSection(TrainSection):
+    loss: LossKind = Field("dpo", description="dpo (sigmoid), ipo (squared), simpo (reference-free)")
+    beta: float = Field(None, gt=0, description="reward scale; default 0.1 for dpo/ipo, 2.0 for simpo")  # type: ignore[assignment]
+    gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    max_seq_len: int = Field(1024, ge=8, description="tokens of prompt + response per side; longer pairs are skipped")
+    packing: bool = Field(True, description="several pairs per row (up to 2 x max_seq_len tokens), isolated")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of users (stable hash) held out")
+    split_salt: str = Field("dpo-split", description="changes which users land in eval")
+    max_train_pairs: int | None = Field(None, ge=1, description="train on at most this many pairs (a seeded draw); "
+                                        "the reference pass covers only the pairs used")
+    max_eval_pairs: int | None = Field(None, ge=1, description="held-out pairs scored at eval, at most")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_beta(cls, data: Any) -> Any:
+        # The scale that suits a variant differs by an order of magnitude: default it per variant.
+        if isinstance(data, dict) and data.get("beta") is None:
+            data = {**data, "beta": _DEFAULT_BETA.get(data.get("loss", "dpo"), 0.1)}
+        return data
+
+
+class DPORecipe(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DPODataSection
+    train: DPOTrainSection = DPOTrainSection()
+
+
+# --- distillation -------------------------------------------------------------------------------
+
+
+class DistillDataSection(Section):
+    path: ExistingFile = Field(description="JSONL or Parquet messages rows: prompts (ending with a user turn) "
+                                           "or conversations (ending with the answer to distill on)")
+
+
+class DistillSection(Section):
+    level: Literal["sequence", "logit"] = Field("logit", description="sequence: SFT on teacher answers; "
+                                                                     "logit: KL to the teacher's top-k")
+    responses: Literal["teacher", "data"] = Field(
+        "teacher", description="teacher: the teacher answers each prompt; data: the rows' own assistant turns")
+    kl: Literal["forward", "reverse"] = Field("forward", description="forward: KL(teacher||student); "
+                                                                     "reverse: KL(student||teacher)")
+    top_k: int = Field(20, ge=1, description="teacher log-probs kept per token")
+    tail: Literal["bucket", "renormalise"] = Field("bucket", description="mass outside the top k: one extra "
+                                                                         "outcome, or dropped (renormalised)")
+    temperature: float = Field(1.0, gt=0, description="divides both models' logits (logit level)")
+    keep_truncated: bool = Field(False, description="keep teacher answers cut off at sampling.max_tokens")
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _sequence_needs_teacher(self) -> DistillSection:
+        if self.level == "sequence" and self.responses == "data":
+            raise ValueError("sequence-level distillation trains on the teacher's answers: set "
+                             "distill.responses = 'teacher' (or use `alignloop train sft` on the data)")
+        return self
+
+
+class DistillTrainSection(SFTTrainSection):
+    last_turn_only: bool = Field(True, description="loss on the final assistant turn only (the distilled answer)")
+
+
+class DistillRecipe(Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()   # the student
+    teacher: ModelSection
+    data: DistillDataSection
+    distill: DistillSection = DistillSection()
+    sampling: SamplingSection = SamplingSection()  # how the teacher answers
+    train: DistillTrainSection = DistillTrainSection()

@@ -52,6 +52,9 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+
+from alignloop.ui import set_quiet
 
 Strategy = Literal["ddp", "fsdp"]
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
@@ -98,8 +101,6 @@ def init_from_env() -> Context:
         atexit.register(_shutdown)
     ctx = context()
     if not ctx.is_main:
-        from alignloop.ui import set_quiet
-
         set_quiet(True)  # one console: rank 0's
     return ctx
 
@@ -217,8 +218,6 @@ def wrap(module: torch.nn.Module, strategy: str = "ddp") -> torch.nn.Module:
         raise ValueError(f"unknown parallel strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     device = next(module.parameters()).device
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         # Nothing buffered changes during training (rotary tables are constants): no syncing in
         # forward. Newer torch renames the switch (and still syncs once at init, which is harmless).
         no_sync_buffers = ({"forward_sync_buffers": False}
@@ -226,6 +225,7 @@ def wrap(module: torch.nn.Module, strategy: str = "ddp") -> torch.nn.Module:
                            else {"broadcast_buffers": False})
         return DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
+    # torch.distributed's submodules exist only in builds with distributed support (checked above).
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -259,15 +259,11 @@ def reshard(module: torch.nn.Module) -> None:
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def gradient_sync(wrapped: torch.nn.Module) -> Callable[[bool], contextlib.AbstractContextManager]:
     """`sync(last)`: a context for one micro batch; gradients are reduced only when `last`."""
-    from torch.nn.parallel import DistributedDataParallel
-
     if isinstance(wrapped, DistributedDataParallel):
         return lambda last: contextlib.nullcontext() if last else wrapped.no_sync()
     if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
@@ -288,7 +284,7 @@ def gradient_sync(wrapped: torch.nn.Module) -> Callable[[bool], contextlib.Abstr
 
 
 def is_sharded(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # absent from torch builds without distributed support
 
     return isinstance(t, DTensor)
 
@@ -310,7 +306,7 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` laid out like `like`: this process's shard when `like` is a DTensor, else unchanged."""
     if not is_sharded(like):
         return full
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import distribute_tensor  # sharded: distributed is there
 
     # Every process holds the full tensor (read from the checkpoint): take the local slice, no comms.
     return distribute_tensor(full.to(like.device_mesh.device_type), like.device_mesh, like.placements,

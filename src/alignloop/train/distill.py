@@ -1,4 +1,4 @@
-"""`alignloop train distill RECIPE`: teach a student model what a teacher model says.
+"""Distillation: teach a student model what a teacher model says.
 
 Two levels (`distill.level`):
 
@@ -34,7 +34,8 @@ The teacher's top-k ids and log-probs are computed in one pass before training a
 stage folder (`teacher_topk.safetensors`), so the student trains without the teacher in memory
 and a resumed run does not run the teacher again. Teacher generations are cached likewise.
 
-Output in runs/<run>/distill/: model/, generations.jsonl (teacher answers), teacher_topk.safetensors
+`alignloop train distill RECIPE` (`alignloop.train.stage.run_distill`) writes runs/<run>/distill/:
+model/, generations.jsonl (teacher answers), teacher_topk.safetensors
 (logit level), checkpoints/, metrics.jsonl (loss; kl and ce at the logit level), manifest.json.
 """
 
@@ -51,21 +52,17 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
+from alignloop.engine.config import SamplingSection
+from alignloop.engine.engine import Engine
 from alignloop.errors import AlignloopError
-from alignloop.recipes import ExistingFile, Section, recipe_to_dict
-from alignloop.runs import (
-    Stage,
-    atomic_write_json,
-    atomic_write_text,
-    config_hash,
-    default_run_name,
-    file_hash,
-)
-from alignloop.sections import ModelSection, RunSection, SamplingSection
+from alignloop.models import load_model
+from alignloop.models.fingerprint import model_fingerprint
+from alignloop.runs import Stage, atomic_write_json, atomic_write_text, config_hash, file_hash
+from alignloop.sections import ModelSection
 from alignloop.train import dist
-from alignloop.train.cache import load_or_compute, local_model_files, model_identity
+from alignloop.train.cache import load_or_compute
+from alignloop.train.config import DistillRecipe, DistillTrainSection
 from alignloop.train.context import check_fits_context
 from alignloop.train.logprobs import (
     _LOGIT_POSTPROCESSING,
@@ -73,64 +70,16 @@ from alignloop.train.logprobs import (
     attention_inputs,
     causal_lm,
 )
-from alignloop.train.loop import LoopResult, StepCallback, autocast, pick_device, train
-from alignloop.train.lora import add_lora, fresh_model, merged
-from alignloop.train.packing import Example, PackedBatch, collate, pack
-from alignloop.train.sft import SFTObjective, SFTTrainSection, final_model, save_model
-from alignloop.train.sft_data import (
-    Conversation,
-    PackedBatches,
-    epoch_chunks,
-    read_conversations,
-    split,
-    tokenize,
-)
+from alignloop.train.loop import Objective, autocast
+from alignloop.train.packing import Example, PackedBatch, collate
+from alignloop.train.session import master_dtype
+from alignloop.train.sft import SFTObjective, packed_batches
+from alignloop.train.sft_data import Conversation, PackedBatches, read_conversations
 from alignloop.ui import progress, say
 
 GENERATIONS = "generations.jsonl"
 GENERATIONS_META = "generations.meta.json"
 TOPK_FILE = "teacher_topk.safetensors"
-
-
-class DistillDataSection(Section):
-    path: ExistingFile = Field(description="JSONL or Parquet messages rows: prompts (ending with a user turn) "
-                                           "or conversations (ending with the answer to distill on)")
-
-
-class DistillSection(Section):
-    level: Literal["sequence", "logit"] = Field("logit", description="sequence: SFT on teacher answers; "
-                                                                     "logit: KL to the teacher's top-k")
-    responses: Literal["teacher", "data"] = Field(
-        "teacher", description="teacher: the teacher answers each prompt; data: the rows' own assistant turns")
-    kl: Literal["forward", "reverse"] = Field("forward", description="forward: KL(teacher||student); "
-                                                                     "reverse: KL(student||teacher)")
-    top_k: int = Field(20, ge=1, description="teacher log-probs kept per token")
-    tail: Literal["bucket", "renormalise"] = Field("bucket", description="mass outside the top k: one extra "
-                                                                         "outcome, or dropped (renormalised)")
-    temperature: float = Field(1.0, gt=0, description="divides both models' logits (logit level)")
-    keep_truncated: bool = Field(False, description="keep teacher answers cut off at sampling.max_tokens")
-    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-
-    @model_validator(mode="after")
-    def _sequence_needs_teacher(self) -> DistillSection:
-        if self.level == "sequence" and self.responses == "data":
-            raise ValueError("sequence-level distillation trains on the teacher's answers: set "
-                             "distill.responses = 'teacher' (or use `alignloop train sft` on the data)")
-        return self
-
-
-class DistillTrainSection(SFTTrainSection):
-    last_turn_only: bool = Field(True, description="loss on the final assistant turn only (the distilled answer)")
-
-
-class DistillRecipe(Section):
-    run: RunSection = RunSection()
-    model: ModelSection = ModelSection()   # the student
-    teacher: ModelSection
-    data: DistillDataSection
-    distill: DistillSection = DistillSection()
-    sampling: SamplingSection = SamplingSection()  # how the teacher answers
-    train: DistillTrainSection = DistillTrainSection()
 
 
 # --- tokenizers --------------------------------------------------------------------------------
@@ -358,23 +307,9 @@ class TopKBatches(PackedBatches):
         super().__init__(examples, max_seq_len, micro_batch, seed, pad_id, packing, shuffle)
         self.table = table
 
-    def __call__(self, epoch: int) -> Sequence[TopKBatch]:
-        return _LazyTopK(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
-
-
-class _LazyTopK(Sequence[TopKBatch]):
-    def __init__(self, source: TopKBatches, chunks: list[list[int]]) -> None:
-        self.source = source
-        self.chunks = chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        s = self.source
-        rows = [[s.examples[j] for j in s.rows[r]] for r in self.chunks[i]]
-        parts = [s.table.of(e.index) for row in rows for e in row]
-        return TopKBatch(collate(rows, s.pad_id), torch.cat([p[0] for p in parts]).long(),
+    def collate(self, rows: list[list[IndexedExample]]) -> TopKBatch:
+        parts = [self.table.of(e.index) for row in rows for e in row]
+        return TopKBatch(collate(rows, self.pad_id), torch.cat([p[0] for p in parts]).long(),
                          torch.cat([p[1] for p in parts]))
 
 
@@ -401,7 +336,7 @@ class TopKDistillObjective:
 # --- the run -----------------------------------------------------------------------------------
 
 
-class _Teacher:
+class Teacher:
     """The teacher model, loaded on first use and released once the student trains."""
 
     def __init__(self, section: ModelSection) -> None:
@@ -410,10 +345,7 @@ class _Teacher:
 
     def get(self) -> tuple[Any, Any]:
         if self._loaded is None:
-            from alignloop.models import load_model
-
-            dtype = "float32" if self.section.dtype == "auto" else self.section.dtype
-            self._loaded = load_model(self.section.name, dtype=dtype, seed=self.section.seed)
+            self._loaded = load_model(self.section.name, dtype=master_dtype(self.section), seed=self.section.seed)
         return self._loaded
 
     def release(self) -> None:
@@ -421,10 +353,10 @@ class _Teacher:
         gc.collect()
 
 
-def _generate(stage: Stage, recipe: DistillRecipe, teacher: _Teacher) -> tuple[Path, dict[str, int]]:
+def teacher_answers(stage: Stage, recipe: DistillRecipe, teacher: Teacher) -> tuple[Path, dict[str, int]]:
     """generations.jsonl in the stage folder (reused when teacher, data and sampling are unchanged)."""
     out, meta_path = stage.path(GENERATIONS), stage.path(GENERATIONS_META)
-    fingerprint = config_hash({"teacher": model_identity(recipe.teacher),
+    fingerprint = config_hash({"teacher": model_fingerprint(recipe.teacher),
                                "data": file_hash(recipe.data.path),
                                "sampling": recipe.sampling.model_dump(mode="json"),
                                "keep_truncated": recipe.distill.keep_truncated,
@@ -438,8 +370,6 @@ def _generate(stage: Stage, recipe: DistillRecipe, teacher: _Teacher) -> tuple[P
         pass
     if not dist.is_main():  # run under main_first: rank 0 has just written them
         raise RuntimeError(f"rank {dist.context().rank}: rank 0 left no readable teacher answers in {out}")
-    from alignloop.engine.engine import Engine
-
     model, tokenizer = teacher.get()
     engine = Engine(model, tokenizer, dtype=recipe.distill.engine_dtype, show_progress=True)
     rows, counts = teacher_generations(engine, read_conversations(recipe.data.path), recipe.sampling,
@@ -460,116 +390,45 @@ def _examples_digest(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = False,
-                callbacks: Sequence[StepCallback] = ()) -> Stage:
-    """Distil the teacher into the student; write runs/<run>/distill/ and return the stage.
+def teacher_topk(stage: Stage, recipe: DistillRecipe, teacher: Teacher, student: torch.nn.Module,
+                 examples: Sequence[Example], vocab: int, pad_id: int, device: torch.device) -> TopKTable:
+    """The teacher's top-k over `examples`: from the stage's cache, else computed (and cached).
 
-    Under torchrun every process runs this with the same recipe; rank 0 alone generates the
-    teacher's answers and computes the teacher's top-k (and writes them, with metrics, checkpoints,
-    the model and the manifest); the others wait for it and read its files.
+    `vocab`: ids the student's tokenizer and both output layers have. Under torchrun rank 0
+    computes and writes the cache; the others read it.
     """
-    from alignloop.models import load_model, load_tokenizer
-
     cfg, dcfg = recipe.train, recipe.distill
-    ctx = dist.init_from_env()  # under torchrun: join the process group; else a world of one
-    run = dist.broadcast_object(run or recipe.run.name or default_run_name())  # one name for all processes
-    # Models given as folders are inputs: retraining the teacher or the student's start reruns the stage.
-    stage = Stage(recipe.run.dir, run, "distill", recipe_to_dict(recipe),
-                  inputs=[recipe.data.path, *local_model_files(recipe.model.name),
-                          *local_model_files(recipe.teacher.name)])
-    if dist.broadcast_object(not force and ctx.is_main and stage.is_complete()):
-        say(f"[green]distill: up to date[/] ({stage.dir}), skipped")
-        return stage
 
-    # Refuse a tokenizer mismatch before anything is loaded, generated or written.
-    with dist.main_first():  # a first load converts into the cache: once, not racing
-        student_tokenizer = load_tokenizer(recipe.model.name)
-        if dcfg.level == "logit":
-            check_same_tokenizer(student_tokenizer, load_tokenizer(recipe.teacher.name), recipe.model.name,
-                                 recipe.teacher.name)
-    if ctx.is_main:
-        stage.start()
-    teacher = _Teacher(recipe.teacher)
+    def compute() -> dict[str, torch.Tensor]:
+        t_model, _ = teacher.get()
+        check_fits_context(t_model, cfg.max_seq_len, "teacher")
+        t_model.to(device)
+        common = min(vocab, t_model.get_output_embeddings().weight.shape[0],
+                     student.get_output_embeddings().weight.shape[0])
+        return asdict(compute_teacher_topk(t_model, examples, dcfg.top_k, dcfg.temperature, cfg.micro_batch,
+                                           pad_id, device, cfg.bf16, common))
 
-    extra: dict[str, Any] = {}
-    if dcfg.responses == "teacher":
-        with dist.main_first():  # rank 0 generates and writes; the others find its answers cached
-            source, extra["generation"] = _generate(stage, recipe, teacher)
-    else:
-        source = recipe.data.path
-    conversations = read_conversations(source)
-    examples, counts = tokenize(student_tokenizer, conversations, cfg.max_seq_len, cfg.last_turn_only)
-    examples = [IndexedExample(e.input_ids, e.loss_mask, e.weight, i) for i, e in enumerate(examples)]
-    train_examples, eval_examples = split(examples, cfg.eval_fraction, cfg.seed)
-    pad_id = student_tokenizer.pad_token_id or 0
-    device = pick_device(cfg.device)
-
-    dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
+    fingerprint = config_hash({"teacher": model_fingerprint(recipe.teacher), "tokens": _examples_digest(examples),
+                               "top_k": dcfg.top_k, "temperature": dcfg.temperature, "bf16": cfg.bf16,
+                               "device": device.type, "version": 1})
     with dist.main_first():
-        model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
-    check_fits_context(model, cfg.max_seq_len, "student")
-    if dcfg.level == "logit":
-        def compute() -> TopKTable:
-            t_model, _ = teacher.get()
-            check_fits_context(t_model, cfg.max_seq_len, "teacher")
-            t_model.to(device)
-            vocab = min(len(student_tokenizer), t_model.get_output_embeddings().weight.shape[0],
-                        model.get_output_embeddings().weight.shape[0])
-            return compute_teacher_topk(t_model, examples, dcfg.top_k, dcfg.temperature, cfg.micro_batch, pad_id,
-                                        device, cfg.bf16, vocab)
-
-        fingerprint = config_hash({"teacher": model_identity(recipe.teacher), "tokens": _examples_digest(examples),
-                                   "top_k": dcfg.top_k, "temperature": dcfg.temperature, "bf16": cfg.bf16,
-                                   "device": device.type, "version": 1})
-        with dist.main_first():  # rank 0 computes and writes the cache; the others read it
-            table = TopKTable(**load_or_compute(stage.path(TOPK_FILE), fingerprint, lambda: asdict(compute()),
-                                                "teacher top-k"))
-    teacher.release()
-
-    say(f"distill ({dcfg.level}, {dcfg.responses} responses): {len(train_examples)} train / {len(eval_examples)} "
-        f"eval conversations, {counts.loss_tokens} response tokens of {counts.tokens}")
-    torch.manual_seed(cfg.seed)
-    if cfg.lora is not None:
-        model = add_lora(model, cfg.lora)
-    else:
-        model.requires_grad_(True)
-    model.to(device)
-
-    if dcfg.level == "logit":
-        module: torch.nn.Module = SelectedLogits(model)
-        objective: Any = TopKDistillObjective(dcfg.kl, dcfg.tail, dcfg.temperature)
-        batches: Any = TopKBatches(train_examples, table, cfg.max_seq_len, cfg.micro_batch, seed=cfg.seed,
-                                   pad_id=pad_id, packing=cfg.packing)
-        eval_batches = TopKBatches(eval_examples, table, cfg.max_seq_len, cfg.micro_batch, pad_id=pad_id,
-                                   packing=cfg.packing, shuffle=False)(0) if eval_examples else ()
-    else:
-        module, objective = TokenLogprobs(model), SFTObjective()
-        batches = PackedBatches(train_examples, cfg.max_seq_len, cfg.micro_batch, seed=cfg.seed, pad_id=pad_id,
-                                packing=cfg.packing)
-        eval_batches = PackedBatches(eval_examples, cfg.max_seq_len, cfg.micro_batch, pad_id=pad_id,
-                                     packing=cfg.packing, shuffle=False)(0) if eval_examples else ()
-    result = train(module, objective, batches, cfg, stage, eval_batches=eval_batches, callbacks=callbacks,
-                   description=f"distill ({dcfg.level})")
-
-    dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
-    final = final_model(model, lambda: fresh_model(recipe.model.name, recipe.model.seed, recipe.train.lora, dtype))
-    if ctx.is_main:
-        outputs = save_model(merged(final), tokenizer, stage.path("model"))
-        if dcfg.responses == "teacher":
-            outputs += [stage.path(GENERATIONS), stage.path(GENERATIONS_META)]
-        if dcfg.level == "logit":
-            outputs.append(stage.path(TOPK_FILE))
-        stage.finish(outputs, extra={**extra, "data": counts.as_dict(), "train": _summary(result),
-                                     "processes": ctx.world})
-    dist.barrier()
-    last = result.last or {}
-    say(f"[green]distill: {result.steps} steps[/]" + (f", loss {last['loss']:.4f}" if "loss" in last else "")
-        + (f", eval loss {result.eval['eval_loss']:.4f}" if "eval_loss" in result.eval else "")
-        + f" -> {stage.path('model')}")
-    return stage
+        return TopKTable(**load_or_compute(stage.path(TOPK_FILE), fingerprint, compute, "teacher top-k"))
 
 
-def _summary(result: LoopResult) -> dict[str, Any]:
-    return {"steps": result.steps, "resumed_from": result.resumed_from, "tokens": result.tokens,
-            "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
-            **{k: v for k, v in result.last.items() if k in ("loss", "kl", "ce")}, **result.eval}
+def student_setup(model: torch.nn.Module, level: str, recipe: DistillRecipe, table: TopKTable | None,
+                  train: Sequence[IndexedExample], held_out: Sequence[IndexedExample], pad_id: int
+                  ) -> tuple[torch.nn.Module, Objective, PackedBatches, Sequence[Any]]:
+    """(module, objective, batches, held-out batches) of the student at `level`.
+
+    logit: the top-k KL on logits at the scored positions; sequence: SFT on the teacher's answers.
+    """
+    cfg: DistillTrainSection = recipe.train
+    if level == "sequence":
+        return (TokenLogprobs(model), SFTObjective(), *packed_batches(train, held_out, cfg, pad_id))
+    dcfg = recipe.distill
+    batches = TopKBatches(train, table, cfg.max_seq_len, cfg.micro_batch, seed=cfg.seed, pad_id=pad_id,
+                          packing=cfg.packing)
+    eval_batches = TopKBatches(held_out, table, cfg.max_seq_len, cfg.micro_batch, pad_id=pad_id,
+                               packing=cfg.packing, shuffle=False)(0) if held_out else ()
+    return (SelectedLogits(model), TopKDistillObjective(dcfg.kl, dcfg.tail, dcfg.temperature), batches,
+            eval_batches)

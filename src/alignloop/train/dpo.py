@@ -1,4 +1,4 @@
-"""`alignloop train dpo RECIPE`: preference optimisation from (prompt, chosen, rejected) pairs.
+"""Preference optimisation from (prompt, chosen, rejected) pairs: the losses and the reference.
 
 One option, `train.loss`, picks the objective. With s(y) the policy's summed log-prob of response
 y (its final assistant turn only), r(y) the frozen reference's, |y| its token count, and
@@ -25,8 +25,8 @@ They are cached in the stage folder (`reference_logps.safetensors`, keyed by the
 tokens and the precision) so a resumed or retrained run never computes them again; training then
 needs no second model in memory. SimPO computes none.
 
-Output in runs/<run>/dpo/: model/ (merged HF checkpoint), checkpoints/, metrics.jsonl,
-reference_logps.safetensors, manifest.json.
+`alignloop train dpo RECIPE` (`alignloop.train.stage.run_dpo`) writes runs/<run>/dpo/: model/
+(merged HF checkpoint), checkpoints/, metrics.jsonl, reference_logps.safetensors, manifest.json.
 """
 
 from __future__ import annotations
@@ -34,76 +34,23 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from alignloop.recipes import ExistingFile, Section, recipe_to_dict
-from alignloop.runs import Stage, config_hash, default_run_name
-from alignloop.sections import ModelSection, RunSection
+from alignloop.models.fingerprint import model_fingerprint
+from alignloop.runs import config_hash
+from alignloop.sections import ModelSection
 from alignloop.train import dist
-from alignloop.train.cache import load_or_compute, local_model_files, model_identity
-from alignloop.train.config import TrainSection
-from alignloop.train.context import check_fits_context
-from alignloop.train.dpo_data import (
-    PairBatch,
-    PairBatches,
-    TokenizedPair,
-    limit_pairs,
-    pairs_digest,
-    read_pairs,
-    split_pairs,
-    tokenize_pairs,
-)
-from alignloop.train.logprobs import TokenLogprobs
-from alignloop.train.loop import (
-    LoopResult,
-    StepCallback,
-    autocast,
-    evaluate,
-    pick_device,
-    train,
-)
-from alignloop.train.lora import add_lora, fresh_model, is_lora, merged
-from alignloop.ui import progress, say
+from alignloop.train.cache import load_or_compute
+from alignloop.train.config import DPOTrainSection, LossKind
+from alignloop.train.dpo_data import PairBatch, PairBatches, TokenizedPair, pairs_digest
+from alignloop.train.loop import autocast
+from alignloop.train.lora import is_lora
+from alignloop.ui import progress
 
-LossKind = Literal["dpo", "ipo", "simpo"]
 REFERENCE_FILE = "reference_logps.safetensors"
-_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
-
-
-class DPODataSection(Section):
-    path: ExistingFile = Field(description="JSONL or Parquet pairs: prompt, chosen, rejected, weight?, user_id?")
-
-
-class DPOTrainSection(TrainSection):
-    loss: LossKind = Field("dpo", description="dpo (sigmoid), ipo (squared), simpo (reference-free)")
-    beta: float = Field(None, gt=0, description="reward scale; default 0.1 for dpo/ipo, 2.0 for simpo")  # type: ignore[assignment]
-    gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
-    max_seq_len: int = Field(1024, ge=8, description="tokens of prompt + response per side; longer pairs are skipped")
-    packing: bool = Field(True, description="several pairs per row (up to 2 x max_seq_len tokens), isolated")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of users (stable hash) held out")
-    split_salt: str = Field("dpo-split", description="changes which users land in eval")
-    max_train_pairs: int | None = Field(None, ge=1, description="train on at most this many pairs (a seeded draw); "
-                                        "the reference pass covers only the pairs used")
-    max_eval_pairs: int | None = Field(None, ge=1, description="held-out pairs scored at eval, at most")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_beta(cls, data: Any) -> Any:
-        # The scale that suits a variant differs by an order of magnitude: default it per variant.
-        if isinstance(data, dict) and data.get("beta") is None:
-            data = {**data, "beta": _DEFAULT_BETA.get(data.get("loss", "dpo"), 0.1)}
-        return data
-
-
-class DPORecipe(Section):
-    run: RunSection = RunSection()
-    model: ModelSection = ModelSection()
-    data: DPODataSection
-    train: DPOTrainSection = DPOTrainSection()
 
 
 # --- the loss ----------------------------------------------------------------------------------
@@ -206,7 +153,7 @@ def compute_reference(module: torch.nn.Module, pairs: Sequence[TokenizedPair], m
         with torch.no_grad(), no_adapters, autocast(device, bf16), progress() as bar:
             task = bar.add_task("reference log-probs", total=len(batches), info="")
             for i in range(len(batches)):
-                index = torch.tensor([p.index for p in batches.pairs(i)], dtype=torch.long)
+                index = torch.tensor([p.index for p in batches.items(i)], dtype=torch.long)
                 table[index] = _reference_forward(module, batches[i].to(device)).float().cpu()
                 bar.update(task, advance=1)
     finally:
@@ -216,101 +163,31 @@ def compute_reference(module: torch.nn.Module, pairs: Sequence[TokenizedPair], m
     return table
 
 
-# --- the run -----------------------------------------------------------------------------------
+def cached_reference(module: torch.nn.Module, pairs: Sequence[TokenizedPair], model: ModelSection,
+                     cfg: DPOTrainSection, pad_id: int, path: Path) -> torch.Tensor | None:
+    """The reference log-probs of `pairs` (None for simpo): from the cache at `path`, else computed.
 
-
-def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
-            callbacks: Sequence[StepCallback] = ()) -> Stage:
-    """Train, write runs/<run>/dpo/, return the stage; a finished stage with the same inputs is skipped.
-
-    Under torchrun every process runs this with the same recipe; rank 0 alone writes (the
-    reference cache, metrics, checkpoints, the model, the manifest), the others read the
-    reference rank 0 computed (see `alignloop.train.dist`).
+    The cache is keyed by the model, the tokens and the precision. Under torchrun rank 0 computes
+    and writes it; the others then find it there and read it.
     """
-    from alignloop.models import load_model
-    from alignloop.train.sft import final_model, save_model
+    if cfg.loss == "simpo":
+        return None
+    device = next(module.parameters()).device
+    # version 2: per-document attention (the policy's forward must match the reference's exactly)
+    fingerprint = config_hash({"model": model_fingerprint(model), "tokens": pairs_digest(pairs),
+                               "bf16": cfg.bf16, "device": device.type, "version": 2})
+    with dist.main_first():
+        return load_or_compute(path, fingerprint, lambda: {"logps": compute_reference(
+            module, pairs, cfg.micro_batch, 2 * cfg.max_seq_len, pad_id, device, cfg.bf16, cfg.packing)},
+            "reference log-probs")["logps"]
 
-    cfg = recipe.train
-    ctx = dist.init_from_env()  # under torchrun: join the process group; else a world of one
-    run = dist.broadcast_object(run or recipe.run.name or default_run_name())  # one name for all processes
-    # A model given as a folder (e.g. the SFT stage's model/) is an input: retraining it reruns DPO.
-    stage = Stage(recipe.run.dir, run, "dpo", recipe_to_dict(recipe),
-                  inputs=[recipe.data.path, *local_model_files(recipe.model.name)])
-    if dist.broadcast_object(not force and ctx.is_main and stage.is_complete()):
-        say(f"[green]dpo: up to date[/] ({stage.dir}), skipped")
-        return stage
-    if ctx.is_main:
-        stage.start()
 
-    dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype
-    with dist.main_first():  # a first load converts into the cache: once, not racing
-        model, tokenizer = load_model(recipe.model.name, dtype=dtype, seed=recipe.model.seed)
-    check_fits_context(model, cfg.max_seq_len)  # per side: both sides of a pair restart their positions
-    pairs, counts = tokenize_pairs(tokenizer, read_pairs(recipe.data.path), cfg.max_seq_len)
-    train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.split_salt)
-    pairs, train_pairs, eval_pairs = limit_pairs(train_pairs, eval_pairs, cfg.max_train_pairs, cfg.max_eval_pairs,
-                                                 cfg.seed)
-    if cfg.eval_fraction > 0 and not eval_pairs:
-        say("[yellow]warning: no pair landed in the eval split: no held-out accuracy will be reported[/]")
-    pad_id = tokenizer.pad_token_id or 0
+def pair_batches(train: Sequence[TokenizedPair], held_out: Sequence[TokenizedPair], cfg: DPOTrainSection,
+                 pad_id: int, reference: torch.Tensor | None) -> tuple[PairBatches, Sequence[PairBatch]]:
+    """(the training batches of every epoch, the held-out batches): rows of up to 2 x max_seq_len."""
     row_len = 2 * cfg.max_seq_len
-    say(f"dpo ({cfg.loss}, beta {cfg.beta:g}): {len(train_pairs)} train / {len(eval_pairs)} eval pairs, "
-        f"{counts.response_tokens} response tokens of {counts.tokens}")
-
-    torch.manual_seed(cfg.seed)
-    if cfg.lora is not None:
-        model = add_lora(model, cfg.lora)
-    else:
-        model.requires_grad_(True)
-    device = pick_device(cfg.device)
-    model.to(device)
-    module = TokenLogprobs(model)
-
-    reference = None
-    if cfg.loss != "simpo":
-        # version 2: per-document attention (the policy's forward must match the reference's exactly)
-        fingerprint = config_hash({"model": model_identity(recipe.model), "tokens": pairs_digest(pairs),
-                                   "bf16": cfg.bf16, "device": device.type, "version": 2})
-        # Rank 0 computes and writes the cache; the others then find it there and read it.
-        with dist.main_first():
-            reference = load_or_compute(stage.path(REFERENCE_FILE), fingerprint, lambda: {"logps": compute_reference(
-                module, pairs, cfg.micro_batch, row_len, pad_id, device, cfg.bf16, cfg.packing)},
-                "reference log-probs")["logps"]
-
-    batches = PairBatches(train_pairs, row_len, cfg.micro_batch, seed=cfg.seed, pad_id=pad_id,
-                          packing=cfg.packing, reference=reference)
-    eval_batches = PairBatches(eval_pairs, row_len, cfg.micro_batch, pad_id=pad_id, packing=cfg.packing,
-                               shuffle=False, reference=reference)(0) if eval_pairs else ()
-    objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.gamma)
-    # The held-out numbers of the starting model (the loop has no step-0 eval; the checkpoint, if
-    # any, is only loaded inside `train`, so this is always the initial model, resumed or not).
-    baseline = evaluate(module, objective, eval_batches, device, cfg.bf16) if eval_batches else {}
-    if baseline:
-        say(f"dpo: starting model's held-out log-prob preference accuracy {baseline['eval_logp_accuracy']:.3f}")
-    result = train(module, objective, batches, cfg, stage, eval_batches=eval_batches, callbacks=callbacks,
-                   description="dpo")
-
-    dist.reshard(module)  # FSDP2: every parameter back to its shard before gathering (from the root)
-    final = final_model(model, lambda: fresh_model(recipe.model.name, recipe.model.seed, recipe.train.lora, dtype))
-    if ctx.is_main:
-        outputs = save_model(merged(final), tokenizer, stage.path("model"))
-        if reference is not None:
-            outputs.append(stage.path(REFERENCE_FILE))
-        stage.finish(outputs, extra={"data": {**counts.as_dict(), "train_pairs": len(train_pairs),
-                                              "eval_pairs": len(eval_pairs)},
-                                     "baseline": baseline, "train": _summary(result), "processes": ctx.world})
-    dist.barrier()
-    ev = result.eval
-    say(f"[green]dpo: {result.steps} steps[/]"
-        + (f", loss {result.last['loss']:.4f}" if "loss" in result.last else "")
-        + (f", held-out accuracy {ev['eval_accuracy']:.3f} margin {ev['eval_margin']:.3f} on {len(eval_pairs)} pairs"
-           if "eval_accuracy" in ev else "")
-        + f" -> {stage.path('model')}")
-    return stage
-
-
-def _summary(result: LoopResult) -> dict[str, Any]:
-    keep = ("loss", "accuracy", "logp_accuracy", "margin", "rewards/chosen", "rewards/rejected")
-    return {"steps": result.steps, "resumed_from": result.resumed_from, "tokens": result.tokens,
-            "seconds": round(result.seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1),
-            **{k: v for k, v in result.last.items() if k in keep}, **result.eval}
+    batches = PairBatches(train, row_len, cfg.micro_batch, seed=cfg.seed, pad_id=pad_id, packing=cfg.packing,
+                          reference=reference)
+    eval_batches = PairBatches(held_out, row_len, cfg.micro_batch, pad_id=pad_id, packing=cfg.packing,
+                               shuffle=False, reference=reference)(0) if held_out else ()
+    return batches, eval_batches

@@ -27,8 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ import jinja2
 import torch
 
 from alignloop.chat.masks import mask_conversation, token_mask
+from alignloop.data.stablehash import hash_strings, unit_interval
 from alignloop.errors import AlignloopError
-from alignloop.train.packing import Example, PackedBatch, collate, pack
+from alignloop.train.packing import Example, PackedBatch, collate
 from alignloop.train.rows import read_rows
-from alignloop.train.sft_data import epoch_chunks
+from alignloop.train.sft_data import PackedBatches
 from alignloop.ui import say
 
 
@@ -192,8 +194,6 @@ def split_pairs(pairs: Sequence[TokenizedPair], eval_fraction: float, salt: str
     """(train, eval) by a stable hash of each pair's key (its user when known)."""
     if eval_fraction <= 0 or not pairs:
         return list(pairs), []
-    from alignloop.data.stablehash import hash_strings, unit_interval
-
     held = unit_interval(hash_strings([p.key for p in pairs], salt)) < eval_fraction
     train = [p for p, h in zip(pairs, held) if not h]
     held_out = [p for p, h in zip(pairs, held) if h]
@@ -207,9 +207,6 @@ def limit_pairs(train: Sequence[TokenizedPair], held_out: Sequence[TokenizedPair
                 max_eval: int | None, seed: int) -> tuple[list[TokenizedPair], list[TokenizedPair], list[TokenizedPair]]:
     """(kept, train, eval): at most `max_train` / `max_eval` pairs drawn at random (seeded), in file
     order, re-indexed 0..n-1 so the reference pass covers only what is used."""
-    import random
-    from dataclasses import replace
-
     def draw(pairs: Sequence[TokenizedPair], cap: int | None, salt: int) -> list[TokenizedPair]:
         if cap is None or len(pairs) <= cap:
             return list(pairs)
@@ -271,7 +268,7 @@ def collate_pairs(rows: Sequence[Sequence[TokenizedPair]], pad_id: int = 0,
                      ref, len(flat))
 
 
-class PairBatches:
+class PairBatches(PackedBatches):
     """`batches(epoch)` for the loop: pairs packed into rows, reshuffled per epoch from the seed alone.
 
     A row holds whole pairs (both sides together) up to `row_len` tokens; without packing, one pair
@@ -281,37 +278,8 @@ class PairBatches:
     def __init__(self, pairs: Sequence[TokenizedPair], row_len: int, micro_batch: int, seed: int = 0,
                  pad_id: int = 0, packing: bool = True, shuffle: bool = True,
                  reference: torch.Tensor | None = None) -> None:
-        self.pairs = list(pairs)
-        self.micro_batch = micro_batch
-        self.seed = seed
-        self.pad_id = pad_id
-        self.shuffle = shuffle
+        super().__init__(pairs, row_len, micro_batch, seed, pad_id, packing, shuffle)
         self.reference = reference
-        lengths = [len(p) for p in self.pairs]
-        self.rows = pack(lengths, row_len) if packing else [[i] for i in range(len(lengths))]
 
-    def __call__(self, epoch: int) -> Sequence[PairBatch]:
-        return _LazyPairs(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.rows) / self.micro_batch)
-
-
-class _LazyPairs(Sequence[PairBatch]):
-    def __init__(self, source: PairBatches, chunks: list[list[int]]) -> None:
-        self.source = source
-        self.chunks = chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def rows(self, i: int) -> list[list[TokenizedPair]]:
-        s = self.source
-        return [[s.pairs[j] for j in s.rows[r]] for r in self.chunks[i]]
-
-    def pairs(self, i: int) -> list[TokenizedPair]:
-        """The pairs of batch i, in the batch's order."""
-        return [p for row in self.rows(i) for p in row]
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return collate_pairs(self.rows(i), self.source.pad_id, self.source.reference)
+    def collate(self, rows: list[list[TokenizedPair]]) -> PairBatch:
+        return collate_pairs(rows, self.pad_id, self.reference)

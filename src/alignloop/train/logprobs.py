@@ -22,6 +22,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import AttentionInterface
+
+from alignloop.train.packing import block_causal_mask
 
 # Heads that do more than a plain projection: for these, fall back to the model's own forward.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
@@ -94,8 +98,6 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def _register_segment_attention() -> None:
-    from transformers import AttentionInterface
-
     if SEGMENT_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 
@@ -135,8 +137,6 @@ def _adapter_inputs_uncast(model: torch.nn.Module, device_type: str) -> Iterator
     if not (torch.is_autocast_enabled(device_type) and hasattr(model, "peft_config")):
         yield
         return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     saved = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
     for m in layers:
@@ -178,8 +178,6 @@ class TokenLogprobs(torch.nn.Module):
             if allowed is None:
                 if segments is None:
                     raise ValueError("TokenLogprobs needs `allowed` or `segments`")
-                from alignloop.train.packing import block_causal_mask
-
                 allowed = block_causal_mask(segments)
             mask = attention_inputs(lm, allowed)
         with route, _adapter_inputs_uncast(self.model, input_ids.device.type):

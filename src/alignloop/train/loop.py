@@ -12,10 +12,13 @@ A trainer hands the loop three things and nothing else:
   number. That is what makes resuming exact: the data position is just (epoch, index).
 
 Each optimizer step: take `grad_accum` micro batches, forward/backward each under bf16 autocast,
-clip, AdamW (fused where the build has it), advance the schedule, log, checkpoint every
-`save_every` steps. On start, the newest checkpoint of the same config is restored (weights,
-optimizer, scheduler, RNGs, data position), so a run killed with SIGKILL and started again ends
-with the same weights, bit for bit, as one that never stopped.
+clip, AdamW (fused where the build has it), advance the schedule, log (`metrics.MetricLog`:
+metrics.jsonl and the trackers of `train.track`), checkpoint every `save_every` steps. On start,
+the newest checkpoint of the same config is restored (`checkpoint.resume`: weights, optimizer,
+scheduler, RNGs, data position), so a run killed with SIGKILL and started again ends with the
+same weights, bit for bit, as one that never stopped. A NaN or an infinity in a step's loss,
+gradient norm or eval stops the run before the update, in one line naming the step and the
+checkpoint a rerun resumes from: nothing non-finite reaches the weights, metrics.jsonl or a checkpoint.
 
 Multi-process (`torchrun`, DDP or FSDP2: see `dist`): `train` joins the process group, wraps the
 module, and each process forwards its share of every step's micro batches; the step's weight and
@@ -27,19 +30,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from alignloop.errors import AlignloopError
-from alignloop.runs import METRICS, Stage, config_hash, trim_jsonl
+from alignloop.runs import Stage
 from alignloop.train import checkpoint as ckpt
 from alignloop.train import dist
+from alignloop.train.checkpoint import resume
 from alignloop.train.config import TrainSection
+from alignloop.train.metrics import MetricLog, NonFiniteError, require_finite
 from alignloop.train.schedule import Schedule, make_scheduler
 from alignloop.ui import progress, say
 
@@ -88,26 +92,32 @@ def pick_device(choice: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def make_optimizer(module: torch.nn.Module, config: TrainSection) -> torch.optim.AdamW:
+def make_optimizer(module: torch.nn.Module, config: TrainSection,
+                   also: Sequence[tuple[torch.nn.Module, float]] = ()) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on biases and norm gains.
 
     Decaying a norm's gain or a bias toward 0 regularises nothing useful and only shifts the
-    function, hence the usual split on ndim.
+    function, hence the usual split on ndim. `also`: (module, peak lr) pairs trained alongside
+    at their own rate (e.g. a LoRA backbone under reward heads); the schedule scales every group.
     """
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+    groups = [g for m, lr in ((module, config.lr), *also) for g in _decay_groups(m, lr, config.weight_decay)]
+    if not groups:
         raise ValueError("the model has no trainable parameters")
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     kwargs = {"lr": config.lr, "betas": config.betas, "eps": config.eps}
     try:
         # One kernel over all parameters instead of a dozen elementwise passes; CPU has it since 2.4.
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def _decay_groups(module: torch.nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for _, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay, "lr": lr},
+                        {"params": no_decay, "weight_decay": 0.0, "lr": lr}) if g["params"]]
 
 
 def total_steps(config: TrainSection, micro_batches_per_epoch: int) -> int:
@@ -254,6 +264,102 @@ def evaluate(module: torch.nn.Module, objective: Objective, batches: Iterable[An
 # --- the loop ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Trainee:
+    """What one optimizer step works on: the module as called (wrapped) and its optimizer."""
+
+    module: torch.nn.Module     # as built by the trainer: parameter names, checkpoints
+    wrapped: torch.nn.Module    # as called in the step: DDP around `module`, or `module` itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sync: Callable[[bool], contextlib.AbstractContextManager] | None
+    device: torch.device
+
+    @property
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def _prepare(module: torch.nn.Module, config: TrainSection, steps: int, ctx: dist.Context,
+             description: str) -> _Trainee:
+    strategy = dist.strategy_of(config)
+    wrapped = dist.wrap(module, strategy)  # FSDP2 swaps in sharded parameters: before the optimizer
+    if ctx.enabled:
+        say(f"{description}: {dist.describe(ctx, strategy)}")
+        if (warning := dist.warn_uneven(config.grad_accum, ctx)) is not None:
+            say(warning)
+    if ctx.is_main and (warning := _warmup_past_the_end(config, steps)) is not None:
+        say(warning)
+    optimizer = make_optimizer(module, config)
+    scheduler = make_scheduler(optimizer, Schedule(config.schedule, steps, config.warmup_for(steps),
+                                                   config.min_lr_ratio))
+    return _Trainee(module, wrapped, optimizer, scheduler, dist.gradient_sync(wrapped) if ctx.enabled else None,
+                    next(module.parameters()).device)
+
+
+def _warmup_past_the_end(config: TrainSection, steps: int) -> str | None:
+    """A warning when `train.warmup_steps` outlasts the run (the schedule caps it at the run's length).
+
+    A warning, not an error: shortening a recipe's run for a quick try (`--set train.steps=1`) is a
+    legitimate use, and that run still trains; but its lr reaches `train.lr` only on its last step.
+    """
+    if config.warmup_steps is None or config.warmup_steps <= steps:
+        return None
+    return (f"[yellow]warning: train.warmup_steps = {config.warmup_steps} is longer than the run's {steps} steps: "
+            f"the whole run warms up and reaches train.lr only on its last step[/]")
+
+
+def _step(t: _Trainee, objective: Objective, stream: BatchStream, config: TrainSection, ctx: dist.Context,
+          step: int) -> dict[str, Any]:
+    """One optimizer step over the next `grad_accum` micro batches; its metrics."""
+    began = time.perf_counter()
+    # The step's grad_accum micro batches, of which this process forwards its share;
+    # one with a smaller share pads with a pass that counts for nothing (see dist).
+    mine = dist.my_share(config.grad_accum, ctx)
+    n_padding = dist.passes_per_process(config.grad_accum, ctx) - len(mine)
+    taken = stream.take(config.grad_accum, set(mine) | ({0} if n_padding else set()))
+    micro = [_to(taken[i], t.device) for i in mine]
+    padding = [_to(taken[mine[0] if mine else 0], t.device)] * n_padding
+    # The weight of the whole step (all processes): each divides by the global weight.
+    weight = dist.all_reduce_sum(sum(objective.weight(b) for b in micro))
+    lr = t.scheduler.get_last_lr()[0]
+
+    t.optimizer.zero_grad(set_to_none=True)
+    loss_total, stats = accumulate(t.wrapped, objective, micro, weight, t.device, config.bf16,
+                                   scale=float(ctx.world), sync=t.sync, padding=padding)
+    loss_total, stats = dist.reduce_sums(loss_total, stats)
+
+    max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+    grad_norm = dist.to_float(torch.nn.utils.clip_grad_norm_(t.trainable, max_norm))
+    metrics = {**_reduce(loss_total, stats, max(weight, 1e-12)), "lr": lr, "grad_norm": grad_norm}
+    # Before the update: one NaN in the weights would poison every later step and checkpoint.
+    # Every process sees the same reduced numbers, so all of them stop here together.
+    require_finite(metrics)
+    t.optimizer.step()
+    t.scheduler.step()
+    seconds = time.perf_counter() - began
+    metrics.update(epoch=stream.epochs_done(), seconds=seconds)
+    if stats.get("tokens"):
+        metrics["tokens_per_s"] = int(stats["tokens"]) / seconds
+    return metrics
+
+
+@contextlib.contextmanager
+def _stops_cleanly(step: int, stage: Stage) -> Iterator[None]:
+    """A non-finite step stops the run in one line naming the step and the checkpoint a rerun
+    resumes from; nothing of the step is logged or saved."""
+    try:
+        yield
+    except NonFiniteError as e:
+        raise AlignloopError(f"step {step}: {e}: lower train.lr or check the data; "
+                             f"{ckpt.what_is_intact(stage.path('checkpoints'))}") from None
+
+
+def _progress_info(metrics: dict[str, Any]) -> str:
+    speed = f" · {metrics['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in metrics else ""
+    return f"loss {metrics['loss']:.3f}{speed}"
+
+
 def train(
     module: torch.nn.Module,
     objective: Objective,
@@ -265,107 +371,47 @@ def train(
     callbacks: Sequence[StepCallback] = (),
     description: str = "train",
 ) -> LoopResult:
-    """Train `module` in place; checkpoints go to `stage`'s checkpoints/, metrics to its metrics.jsonl.
+    """Train `module` in place; checkpoints go to `stage`'s checkpoints/, metrics to its metrics.jsonl
+    (and the trackers of `config.track`).
 
     Under torchrun, every process calls this with the same arguments (see `dist`); the module is
     wrapped here (DDP, or sharded in place by FSDP2 per `config.parallel`) and rank 0 writes.
     """
     ctx = dist.init_from_env()
-    device = next(module.parameters()).device
     module.train()
     steps = total_steps(config, len(batches(0)))
-    strategy = dist.strategy_of(config)
-    wrapped = dist.wrap(module, strategy)  # FSDP2 swaps in sharded parameters: before the optimizer
-    if ctx.enabled:
-        say(f"{description}: {dist.describe(ctx, strategy)}")
-        if (warning := dist.warn_uneven(config.grad_accum, ctx)) is not None:
-            say(warning)
-    sync = dist.gradient_sync(wrapped) if ctx.enabled else None
-    optimizer = make_optimizer(module, config)
-    scheduler = make_scheduler(optimizer, Schedule(config.schedule, steps, config.warmup_for(steps),
-                                                   config.min_lr_ratio))
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-
+    t = _prepare(module, config, steps, ctx, description)
     # Resume from the newest checkpoint, if it was made with this very config.
-    root = stage.path("checkpoints")
-    fingerprint = config_hash(stage.config)
-    stream = BatchStream(batches)
-    start, tokens_before = 0, 0
-    latest = None
-    if ctx.is_main:
-        latest = ckpt.latest_checkpoint(root)
-        if latest is not None and ckpt.read_trainer_state(latest).get("config_hash") != fingerprint:
-            say(f"[yellow]checkpoints in {root} belong to another config: starting afresh[/]")
-            shutil.rmtree(root, ignore_errors=True)
-            latest = None
-    latest = dist.broadcast_object(latest)  # every process resumes from the checkpoint rank 0 chose
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, module, optimizer, scheduler)
-        start, tokens_before = state["step"], state.get("tokens", 0)
-        stream = BatchStream(batches, state["epoch"], state["index"])
-        say(f"resuming from {latest.name} ({start}/{steps} steps done)")
-    if ctx.is_main:
-        trim_jsonl(stage.path(METRICS), start)
-
+    state = resume(stage, lambda path: ckpt.load_checkpoint(path, module, t.optimizer, t.scheduler), steps,
+                   label=description)
+    start, tokens_before = state["step"], state.get("tokens", 0)
+    stream = BatchStream(batches, state.get("epoch", 0), state.get("index", 0))
     result = LoopResult(steps=start, resumed_from=start, tokens=0, seconds=0.0)
     if start >= steps:
         return result
 
-    with progress() as bar:
+    fingerprint = stage.work_hash()
+    log = MetricLog(stage, config.track, start=start, enabled=ctx.is_main)
+    with progress() as bar, contextlib.closing(log):
         task = bar.add_task(description, total=steps, completed=start, info="")
         for step in range(start + 1, steps + 1):
-            began = time.perf_counter()
-            # The step's grad_accum micro batches, of which this process forwards its share;
-            # one with a smaller share pads with a pass that counts for nothing (see dist).
-            mine = dist.my_share(config.grad_accum, ctx)
-            n_padding = dist.passes_per_process(config.grad_accum, ctx) - len(mine)
-            taken = stream.take(config.grad_accum, set(mine) | ({0} if n_padding else set()))
-            micro = [_to(taken[i], device) for i in mine]
-            padding = [_to(taken[mine[0] if mine else 0], device)] * n_padding
-            # The weight of the whole step (all processes): each divides by the global weight.
-            weight = dist.all_reduce_sum(sum(objective.weight(b) for b in micro))
-            lr = scheduler.get_last_lr()[0]
-
-            optimizer.zero_grad(set_to_none=True)
-            loss_total, stats = accumulate(wrapped, objective, micro, weight, device, config.bf16,
-                                           scale=float(ctx.world), sync=sync, padding=padding)
-            loss_total, stats = dist.reduce_sums(loss_total, stats)
-
-            max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-            grad_norm = dist.to_float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
-            if not math.isfinite(grad_norm) or not math.isfinite(loss_total):
-                raise FloatingPointError(
-                    f"step {step}: non-finite {'loss' if not math.isfinite(loss_total) else 'gradient'}"
-                    f" (lr {lr:.2e}); the last checkpoint is intact: lower the lr or check the data")
-            optimizer.step()
-            scheduler.step()
-            seconds = time.perf_counter() - began
-
-            metrics = {**_reduce(loss_total, stats, max(weight, 1e-12)), "lr": lr, "grad_norm": grad_norm,
-                       "epoch": stream.epochs_done(),
-                       "seconds": seconds}
-            step_tokens = int(stats.get("tokens", 0))
-            if step_tokens:
-                metrics["tokens_per_s"] = step_tokens / seconds
-            result.tokens += step_tokens
-            result.seconds += seconds
-
-            if eval_batches and ((config.eval_every and step % config.eval_every == 0) or step == steps):
-                result.eval = evaluate(wrapped, objective, eval_batches, device, config.bf16)
-                metrics.update(result.eval)
-            if ctx.is_main:
-                stage.log_metrics(step=step, **metrics)
+            with _stops_cleanly(step, stage):
+                metrics = _step(t, objective, stream, config, ctx, step)
+                if eval_batches and ((config.eval_every and step % config.eval_every == 0) or step == steps):
+                    result.eval = evaluate(t.wrapped, objective, eval_batches, t.device, config.bf16)
+                    metrics.update(result.eval)
+                    require_finite(result.eval)
+            result.tokens += int(metrics.get("tokens", 0))
+            result.seconds += metrics["seconds"]
+            log.log(step, metrics)
             result.steps, result.last = step, metrics
-
             if step % config.save_every == 0 or step == steps:
                 ckpt.save_checkpoint(
-                    root, step, module, optimizer, scheduler,
+                    stage.path("checkpoints"), step, module, t.optimizer, t.scheduler,
                     {"config_hash": fingerprint, **stream.position(), "total_steps": steps,
                      "tokens": tokens_before + result.tokens},
                     keep=config.keep_checkpoints)
-            bar.update(task, completed=step,
-                       info=f"loss {metrics['loss']:.3f}" + (f" · {metrics['tokens_per_s']:.0f} tok/s"
-                                                            if "tokens_per_s" in metrics else ""))
+            bar.update(task, completed=step, info=_progress_info(metrics))
             for callback in callbacks:
                 callback(step, metrics)
     return result

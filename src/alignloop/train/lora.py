@@ -10,14 +10,14 @@ from __future__ import annotations
 import warnings
 
 import torch
+from peft import LoraConfig, get_peft_model
 
+from alignloop.models import load_model
 from alignloop.train.config import LoraSection
 
 
 def add_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
     """Wrap `model` with fresh adapters (initialised from torch's RNG: seed before calling)."""
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -34,9 +34,7 @@ def add_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
 
 def fresh_model(name: str, seed: int, lora: LoraSection | None, dtype: str) -> torch.nn.Module:
     """The model as a trainer starts it (zoo `name`, plus fresh adapters when `lora` is set): the
-    copy FSDP2 gathers its shards into before saving (see `alignloop.train.sft.final_model`)."""
-    from alignloop.models import load_model
-
+    copy FSDP2 gathers its shards into before saving (see `alignloop.train.session.final_model`)."""
     model, _ = load_model(name, dtype=dtype, seed=seed)
     return add_lora(model, lora) if lora is not None else model
 

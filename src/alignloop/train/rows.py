@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from alignloop.errors import AlignloopError
 
 
@@ -18,8 +20,6 @@ def read_rows(path: str | Path, what: str) -> list[tuple[str, Any]]:
     Bad JSON or an empty file is an AlignloopError naming the file (and line)."""
     path = Path(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         raw = [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     else:
         raw = []

@@ -25,7 +25,7 @@ import torch
 
 from alignloop.chat.masks import mask_conversation, token_mask
 from alignloop.errors import AlignloopError
-from alignloop.train.packing import Example, PackedBatch, collate, pack
+from alignloop.train.packing import Example, collate, pack
 from alignloop.train.rows import read_rows
 from alignloop.ui import say
 
@@ -137,14 +137,25 @@ def tokenize(
     return examples, counts
 
 
-def split(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval), eval drawn at random (seeded); at least one of each when there are two or more."""
+def split(examples: Sequence[Example], eval_fraction: float, seed: int,
+          micro_batch: int = 1) -> tuple[list[Example], list[Example]]:
+    """(train, eval), eval drawn at random (seeded); at least one of each when there are two or more.
+
+    An `AlignloopError` when the held-out share leaves a train split smaller than the eval split,
+    or than two micro batches of `micro_batch` conversations: a run on that learns next to nothing.
+    """
     n = len(examples)
     n_eval = round(eval_fraction * n)
     if eval_fraction > 0 and n >= 2:
         n_eval = min(max(n_eval, 1), n - 1)
     else:
         n_eval = 0
+    n_train = n - n_eval
+    if n_eval and (n_train < n_eval or n_train < 2 * micro_batch):
+        raise AlignloopError(
+            f"train.eval_fraction = {eval_fraction} leaves {n_train} conversation(s) to train on and {n_eval} "
+            f"for eval; the train split needs at least as many as eval and {2 * micro_batch} (two micro "
+            f"batches of train.micro_batch = {micro_batch}): lower train.eval_fraction")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
@@ -178,8 +189,12 @@ class PackedBatches:
         lengths = [len(e) for e in self.examples]
         self.rows = pack(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
 
-    def __call__(self, epoch: int) -> Sequence[PackedBatch]:
-        return _LazyBatches(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
+    def __call__(self, epoch: int) -> EpochBatches:
+        return EpochBatches(self, epoch_chunks(len(self.rows), self.micro_batch, self.seed, epoch, self.shuffle))
+
+    def collate(self, rows: list[list[Example]]) -> Any:
+        """One micro batch from its rows of examples (subclasses add what their objective needs)."""
+        return collate(rows, self.pad_id)
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.micro_batch)
@@ -189,8 +204,9 @@ class PackedBatches:
         return sum(len(e) for e in self.examples) / (max_seq_len * max(1, len(self.rows)))
 
 
-class _LazyBatches(Sequence[PackedBatch]):
-    """Collates a micro batch when the loop asks for it, not a whole epoch up front."""
+class EpochBatches(Sequence[Any]):
+    """One epoch of a `PackedBatches`: batch i is `source.collate` of the rows in `chunks[i]`, collated
+    when the loop asks for it, not a whole epoch up front."""
 
     def __init__(self, source: PackedBatches, chunks: list[list[int]]) -> None:
         self.source = source
@@ -199,6 +215,14 @@ class _LazyBatches(Sequence[PackedBatch]):
     def __len__(self) -> int:
         return len(self.chunks)
 
+    def rows(self, i: int) -> list[list[Any]]:
+        """The rows of batch i, each a list of the source's examples."""
+        s = self.source
+        return [[s.examples[j] for j in s.rows[r]] for r in self.chunks[i]]
+
+    def items(self, i: int) -> list[Any]:
+        """The examples of batch i, in the batch's order."""
+        return [e for row in self.rows(i) for e in row]
+
     def __getitem__(self, i):  # type: ignore[override]
-        rows = [[self.source.examples[j] for j in self.source.rows[r]] for r in self.chunks[i]]
-        return collate(rows, self.source.pad_id)
+        return self.source.collate(self.rows(i))

@@ -72,7 +72,7 @@ from alignloop.data.filters.diversity import (
     DiversityFilter,
     share_caps,
 )
-from alignloop.data.filters.evaluate import filter_precision_recall
+from alignloop.data.filters.evaluate import TRUTH_COLUMNS, filter_precision_recall, read_ground_truth
 from alignloop.data.filters.min_reading import (
     PREFERENCE_EVENTS,
     MinReadingConfig,
@@ -118,13 +118,14 @@ from alignloop.data.filters.user_cap import UserCapConfig, UserCapFilter
 
 __all__ = [
     "DEFAULT_ORDER", "DEFAULT_TOPICS", "DEFAULT_UNSAFE", "DROPPED", "EDGE_CHARS", "ENDS_WELL", "FILTERED_SCHEMAS",
-    "FILTERS", "FILTER_SCHEMAS", "PREFERENCE_EVENTS", "SENTENCE_BREAK", "TABLE_ORDER", "TARGET_FLAGS", "WEIGHTS",
-    "BotConfig", "BotFilter", "DiskStore", "DiversityConfig", "DiversityFilter", "Filter", "FilterConfig",
-    "FilterName", "FilterReport", "Frames", "FunnelReport", "MemoryStore", "MinReadingConfig", "MinReadingFilter",
-    "Pass", "PassOutput", "QualityConfig", "QualityFilter", "RepeatConfig", "RepeatFilter", "Tallies",
-    "UserCapConfig", "UserCapFilter", "arrow_table", "auto_partitions", "check_decisions", "concat_partitions",
-    "conv_user", "drive", "drop_conversations", "drop_users", "dropped_rows", "empty_frame", "fast_words",
-    "filter_precision_recall", "filter_report", "funnel_plot", "load_raw_partition", "load_state", "make_filters",
-    "no_decisions", "own", "plan_passes", "prepare", "read_stats", "rows", "run_filters", "run_filters_on_disk",
-    "run_pass", "save_state", "share_caps", "split_partitions", "to_arrow",
+    "FILTERS", "FILTER_SCHEMAS", "PREFERENCE_EVENTS", "SENTENCE_BREAK", "TABLE_ORDER", "TARGET_FLAGS",
+    "TRUTH_COLUMNS", "WEIGHTS", "BotConfig", "BotFilter", "DiskStore", "DiversityConfig", "DiversityFilter",
+    "Filter", "FilterConfig", "FilterName", "FilterReport", "Frames", "FunnelReport", "MemoryStore",
+    "MinReadingConfig", "MinReadingFilter", "Pass", "PassOutput", "QualityConfig", "QualityFilter", "RepeatConfig",
+    "RepeatFilter", "Tallies", "UserCapConfig", "UserCapFilter", "arrow_table", "auto_partitions",
+    "check_decisions", "concat_partitions", "conv_user", "drive", "drop_conversations", "drop_users",
+    "dropped_rows", "empty_frame", "fast_words", "filter_precision_recall", "filter_report", "funnel_plot",
+    "load_raw_partition", "load_state", "make_filters", "no_decisions", "own", "plan_passes", "prepare",
+    "read_ground_truth", "read_stats", "rows", "run_filters", "run_filters_on_disk", "run_pass", "save_state",
+    "share_caps", "split_partitions", "to_arrow",
 ]

@@ -11,31 +11,27 @@ from typing import ClassVar
 import polars as pl
 import pyarrow as pa
 
-from alignloop.data.schema import LOG_SCHEMAS, SCHEMAS, conform
+from alignloop.data.labels import derive_labels
+from alignloop.data.schema import LOG_SCHEMAS, SCHEMAS, conform, doc_field
 from alignloop.recipes import Section
 
-
-def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
-
-
 WEIGHTS = pa.schema([
-    _f("conversation_id", pa.string(), "-> conversations.conversation_id"),
-    _f("user_id", pa.string(), "-> users.user_id"),
-    _f("weight", pa.float64(), "training weight of every example from this conversation (1 = full)"),
+    doc_field("conversation_id", pa.string(), "-> conversations.conversation_id"),
+    doc_field("user_id", pa.string(), "-> users.user_id"),
+    doc_field("weight", pa.float64(), "training weight of every example from this conversation (1 = full)"),
 ])
 TARGET_FLAGS = pa.schema([
-    _f("turn_id", pa.string(), "-> turns.turn_id, an assistant turn that must not be a training target"),
-    _f("conversation_id", pa.string(), "-> conversations.conversation_id"),
-    _f("reason", pa.string(), "why (quality filter): empty, truncated, unsafe, repetitive, repeats_earlier_turn"),
+    doc_field("turn_id", pa.string(), "-> turns.turn_id, an assistant turn that must not be a training target"),
+    doc_field("conversation_id", pa.string(), "-> conversations.conversation_id"),
+    doc_field("reason", pa.string(), "why (quality filter): empty, truncated, unsafe, repetitive, repeats_earlier_turn"),
 ])
 DROPPED = pa.schema([
-    _f("filter", pa.string(), "the filter that decided"),
-    _f("unit", pa.string(), "users, conversations or turns"),
-    _f("id", pa.string(), "the item's id (user_id, conversation_id or turn_id)"),
-    _f("user_id", pa.string(), "its user"),
-    _f("reason", pa.string(), "why"),
-    _f("weight", pa.float64(), "new weight when down-weighted instead of dropped", nullable=True),
+    doc_field("filter", pa.string(), "the filter that decided"),
+    doc_field("unit", pa.string(), "users, conversations or turns"),
+    doc_field("id", pa.string(), "the item's id (user_id, conversation_id or turn_id)"),
+    doc_field("user_id", pa.string(), "its user"),
+    doc_field("reason", pa.string(), "why"),
+    doc_field("weight", pa.float64(), "new weight when down-weighted instead of dropped", nullable=True),
 ])
 FILTER_SCHEMAS: dict[str, pa.Schema] = {"weights": WEIGHTS, "target_flags": TARGET_FLAGS}
 FILTERED_SCHEMAS: dict[str, pa.Schema] = {**SCHEMAS, **FILTER_SCHEMAS}
@@ -64,8 +60,6 @@ def prepare(tables: Mapping[str, pa.Table | pl.DataFrame], derive: bool = True,
             frames[name] = table if isinstance(table, pl.DataFrame) else pl.from_arrow(table)
     if "labels" not in frames:
         if derive:
-            from alignloop.data.labels import derive_labels
-
             arrow = {k: arrow_table(v, k) for k, v in tables.items() if k in LOG_SCHEMAS}
             frames["labels"] = pl.from_arrow(derive_labels(arrow, observed_until))
         else:

@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from alignloop.data.filters.report import FunnelReport
+from alignloop.data.io import read_jsonl
 
 # What the bot and skimmer filters must reach on simulated logs (precision, recall).
 TARGETS: dict[str, tuple[float, float]] = {"bots": (0.9, 0.8), "min_reading": (0.9, 0.8)}
+
+# The ground-truth columns the filters are judged by. The simulator writes these and more
+# (`alignloop.sim.truth`); the data layer comes before it, so it names the few it reads.
+TRUTH_COLUMNS: dict[str, pa.Schema] = {
+    "users": pa.schema([("user_id", pa.string()), ("is_bot", pa.bool_()), ("is_skimmer", pa.bool_())]),
+    "candidates": pa.schema([("turn_id", pa.string()), ("n_unsafe", pa.int32()), ("repeat_within", pa.float32()),
+                             ("repeat_across", pa.float32())]),
+}
+
+
+def read_ground_truth(folder: str | Path) -> dict[str, pa.Table]:
+    """The `TRUTH_COLUMNS` of each ground-truth table in `folder` (Parquet preferred over JSONL)."""
+    found = {}
+    for name, schema in TRUTH_COLUMNS.items():
+        parquet, jsonl = Path(folder) / f"{name}.parquet", Path(folder) / f"{name}.jsonl"
+        if parquet.is_file():
+            found[name] = pq.read_table(parquet, columns=schema.names).cast(schema)
+        elif jsonl.is_file():
+            found[name] = read_jsonl(jsonl, schema, unexpected="ignore")
+    return found
 
 
 def _truth_frame(table: pa.Table | pl.DataFrame) -> pl.DataFrame:

@@ -11,6 +11,7 @@ from alignloop.data.filters.report import FunnelReport
 
 def funnel_plot(report: FunnelReport, path: str | Path) -> Path:
     """A PNG funnel: rows left in each log table after each filter, with what each filter dropped."""
+    # matplotlib serves this plot only: loaded on first use, the file backend chosen before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -15,6 +15,7 @@ conversations the earlier ones dropped.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +39,11 @@ from alignloop.data.filters.base import (
 from alignloop.data.filters.config import FilterConfig, make_filters
 from alignloop.data.filters.report import FunnelReport, dropped_rows, filter_report
 from alignloop.data.parts import (
+    PartitionedWriter,
+    count_rows,
     partition_folder,
     read_scratch,
+    repartition,
     split_frames,
     write_scratch,
 )
@@ -346,10 +350,6 @@ def run_filters_on_disk(source: str | Path, out_dir: str | Path, config: FilterC
     Writes the filtered tables into `out_dir` (one file per table, partitions as row groups, indexed
     by `partitions.json` for the builders). Returns the files written and the report.
     """
-    import tempfile
-
-    from alignloop.data.parts import PartitionedWriter, count_rows, repartition
-
     config = config or FilterConfig()
     t0 = time.perf_counter()
     n = partitions or config.partitions or auto_partitions(count_rows(source), config.events_per_partition)

@@ -11,15 +11,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignloop.data.builders import BuildConfig
-from alignloop.data.cli_pipeline import FilterSection
-from alignloop.eval.abtest_stage import DecisionSection
-from alignloop.eval.heldout import UsersSection
+from alignloop.data.config import FilterSection
+from alignloop.eval.config import DecisionSection, OfflineEvalSection
 from alignloop.recipes import Section
-from alignloop.rewards.config import HEADS, BackboneSection, CombineSection, EvalSection, HeadTrainSection
+from alignloop.rewards.config import (HEADS, BackboneSection, CombineSection, EvalSection, HeadTrainSection,
+                                      check_safety_head)
 from alignloop.rl.config import RLSamplingSection, RLSection
-from alignloop.sections import RunSection, SamplingSection
+from alignloop.sections import RunSection
 from alignloop.sim.config import EngineResponderSection, SimConfig
-from alignloop.train.sft import SFTTrainSection
+from alignloop.train.config import SFTTrainSection
 
 STAGES: tuple[str, ...] = ("simulate", "filter", "build", "sft", "rm", "rl", "eval", "abtest", "report")
 """The loop's stages, in order (`report` runs once, after the last turn)."""
@@ -65,6 +65,7 @@ class RMStageSection(Section):
         if missing:
             raise ValueError(f"rm.combine.weights name component(s) {missing} that rm.heads does not train "
                              f"(heads: {', '.join(self.heads)})")
+        check_safety_head(self.heads, self.combine, "rm.heads", "rm.combine")
         return self
 
 
@@ -79,16 +80,6 @@ class RLStageSection(Section):
     users_seed: int = Field(2000, description="their seed: neither the log world's nor the eval users'")
     sampling: RLSamplingSection = RLSamplingSection(max_tokens=48)
     rl: RLSection = RLSection(steps=10, prompts_per_step=4, group=4, lr=2e-5)
-
-
-class EvalStageSection(Section):
-    """Offline evaluation of the deployed and the new model on held-out users' prompts."""
-
-    users: UsersSection = UsersSection(users=64)
-    sampling: SamplingSection = SamplingSection(temperature=0.7, max_tokens=48)
-    judge: bool = Field(False, description="rubric scores by an LLM judge (slow on CPU)")
-    judge_model: str | None = Field(None, description="the judge; default: the base model")
-    judge_prompts: int = Field(16, ge=1, description="responses per model the judge grades")
 
 
 class ABStageSection(Section):
@@ -107,7 +98,7 @@ class FlywheelRecipe(Section):
     sft: SFTStageSection = SFTStageSection()
     rm: RMStageSection = RMStageSection()
     rl: RLStageSection = RLStageSection()
-    eval: EvalStageSection = EvalStageSection()
+    eval: OfflineEvalSection = OfflineEvalSection()
     abtest: ABStageSection = ABStageSection()
 
     @model_validator(mode="after")

@@ -5,8 +5,9 @@ and inputs, and the trainers resume from their last checkpoint; so a killed flyw
 the same command picks up in the stage it was killed in, and nothing finished is redone.
 `--from STAGE` forces that stage and every later one to run again.
 
-A turn deploys its model for the next turn only if its A/B test said launch; otherwise the next
-turn starts again from the model that stayed deployed.
+A turn deploys its model for the next turn only if its A/B test said launch on observable KPIs (and
+no reward hacking was caught); otherwise the next turn starts again from the model that stayed
+deployed. The ground-truth verdict is printed and reported beside that decision, never an input to it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich.table import Table
+
 from alignloop.errors import AlignloopError
-from alignloop.flywheel.recipe import STAGES, FlywheelRecipe
+from alignloop.eval.abtest import verdict_lines
+from alignloop.flywheel.config import STAGES, FlywheelRecipe
+from alignloop.flywheel.report import write_report
 from alignloop.flywheel.stages import TURN_STAGES, Turn
 from alignloop.runs import atomic_write_json, default_run_name
 from alignloop.ui import console, say
@@ -54,8 +59,6 @@ def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str
              "timings": timings, "deployed_at_end": deployed}
     folder = Path(recipe.run.dir) / run
     clock = time.perf_counter()
-    from alignloop.flywheel.report import write_report
-
     state["report"] = {k: str(v) for k, v in write_report(state, folder).items()}
     timings.append({"turn": None, "stage": "report", "seconds": round(time.perf_counter() - clock, 2),
                     "forced": True})
@@ -66,8 +69,9 @@ def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str
 
 
 def launch_decision(summaries: dict) -> tuple[bool, list[str]]:
-    """(launch?, reasons): the A/B test decides (safety gate first, then the primary metric), and a
-    model whose RL reward the ground-truth watch caught being hacked is not launched either."""
+    """(launch?, reasons): the A/B test's decision on observable KPIs decides (safety gate first, then
+    the primary metric and guardrails; its ground-truth check is only reported), and a model whose RL
+    reward the ground-truth watch caught being hacked is not launched either."""
     decision = summaries.get("abtest", {}).get("decision", {})
     launch = bool(decision.get("launch"))
     why = ["A/B: " + ("launch" if launch else "no launch")
@@ -79,8 +83,6 @@ def launch_decision(summaries: dict) -> tuple[bool, list[str]]:
 
 
 def print_timings(state: dict) -> None:
-    from rich.table import Table
-
     table = Table("turn", "stage", "seconds", title=f"flywheel {state['run']}: stage timings")
     for t in state["timings"]:
         table.add_row("" if t["turn"] is None else str(t["turn"]), t["stage"], f"{t['seconds']:.1f}")
@@ -89,4 +91,7 @@ def print_timings(state: dict) -> None:
     for t in state["turns"]:
         verdict = "[green]launched[/]" if t["launched"] else "[red]not launched[/]"
         console.print(f"turn {t['turn']}: {t['model']} {verdict}: " + "; ".join(t.get("why", [])))
+        if "abtest" in t["summaries"]:
+            for line in verdict_lines(t["summaries"]["abtest"]):
+                console.print(f"  A/B {line}", markup=False, highlight=False)
     console.print(f"report: {state['report'].get('html')}")

@@ -19,18 +19,18 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from alignloop.errors import AlignloopError
 from alignloop.ui import status
 
-template_app = typer.Typer(help="Chat templates: render, diff, lint and token costs.", no_args_is_help=True)
+app = typer.Typer(help="Chat templates: render, diff, lint and token costs.", no_args_is_help=True)
 
 MessagesOption = Annotated[Path, typer.Option("--messages", "-m", help="JSON file: a list of messages "
                                               "(or {\"messages\": [...], \"tools\": [...]}).")]
-ToolsOption = Annotated[Optional[Path], typer.Option("--tools", help="JSON file: a list of tool schemas.")]
+ToolsOption = Annotated[Path | None, typer.Option("--tools", help="JSON file: a list of tool schemas.")]
 GenOption = Annotated[bool, typer.Option("--generation-prompt", "-g", help="Open an assistant turn at the end.")]
 SMOLLM2 = "smollm2-135m"
 
@@ -177,7 +177,7 @@ def _stdout():
 # --------------------------------------------------------------------------------------------------
 
 
-@template_app.command()
+@app.command()
 def render(
     model_or_file: Annotated[str, typer.Argument(help="Template file, corpus template, chat family or zoo model.")],
     messages: MessagesOption,
@@ -189,7 +189,7 @@ def render(
     typer.echo(_render(load_template(model_or_file), chat, tool_list, generation_prompt))
 
 
-@template_app.command()
+@app.command()
 def diff(
     family_a: Annotated[str, typer.Argument(help="First template (as for `render`).")],
     family_b: Annotated[str, typer.Argument(help="Second template.")],
@@ -217,10 +217,10 @@ def diff(
     out.print("identical renders" if left == right else f"{a.name} and {b.name} render differently", highlight=False)
 
 
-@template_app.command()
+@app.command()
 def lint(
     model_or_file: Annotated[str, typer.Argument(help="Template file, corpus template, chat family or zoo model.")],
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", "-t", help="Zoo model whose tokenizer to "
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", "-t", help="Zoo model whose tokenizer to "
                                                      "check against (default: the model's own, if any).")] = None,
 ) -> None:
     """Report what the template drops or gets wrong; exit code 1 if any finding is an error."""
@@ -245,11 +245,11 @@ def lint(
         raise typer.Exit(code=1)
 
 
-@template_app.command()
+@app.command()
 def cost(
-    families: Annotated[Optional[list[str]], typer.Argument(help="Templates (as for `render`; default: every "
+    families: Annotated[list[str] | None, typer.Argument(help="Templates (as for `render`; default: every "
                                                             "corpus template).")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also write a bar chart (PNG) here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also write a bar chart (PNG) here.")] = None,
 ) -> None:
     """Template-overhead tokens per template: SmolLM2's tokenizer, plus Mistral's own for Mistral families."""
     from alignloop.chat.cost import MISTRAL_TOKENIZER_OF_FAMILY, cost_plot, cost_table, mistral_tokenizer, template_costs

@@ -1,15 +1,19 @@
-"""The three stages: `rm train` (runs/<run>/rm/), `rm eval` (rm-eval/), `reward fit-weights` (reward/)."""
+"""The three stages: `rm train` (runs/<run>/rm/), `rm eval` (rm-eval/), `reward fit-weights` (reward/).
+
+`run_rm_train`, `run_rm_eval` and `run_fit_weights` each take the one `rm` recipe
+(`alignloop.rewards.config.RMRecipe`), skip themselves when their manifest still matches, and pin
+torch to `backbone.threads` while they run.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from alignloop.errors import AlignloopError
 from alignloop.recipes import recipe_to_dict
@@ -19,23 +23,11 @@ from alignloop.rewards.combine import Normalizer, equal_weights, learn_weights
 from alignloop.rewards.config import BINARY, RMRecipe
 from alignloop.rewards.data import HeadData, activity_features, activity_matrix, check_disjoint, dataset_path, load_head
 from alignloop.rewards.model import Features, RewardModel
+from alignloop.rewards.plot import plot_rm_metrics
 from alignloop.rewards.serve import COMBINE_FILE, WEIGHTS_FILE
 from alignloop.runs import Stage, atomic_write_json, default_run_name
+from alignloop.train.threads import torch_threads
 from alignloop.ui import progress, say
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` torch threads (0: leave as is), then restore."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _signal(head: str) -> str:
@@ -57,8 +49,6 @@ def load_sets(recipe: RMRecipe, split: str) -> dict[str, HeadData]:
 
 def _check_split(recipe: RMRecipe) -> None:
     """Disjointness on whole files (user ids only), not samples: a shared user anywhere is a bad split."""
-    import polars as pl
-
     build = Path(recipe.data.build)
     for h in recipe.data.heads:
         users = {}
@@ -93,10 +83,8 @@ def _run_rm_train(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
     run = run or recipe.run.name or default_run_name()
     config = {k: v for k, v in recipe_to_dict(recipe).items() if k in ("data", "backbone", "train", "combine")}
     stage = Stage(recipe.run.dir, run, "rm", config, inputs=_inputs(recipe, ("train",)))
-    if not force and stage.is_complete():
-        say(f"[green]rm: up to date[/] ({stage.dir}), skipped")
+    if stage.skip_if_complete(force):
         return stage
-    stage.start()
     _check_split(recipe)
     train = load_sets(recipe, "train")
     say("rm: " + ", ".join(f"{h} {len(d)}" for h, d in train.items()) + f" training examples; backbone "
@@ -164,20 +152,22 @@ def run_rm_eval(recipe: RMRecipe, run: str | None = None, force: bool = False) -
         return _run_rm_eval(recipe, run, force)
 
 
-def _run_rm_eval(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
-    from alignloop.rewards.ceiling import Ceiling, find_ground_truth  # evaluation only
-
+def _trained(recipe: RMRecipe, run: str | None, needs: str) -> tuple[str, Path]:
+    """(run name, its `rm train` folder), which must hold `needs`."""
     run = run or recipe.run.name or default_run_name()
     rm_dir = Path(recipe.run.dir) / run / "rm"
-    if not (rm_dir / "heads.safetensors").is_file():
+    if not (rm_dir / needs).is_file():
         raise AlignloopError(f"no trained reward model in {rm_dir} (run `alignloop rm train` first)")
+    return run, rm_dir
+
+
+def _run_rm_eval(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
+    run, rm_dir = _trained(recipe, run, "heads.safetensors")
     config = {k: v for k, v in recipe_to_dict(recipe).items() if k in ("data", "eval")}
     stage = Stage(recipe.run.dir, run, "rm-eval", config,
                   inputs=[rm_dir / "heads.safetensors", *_inputs(recipe, ("train", "eval"))])
-    if not force and stage.is_complete():
-        say(f"[green]rm-eval: up to date[/] ({stage.dir}), skipped")
+    if stage.skip_if_complete(force):
         return stage
-    stage.start()
     cfg = recipe.eval
     backbone = make_backbone(recipe.backbone, rm_dir / "embeddings", seed=recipe.train.seed)
     model = RewardModel.load(rm_dir, backbone=backbone)
@@ -187,35 +177,16 @@ def _run_rm_eval(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
     train, evals = load_sets(recipe, "train"), load_sets(recipe, "eval")
     for h in recipe.data.heads:
         check_disjoint(train[h], evals[h])
-    act_train, act_eval = activity_features(recipe.data, "train"), activity_features(recipe.data, "eval")
+    act = activity_features(recipe.data, "train"), activity_features(recipe.data, "eval")
     with progress() as bar:
         f_eval = {h: model.features(d, bar) for h, d in evals.items()}
-        preds = _predict_sets(model, evals, f_eval, act_eval if model.activity else None)
+        preds = _predict_sets(model, evals, f_eval, act[1] if model.activity else None)
         report: dict[str, Any] = {h: _head_report(h, evals[h], *preds[h], train[h], cfg.ece_bins) for h in evals}
-        truth = find_ground_truth(Path(recipe.data.build), recipe.data.ground_truth)
-        if truth is not None:
-            ceiling = Ceiling(truth)
-            for h, d in evals.items():
-                c = ceiling.report(d, cfg.ece_bins)
-                if c is not None:
-                    report[h]["ceiling"] = c
+        for h, c in _ceilings(recipe, evals).items():
+            report[h]["ceiling"] = c
         if cfg.shortcut:
-            f_train = {h: model.features(d, bar) for h, d in train.items()}
-            # The served heads are one of the three variants; the other two are retrained here.
-            served = "text+activity" if model.activity else "text only"
-            for h in evals:
-                report[h].setdefault("shortcut", {})[served] = M.primary(h, report[h])[1]
-            variants = {"text only": dict(activity=False, use_text=True),
-                        "text+activity": dict(activity=True, use_text=True),
-                        "activity only": dict(activity=True, use_text=False)}
-            for label, kw in variants.items():
-                if label == served:
-                    continue
-                other = RewardModel(backbone, model.names, recipe.train, **kw)
-                other.fit(train, act_train, cached=f_train, progress=bar, describe=f"shortcut: {label}")
-                for h, (p, pr) in _predict_sets(other, evals, f_eval, act_eval).items():
-                    name, value, _ = M.primary(h, _head_report(h, evals[h], p, pr, train[h], cfg.ece_bins))
-                    report[h].setdefault("shortcut", {})[label] = value
+            for h, values in _shortcut(recipe, model, report, (train, evals), f_eval, act, bar).items():
+                report[h]["shortcut"] = values
     for h, r in report.items():
         name, value, base = M.primary(h, r)
         r["primary"] = {"metric": name, "value": value, "baseline": base,
@@ -223,15 +194,51 @@ def _run_rm_eval(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
         stage.log_metrics(head=h, **{k: v for k, v in r.items() if isinstance(v, (int, float))})
     out = stage.path("eval.json")
     atomic_write_json(out, _jsonable(report))
-    outputs = [out]
-    if cfg.plot:
-        from alignloop.rewards.plot import plot_rm_metrics
-
-        outputs.append(plot_rm_metrics(report, stage.path("rm_metrics.png")))
+    outputs = [out, plot_rm_metrics(report, stage.path("rm_metrics.png"))] if cfg.plot else [out]
     for line in summary_lines(report, text_only=not model.activity):
         print(line)
     stage.finish(outputs)
     return stage
+
+
+def _ceilings(recipe: RMRecipe, evals: dict[str, HeadData]) -> dict[str, dict[str, Any]]:
+    """The simulator's ground truth scored like a head, per head that has a true counterpart."""
+    # Imported here, by the evaluation alone: no training code path ever loads the simulator's
+    # truth (test_training_code_never_reads_ground_truth checks this file for it).
+    from alignloop.rewards.ceiling import Ceiling, find_ground_truth
+
+    truth = find_ground_truth(Path(recipe.data.build), recipe.data.ground_truth)
+    if truth is None:
+        return {}
+    ceiling = Ceiling(truth)
+    reports = {h: ceiling.report(d, recipe.eval.ece_bins) for h, d in evals.items()}
+    return {h: c for h, c in reports.items() if c is not None}
+
+
+SHORTCUT_VARIANTS: dict[str, dict[str, bool]] = {
+    "text only": {"activity": False, "use_text": True},
+    "text+activity": {"activity": True, "use_text": True},
+    "activity only": {"activity": True, "use_text": False},
+}
+
+
+def _shortcut(recipe: RMRecipe, model: RewardModel, report: dict[str, Any],
+              sets: tuple[dict[str, HeadData], dict[str, HeadData]], f_eval: dict[str, Features],
+              act: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], bar: Any) -> dict[str, dict[str, float]]:
+    """Each head's primary metric for all three variants: the served heads are one of them (read from
+    `report`), the other two are retrained here on the same cached features."""
+    train, evals = sets
+    f_train = {h: model.features(d, bar) for h, d in train.items()}
+    served = "text+activity" if model.activity else "text only"
+    out = {h: {served: M.primary(h, report[h])[1]} for h in evals}
+    for label, kw in SHORTCUT_VARIANTS.items():
+        if label == served:
+            continue
+        other = RewardModel(model.backbone, model.names, recipe.train, **kw)
+        other.fit(train, act[0], cached=f_train, progress=bar, describe=f"shortcut: {label}")
+        for h, (p, pr) in _predict_sets(other, evals, f_eval, act[1]).items():
+            out[h][label] = M.primary(h, _head_report(h, evals[h], p, pr, train[h], recipe.eval.ece_bins))[1]
+    return out
 
 
 def _margin(metric: str) -> float:
@@ -302,19 +309,14 @@ def run_fit_weights(recipe: RMRecipe, run: str | None = None, force: bool = Fals
 
 
 def _run_fit_weights(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
-    run = run or recipe.run.name or default_run_name()
-    rm_dir = Path(recipe.run.dir) / run / "rm"
-    if not (rm_dir / COMBINE_FILE).is_file():
-        raise AlignloopError(f"no trained reward model in {rm_dir} (run `alignloop rm train` first)")
+    run, rm_dir = _trained(recipe, run, COMBINE_FILE)
     kpi = recipe.combine.kpi
     build = Path(recipe.data.build)
     files = [rm_dir / "heads.safetensors", dataset_path(build, kpi, "train"), dataset_path(build, kpi, "eval")]
     config = {"combine": recipe_to_dict(recipe)["combine"], "data": recipe_to_dict(recipe)["data"]}
     stage = Stage(recipe.run.dir, run, "reward", config, inputs=files)
-    if not force and stage.is_complete():
-        say(f"[green]reward: up to date[/] ({stage.dir}), skipped")
+    if stage.skip_if_complete(force):
         return stage
-    stage.start()
     saved = json.loads((rm_dir / COMBINE_FILE).read_text())
     normalizer = Normalizer(**saved["normalizer"])
     backbone = make_backbone(recipe.backbone, rm_dir / "embeddings", seed=recipe.train.seed)

@@ -1,31 +1,32 @@
-"""`alignloop flywheel RECIPE` and `alignloop report RUN` (registered by the main CLI)."""
+"""`alignloop flywheel RECIPE` and `alignloop report RUN`: the whole loop, and where a run of it stands."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from alignloop.cli.options import RecipeArg, RunOpt, SetOpt, load
 
-def flywheel_command(
-    recipe: Annotated[Path, typer.Argument(help="A flywheel recipe (TOML), e.g. recipes/quickstart.toml.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: section.key=value.")] = None,
-    run: Annotated[Optional[str], typer.Option(help="Run folder name (overrides run.name).")] = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="Re-run this stage and every later one.")] = None,
-    turns: Annotated[Optional[int], typer.Option(min=1, help="Turns of the loop (overrides flywheel.turns).")] = None,
+
+def flywheel(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    run: RunOpt = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Re-run this stage and every later one.")] = None,
+    turns: Annotated[int | None, typer.Option(min=1, help="Turns of the loop (overrides flywheel.turns).")] = None,
 ) -> None:
     """The whole loop: simulate logs -> filter -> build -> SFT -> RM -> RL -> eval -> A/B -> report."""
-    from alignloop.flywheel.recipe import FlywheelRecipe
-    from alignloop.flywheel.run import run_flywheel
-    from alignloop.recipes import load_recipe
+    from alignloop.flywheel.config import FlywheelRecipe
+    from alignloop.flywheel.stage import run_flywheel
 
     overrides = list(set_ or []) + ([f"flywheel.turns={turns}"] if turns else [])
-    run_flywheel(load_recipe(recipe, FlywheelRecipe, overrides), run=run, from_stage=from_)
+    run_flywheel(load(recipe, FlywheelRecipe, overrides), run=run, from_stage=from_)
 
 
-def report_command(
+def report(
     run: Annotated[Path, typer.Argument(help="A run folder (runs/<run>) or its name under runs/.")],
 ) -> None:
     """Where a flywheel run is: each stage done or not, its time, the decision, the report's path."""

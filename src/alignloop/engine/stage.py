@@ -1,11 +1,15 @@
-"""`alignloop generate RECIPE`: answer a file of prompts with a model, as a resumable run stage.
+"""The engine's two run stages: `alignloop generate` (a file of prompts) and `alignloop chat` (one).
 
-Input: JSONL, one request per line, either {"prompt": "..."} (raw text) or {"messages": [...]}
-(chat, rendered with the model's template). Optional "id" is carried through.
+generate. Input: JSONL, one request per line, either {"prompt": "..."} (raw text) or
+{"messages": [...]} (chat, rendered with the model's template). Optional "id" is carried through.
 Output in runs/<run>/generate/: completions.jsonl (one line per valid request, input order),
-quarantine.jsonl (invalid lines with the reason), metrics.jsonl, manifest.json.
+quarantine.jsonl (invalid lines with the reason: not JSON, a malformed request, messages the chat
+template cannot render, or a prompt with no room left in the model's context), metrics.jsonl,
+manifest.json.
 Completions are appended chunk by chunk to a partial file, so a killed job resumes where it
 stopped; per-request seeds make the resumed result the same as an uninterrupted one.
+
+chat. One user message in, the model's answer out; runs/<run>/chat/transcript.json records both.
 """
 
 from __future__ import annotations
@@ -15,25 +19,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+import jinja2
 
-from alignloop.recipes import ExistingFile, Section, recipe_to_dict
-from alignloop.runs import Stage, atomic_write_text, config_hash, default_run_name
-from alignloop.sections import ModelSection, RunSection, SamplingSection
+from alignloop.engine.api import SamplingParams
+from alignloop.engine.config import GenerateRecipe
+from alignloop.engine.engine import Engine
+from alignloop.errors import AlignloopError
+from alignloop.recipes import recipe_to_dict
+from alignloop.runs import Stage, atomic_write_json, atomic_write_text, config_hash, default_run_name
 from alignloop.ui import say
-
-
-class GenerateSection(Section):
-    prompts: ExistingFile
-    chunk: int = Field(64, ge=1, description="requests per checkpointed chunk")
-    max_batch: int = Field(64, ge=1)
-
-
-class GenerateRecipe(Section):
-    run: RunSection = RunSection()
-    model: ModelSection = ModelSection()
-    sampling: SamplingSection = SamplingSection()
-    generate: GenerateSection
 
 
 def read_requests(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -76,16 +70,17 @@ def _request_problem(row: Any) -> str | None:
 
 
 def run_generate(recipe: GenerateRecipe, run: str | None = None, force: bool = False) -> Stage:
-    from alignloop.engine.engine import Engine
-
+    """Answer every valid request of `recipe.generate.prompts`; see the module docstring for the files."""
     run_name = run or recipe.run.name or default_run_name()
     stage = Stage(recipe.run.dir, run_name, "generate", recipe_to_dict(recipe),
                   inputs=[recipe.generate.prompts])
-    if not force and stage.is_complete():
-        say(f"[green]generate: up to date[/] ({stage.dir}), skipped")
+    if stage.skip_if_complete(force):
         return stage
-    stage.start()
+    engine = Engine.from_name(recipe.model.name, seed=recipe.model.seed, dtype=recipe.model.dtype,
+                              max_batch=recipe.generate.max_batch)
     requests, quarantined = read_requests(recipe.generate.prompts)
+    requests, unfit = _split_unfit(engine, requests)
+    quarantined = sorted(quarantined + unfit, key=lambda q: q["line"])
     quarantine = stage.path("quarantine.jsonl")
     atomic_write_text(quarantine, "".join(json.dumps(q) + "\n" for q in quarantined))
     if quarantined:
@@ -96,8 +91,6 @@ def run_generate(recipe: GenerateRecipe, run: str | None = None, force: bool = F
     done = _read_partial(partial)
     if done:
         say(f"resuming: {len(done)} of {len(requests)} requests already done")
-    engine = Engine.from_name(recipe.model.name, seed=recipe.model.seed, dtype=recipe.model.dtype,
-                              max_batch=recipe.generate.max_batch)
     todo = [i for i in range(len(requests)) if i not in done]
     with open(partial, "a", encoding="utf-8") as sink:
         for start in range(0, len(todo), recipe.generate.chunk):
@@ -121,6 +114,27 @@ def run_generate(recipe: GenerateRecipe, run: str | None = None, force: bool = F
                                    "quarantined": len(quarantined)}})
     say(f"[green]generate: {len(requests)} completions[/] -> {completions}")
     return stage
+
+
+def _split_unfit(engine: Engine, requests: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(requests the model can answer, quarantine entries for those it cannot: messages its chat
+    template cannot render, or a prompt too long for its context).
+
+    Checked for the whole file before the first chunk, so one bad line never stops the job midway
+    (and every rerun at the same line); the token ids are not kept, each chunk encodes its own again.
+    """
+    fit, unfit = [], []
+    for request in requests:
+        try:
+            problem = engine.prompt_problem(_encode(engine, request))
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:  # as SFT's tokenize catches
+            problem = f"cannot render with the chat template: {e}"
+        if problem is None:
+            fit.append(request)
+        else:
+            raw = json.dumps({k: v for k, v in request.items() if k != "line"}, ensure_ascii=False)
+            unfit.append({"line": request["line"], "reason": problem, "raw": raw})
+    return fit, unfit
 
 
 def _encode(engine, request: dict[str, Any]) -> list[int]:
@@ -155,3 +169,29 @@ def _read_partial(path: Path) -> dict[int, dict[str, Any]]:
     # Rewrite without the torn line, so new rows are not appended onto half a JSON object.
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in done.values()))
     return done
+
+
+def run_chat(prompt: str, model: str = "smollm2-135m", system: str | None = None, max_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, run: str | None = None,
+             runs_dir: Path = Path("runs")) -> str:
+    """Answer one message (after an optional system message); the transcript goes to the chat stage."""
+    if not prompt.strip():
+        raise AlignloopError("chat: the prompt is empty; say something")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    config = {"model": model, "messages": messages, "sampling": params.__dict__ | {"stop": list(params.stop)}}
+    engine = Engine.from_name(model, max_batch=1, show_progress=False)
+    ids = engine.encode_chat(messages)
+    if (problem := engine.prompt_problem(ids)) is not None:
+        raise AlignloopError(f"chat: {problem}; shorten the prompt (or the system prompt)")
+    stage = Stage(runs_dir, run or default_run_name(), "chat", config).start()
+    out = engine.generate([ids], params)[0]
+    transcript = stage.path("transcript.json")
+    atomic_write_json(transcript, {
+        "messages": messages + [{"role": "assistant", "content": out.text}],
+        "finish_reason": out.finish_reason,
+        "completion_tokens": len(out.token_ids),
+        "prompt_tokens": len(out.prompt_token_ids),
+    })
+    stage.finish([transcript])
+    return out.text

@@ -1,5 +1,11 @@
-"""`alignloop logs filter RECIPE` and `alignloop logs build RECIPE`: the filter and build stages.
+"""The log pipeline's stages: ingest, filter and build (the CLI's `alignloop logs ...` calls these).
 
+    runs/<run>/ingest/
+      tables/<table>.parquet   the five log tables (what earlier ingests of this run put there, plus
+                               what this one added: re-running is idempotent, `fresh` starts over)
+      quarantine.jsonl         every ingest's bad rows (each appends its own, even with `fresh`):
+                               ingest, table, source, line, kind, reason, raw
+      ingest_report.json       this ingest's counts, its id, and the quarantine's total
     runs/<run>/filter/                    reads runs/<run>/ingest/tables, else runs/<run>/simulate/logs
       tables/<table>.parquet              the filtered logs: the five log tables, labels (derived from the
                                           unfiltered logs), weights, target_flags; partitions.json (the
@@ -7,93 +13,80 @@
       dropped.parquet                     every dropped item: filter, unit, id, user_id, reason
       funnel.json, funnel.png             what each filter kept and dropped
       precision_recall.json               on simulated logs: each filter against the ground truth
-      metrics.jsonl, manifest.json
     runs/<run>/build/                     reads runs/<run>/filter/tables
       sft.parquet, dpo.parquet, distill.parquet, rm/<signal>/{train,eval}.parquet
-      build_report.json, metrics.jsonl, manifest.json
+      build_report.json
 
-One recipe (e.g. `recipes/logs.toml`) can hold every stage's section; each stage reads its own
-section and hashes only that, so changing `[build]` never re-runs the filters.
+Each folder also holds metrics.jsonl and, once finished, manifest.json (see `alignloop.runs`).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any
 
-import typer
-from pydantic import Field
-
-from alignloop.data.builders import BuildConfig, build_datasets
-from alignloop.data.filters import (
-    DROPPED,
-    FILTERED_SCHEMAS,
-    TABLE_ORDER,
-    FilterConfig,
-    auto_partitions,
-    filter_precision_recall,
-    funnel_plot,
-    run_filters,
-    run_filters_on_disk,
-    to_arrow,
-)
-from alignloop.data.io import read_logs, read_tables, write_tables
-from alignloop.data.parts import PartitionedWriter, count_rows
+from alignloop.data.adapters.chitchat import dataset_path, write_chitchat
+from alignloop.data.builders import build_datasets
+from alignloop.data.config import LogsRecipe
+from alignloop.data.filters import DROPPED, auto_partitions, filter_precision_recall, funnel_plot, read_ground_truth
+from alignloop.data.ingest import QUARANTINE, REPORT, TABLES, IngestReport, ingest, input_files
+from alignloop.data.io import write_tables
+from alignloop.data.parts import count_rows
+from alignloop.data.ray_engine import ENGINES, build_datasets_ray, filter_logs, ray_available
 from alignloop.errors import AlignloopError
-from alignloop.recipes import Section, load_recipe
 from alignloop.runs import Stage, atomic_write_json, default_run_name
-from alignloop.sections import RunSection
-from alignloop.ui import say, status
+from alignloop.ui import console, say, status
 
 
-class FilterSection(FilterConfig):
-    source: str = Field("auto", description="auto (ingest/tables, else simulate/logs), ingest, simulate, or a folder")
-    ground_truth: str = Field("auto", description="auto (simulate/ground_truth if present), none, or a folder")
+def run_ingest(inputs: list[Path], *, chitchat: bool = False, run: str | None = None, runs_dir: Path = Path("runs"),
+               fresh: bool = False) -> tuple[Stage, IngestReport]:
+    """The ingest stage: `inputs` (and with `chitchat` the chitchat dataset) into `runs/<run>/ingest/tables`.
 
-
-class LogsRecipe(Section):
-    """Every section of the log pipeline; each stage uses its own (others pass through unchecked here)."""
-
-    run: RunSection = RunSection()
-    simulate: dict[str, Any] = Field(default_factory=dict)
-    output: dict[str, Any] = Field(default_factory=dict)
-    ingest: dict[str, Any] = Field(default_factory=dict)
-    filter: FilterSection = FilterSection()
-    build: BuildConfig = BuildConfig()
-
-
-_SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", help="Override a recipe value: section.key=value (repeatable).")]
-_RecipeArg = Annotated[Path, typer.Argument(help="A log pipeline recipe (TOML), e.g. recipes/logs.toml.")]
-_RunOption = Annotated[str | None, typer.Option(help="Run folder name (overrides run.name).")]
-_ForceOption = Annotated[bool, typer.Option(help="Re-run even if inputs and config are unchanged.")]
-_EngineOption = Annotated[str, typer.Option(
-    help="polars: partitions one after another in this process; ray: mapped over Ray Data (a local Ray "
-         "unless RAY_ADDRESS names a cluster). Same outputs either way.")]
-
-
-def filter_command(recipe: _RecipeArg, set_: _SetOption = None, run: _RunOption = None,
-                   force: _ForceOption = False, engine: _EngineOption = "polars") -> None:
-    """Filter logs (bots, skimmers, repeats, quality, diversity, per-user cap): runs/<run>/filter/."""
-    run_filter_stage(load_recipe(recipe, LogsRecipe, set_ or []), run=run, force=force, engine=engine)
-
-
-def build_command(recipe: _RecipeArg, set_: _SetOption = None, run: _RunOption = None,
-                  force: _ForceOption = False, engine: _EngineOption = "polars") -> None:
-    """Build SFT, DPO, reward-model and distillation sets from filtered logs: runs/<run>/build/."""
-    run_build_stage(load_recipe(recipe, LogsRecipe, set_ or []), run=run, force=force, engine=engine)
+    Never skipped: ingesting the same rows again adds nothing (`fresh` starts from empty tables).
+    Returns the finished stage and the ingest's counts.
+    """
+    if not inputs and not chitchat:
+        raise AlignloopError("nothing to ingest: give input files or folders, or --chitchat")
+    sources = input_files(inputs)  # fails early, with one line, on a missing or unknown input
+    config: dict = {"inputs": [str(p) for p in inputs], "chitchat": chitchat, "fresh": fresh}
+    with tempfile.TemporaryDirectory(prefix="alignloop-chitchat-") as tmp:
+        if chitchat:
+            sources.append(dataset_path())
+            config["chitchat_version"] = importlib.metadata.version("chitchat-dataset")
+            with status("converting the chitchat dataset"):
+                write_chitchat(Path(tmp) / "chitchat")
+            inputs = [*inputs, Path(tmp) / "chitchat"]
+        stage = Stage(runs_dir, run or default_run_name(), "ingest", config, inputs=sources).start()
+        tables = stage.path("tables")
+        existing = tables if not fresh and any(tables.glob("*.parquet")) else None
+        with status(f"ingesting {len(inputs)} input(s)"):
+            report = ingest(inputs, tables, existing=existing, quarantine=stage.path(QUARANTINE),
+                            report_path=stage.path(REPORT))
+    summary = report.to_dict()
+    stage.log_metrics(**{f"{name}_{k}": v for name, c in summary["counts"].items() for k, v in c.items()},
+                      **{f"total_{k}": v for k, v in summary["total"].items()},
+                      seconds=summary["seconds"], rows_per_second=summary["rows_per_second"])
+    stage.finish([*(tables / f"{name}.parquet" for name in TABLES), stage.path(QUARANTINE), stage.path(REPORT)],
+                 extra={"counts": summary["counts"], "total": summary["total"], "reasons": summary["reasons"],
+                        "rows_after": summary["totals_after"], "appended_to_existing": existing is not None,
+                        "ingest_id": report.ingest_id, "quarantine_total": report.quarantine_total})
+    console.print(report.rich_table(title=f"ingest -> {stage.dir}"))
+    if report.total.quarantined:
+        reasons = ", ".join(f"{n:,} {kind}" for kind, n in report.reasons.items())
+        say(f"[yellow]{report.total.quarantined:,} row(s) quarantined[/] ({reasons}) -> {stage.path(QUARANTINE)} "
+            f"({report.quarantine_total:,} from every ingest of this run)")
+    say(f"{report.total.read:,} rows in {report.seconds:.2f}s ({report.rows_per_second:,.0f} rows/s)")
+    return stage, report
 
 
 def check_engine(engine: str) -> None:
-    from alignloop.data.ray_engine import ENGINES, ray_available
-
+    """Fails with one line on an unknown engine, or on Ray when Ray Data is not installed."""
     if engine not in ENGINES:
         raise AlignloopError(f"--engine must be one of {', '.join(ENGINES)}, not '{engine}'")
     if engine == "ray" and not ray_available():
         raise AlignloopError('--engine ray needs Ray Data: pip install "alignloop[ray]"')
-
-
-# --- stages ------------------------------------------------------------------------------------
 
 
 def _table_files(folder: Path) -> list[Path]:
@@ -101,6 +94,7 @@ def _table_files(folder: Path) -> list[Path]:
 
 
 def source_folder(recipe: LogsRecipe, run: str) -> Path:
+    """The log folder `filter.source` names (auto: this run's ingested tables, else its simulated logs)."""
     base = Path(recipe.run.dir) / run
     choice = recipe.filter.source
     candidates = {"ingest": base / "ingest" / "tables", "simulate": base / "simulate" / "logs"}
@@ -116,6 +110,7 @@ def source_folder(recipe: LogsRecipe, run: str) -> Path:
 
 
 def truth_folder(recipe: LogsRecipe, run: str, source: Path) -> Path | None:
+    """The ground-truth folder `filter.ground_truth` names, or None: the filters are then not scored."""
     choice = recipe.filter.ground_truth
     if choice == "none":
         return None
@@ -140,28 +135,14 @@ def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = F
     inputs = _table_files(source) + (_table_files(truth_dir) if truth_dir else [])
     config = {"filter": recipe.filter.model_dump(mode="json"), "source": str(source)}
     stage = Stage(recipe.run.dir, run_name, "filter", config, inputs=inputs)
-    if not force and stage.is_complete():
-        say(f"[green]filter: up to date[/] ({stage.dir}), skipped")
+    if stage.skip_if_complete(force):
         return stage
-    stage.start()
     partitions = recipe.filter.partitions or auto_partitions(count_rows(source), recipe.filter.events_per_partition)
     tables_dir = stage.path("tables")
     with status(f"filtering {source}" + (f" in {partitions} partitions" if partitions > 1 else "")
                 + (" on Ray" if engine == "ray" else "")):
-        if engine == "ray":
-            from alignloop.data.ray_engine import run_filters_ray
-
-            files, report = run_filters_ray(source, tables_dir, recipe.filter, partitions, work_dir=stage.dir,
-                                            keep_inputs=truth_dir is not None)
-        elif partitions == 1:  # all in memory: fastest
-            filtered, report = run_filters(read_logs(source), recipe.filter, keep_inputs=truth_dir is not None)
-            with PartitionedWriter(tables_dir, FILTERED_SCHEMAS, TABLE_ORDER) as writer:
-                writer.write(to_arrow(filtered))
-            files = writer.close()
-            del filtered
-        else:  # streamed: one user partition in memory at a time
-            files, report = run_filters_on_disk(source, tables_dir, recipe.filter, partitions,
-                                                work_dir=stage.dir, keep_inputs=truth_dir is not None)
+        files, report = filter_logs(source, tables_dir, recipe.filter, partitions, engine,
+                                    keep_inputs=truth_dir is not None, work_dir=stage.dir)
         dropped = write_tables(stage.dir, {"dropped": report.dropped.to_arrow()}, {"dropped": DROPPED})
         png = funnel_plot(report, stage.path("funnel.png"))
     summary = report.to_dict()
@@ -171,9 +152,7 @@ def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = F
                           weighted=f.weighted, seconds=f.seconds, reasons=f.reasons)
     pr = None
     if truth_dir is not None:
-        from alignloop.sim.truth import TRUTH_SCHEMAS
-
-        pr = filter_precision_recall(report, read_tables(truth_dir, TRUTH_SCHEMAS))
+        pr = filter_precision_recall(report, read_ground_truth(truth_dir))
         atomic_write_json(stage.path("precision_recall.json"), pr)
         outputs.append(stage.path("precision_recall.json"))
         stage.log_metrics(**{f"{name}_{k}": v[k] for name, v in pr.items() for k in ("precision", "recall")})
@@ -198,6 +177,8 @@ def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = F
 
 def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = False, engine: str = "polars"
                     ) -> Stage:
+    """The build stage: every enabled dataset from this run's filtered tables into `runs/<run>/build/`.
+    Like the filter stage, the engine changes neither the files nor the config hash."""
     check_engine(engine)
     run_name = run or recipe.run.name or default_run_name()
     tables = Path(recipe.run.dir) / run_name / "filter" / "tables"
@@ -205,14 +186,10 @@ def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = Fa
         raise AlignloopError(f"no filtered logs in {tables}: run `alignloop logs filter` first")
     config = {"build": recipe.build.model_dump(mode="json")}
     stage = Stage(recipe.run.dir, run_name, "build", config, inputs=_table_files(tables))
-    if not force and stage.is_complete():
-        say(f"[green]build: up to date[/] ({stage.dir}), skipped")
+    if stage.skip_if_complete(force):
         return stage
-    stage.start()
     with status(f"building datasets from {tables}" + (" on Ray" if engine == "ray" else "")):
         if engine == "ray":
-            from alignloop.data.ray_engine import build_datasets_ray
-
             report = build_datasets_ray(tables, recipe.build, stage.dir, work_dir=stage.dir)
         else:
             report = build_datasets(tables, recipe.build, stage.dir)
@@ -232,13 +209,8 @@ def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = Fa
 
 def allocator_settings() -> dict[str, str | None]:
     """The allocator settings this process runs with (memory depends on them; see `alignloop.cli`)."""
-    import os
-
     return {k: os.environ.get(k) for k in ("_RJEM_MALLOC_CONF", "MIMALLOC_PURGE_DELAY")}
 
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-__all__ = ["FilterSection", "LogsRecipe", "build_command", "filter_command", "run_build_stage", "run_filter_stage"]

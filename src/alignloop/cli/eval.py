@@ -1,0 +1,46 @@
+"""`alignloop eval groundtruth RECIPE` and `alignloop abtest A B`: offline ground truth and the A/B test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from alignloop.cli.options import ForceOpt, RecipeArg, RunOpt, SetOpt, load, one_command_group
+
+app = one_command_group("Evaluate models: ground truth on held-out simulated users.")
+
+
+@app.command("groundtruth")
+def groundtruth(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: ForceOpt = False) -> None:
+    """Models answer held-out simulated users' prompts; the users' hidden taste scores the answers.
+
+    Prints each model's mean ground-truth engagement and quality with 95% intervals, each model vs the
+    baseline (paired difference, interval, p-value), and held-out pair accuracy with [pairs].
+    """
+    from alignloop.eval.config import GroundTruthRecipe
+    from alignloop.eval.stage import run_groundtruth
+
+    run_groundtruth(load(recipe, GroundTruthRecipe, set_), run=run, force=force)
+
+
+def abtest(
+    control: Annotated[str, typer.Argument(help="Control arm: 'template[:k=v,...]', a zoo name or a model folder.")],
+    treatment: Annotated[str, typer.Argument(help="Treatment arm, same forms.")],
+    recipe: Annotated[Path | None, typer.Option(help="An abtest recipe (TOML); default: built-in settings.")] = None,
+    set_: SetOpt = None,
+    run: RunOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Simulated A/B test on fresh users: per-user metrics, CIs, p-values, safety gate, decision."""
+    from alignloop.eval.abtest_stage import run_abtest
+    from alignloop.eval.config import ABTestRecipe
+
+    if recipe is None:
+        if set_:
+            raise typer.BadParameter("--set needs --recipe")
+        loaded = ABTestRecipe()
+    else:
+        loaded = load(recipe, ABTestRecipe, set_)
+    run_abtest(loaded, control, treatment, run=run, force=force)
