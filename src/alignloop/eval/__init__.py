@@ -10,12 +10,7 @@ paired comparisons), `pairs` (held-out preference-pair accuracy against a common
 """
 
 from alignloop.eval.groundtruth import Scores, score_texts
-from alignloop.eval.heldout import (
-           HeldoutPrompts,
-           UsersSection,
-           check_disjoint,
-           heldout_prompts,
-)
+from alignloop.eval.heldout import HeldoutPrompts, UsersSection, check_disjoint, heldout_prompts
 from alignloop.eval.stats import Estimate, PairedDifference, mean_ci, paired
 
 __all__ = ["Estimate", "HeldoutPrompts", "PairedDifference", "Scores", "UsersSection", "check_disjoint",
