@@ -11,6 +11,7 @@ Each environment kind has its recipe section beside it (`[env] kind = ...`), bui
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,10 +49,10 @@ class EnvSectionBase(Section):
     kind: str
     max_turns: int = Field(1, ge=1, description="policy turns per episode at most")
 
+    @abstractmethod
     def build(self, prompts: list[list[dict]] | None = None) -> Environment:
         """The environment; `prompts` (the caller's held-out users' first messages) replace the
         section's own prompts where the kind has any."""
-        raise NotImplementedError
 
     def inputs(self) -> list[str]:
         """Files the stage reads (its manifest records them)."""
