@@ -133,3 +133,15 @@ def test_abtest_prints_the_observable_decision_its_power_and_the_ground_truth(tm
     result = json.loads((tmp_path / "ab" / "abtest" / "result.json").read_text())
     assert result["decision"]["primary"] == result["power"]["metric"] == "continue_rate"
     assert result["power"]["mde"] > 0 and result["ground_truth"]["metric"] == "gt_engagement"
+
+
+def test_the_same_arm_twice_is_one_line(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from alignloop.cli import app
+    from alignloop.errors import AlignloopError
+
+    monkeypatch.chdir(tmp_path)  # the run folder goes to ./runs
+    result = CliRunner().invoke(app, ["abtest", "template", "template"])
+    assert isinstance(result.exception, AlignloopError)
+    assert str(result.exception) == "both arms are 'template': an A/B test compares two different arms"

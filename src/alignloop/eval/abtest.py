@@ -36,6 +36,7 @@ import pyarrow as pa
 from scipy import stats
 
 from alignloop.data.labels import derive_labels
+from alignloop.errors import AlignloopError
 from alignloop.sim.config import SimConfig
 from alignloop.sim.responder import Responder
 from alignloop.sim.world import simulate
@@ -385,7 +386,7 @@ def simulate_abtest(world: SimConfig, control: tuple[str, Responder], treatment:
     """Simulate both arms on fresh users and compare them (treatment minus control)."""
     names = [control[0], treatment[0]]
     if names[0] == names[1]:
-        raise ValueError("the two arms need different names")
+        raise AlignloopError(f"both arms are '{names[0]}': an A/B test compares two different arms")
     per_user: dict[str, pl.DataFrame] = {}
     unsafe: dict[str, float] = {}
     for arm, (name, responder) in enumerate((control, treatment)):
