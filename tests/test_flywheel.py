@@ -1,7 +1,6 @@
 """The whole loop on the smoke recipe: every stage runs, a crash resumes where it was, the report is written."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_rl_loop import recipe
 from test_rl_trainer import _trajectories
 from typer.testing import CliRunner
 
@@ -113,11 +114,7 @@ class InfiniteAt:
 
 
 def _recipe(tmp_path, **rl):
-    return RLRecipe.model_validate({
-        "run": {"name": "t", "dir": str(tmp_path)}, "model": {"name": "tiny"},
-        "env": {"eval_tasks": 0}, "sampling": {"max_tokens": 8},
-        "rl": {"prompts_per_step": 2, "group": 4, "steps": 3, "lr": 5e-3, "micro_batch": 4, "save_every": 1,
-               "samples_per_step": 1, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, **rl}})
+    return recipe(tmp_path, steps=3, save_every=1, **rl)  # test_rl_loop's tiny recipe, checkpointing each step
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])

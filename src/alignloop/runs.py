@@ -110,6 +110,13 @@ def trim_jsonl(path: str | Path, upto: int) -> None:
     atomic_write_text(path, "".join(keep))
 
 
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append `record` to a JSON-lines log. A line torn by a kill or a full disk (one line of error,
+    `DiskFullError`) is one `trim_jsonl` drops when the run resumes."""
+    with disk_full_is_an_error(path), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def file_hash(path: str | Path) -> str:
     """sha256 of a file's bytes, read in chunks so multi-GB checkpoints don't fill memory."""
     with open(path, "rb") as f:
@@ -200,9 +207,7 @@ class Stage:
             raise ValueError("'time' is set by log_metrics; name the metric something else")
         record = {"time": time.time(), **({} if step is None else {"step": step}), **values}
         self.dir.mkdir(parents=True, exist_ok=True)
-        # A line torn by a full disk is one `trim_jsonl` drops on resume.
-        with disk_full_is_an_error(self.path(METRICS)), open(self.path(METRICS), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path(METRICS), record)
 
     def finish(self, outputs: Sequence[str | Path], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write manifest.json, which marks the stage complete, and return it."""

@@ -200,7 +200,7 @@ def write_report(state: dict, folder: Path) -> dict[str, Path]:
                  f"deployed at the end: <code>{html.escape(state['deployed_at_end'])}</code></p>")
     parts.append("<h2>Stage timings</h2>" + _table(["turn", "stage", "seconds"], timing_rows + [["", "total", total]]))
     md += [f"- turns: {len(state['turns'])}; deployed at the end: `{state['deployed_at_end']}`",
-           f"- stage seconds: " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in state["timings"]), ""]
+           "- stage seconds: " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in state["timings"]), ""]
     for turn in state["turns"]:
         p, m = _turn_sections(turn, folder)
         parts += p

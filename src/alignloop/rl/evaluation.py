@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -19,7 +18,7 @@ from alignloop.rl.arithmetic import AccuracyChange, ArithmeticEnvSection, accura
 from alignloop.rl.backend import Roles
 from alignloop.rl.config import RLRecipe
 from alignloop.rl.rollout import play
-from alignloop.runs import Stage, atomic_write_json, trim_jsonl
+from alignloop.runs import Stage, append_jsonl, atomic_write_json, trim_jsonl
 from alignloop.ui import say
 
 EVAL = "eval.jsonl"
@@ -76,11 +75,6 @@ def eval_final(stage: Stage, roles: Roles, recipe: RLRecipe) -> tuple[dict[str, 
     say(f"{stage.name}: " + change.line())
     atomic_write_json(stage.path(ACCURACY), asdict(change))
     return final, change
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _log(stage: Stage, step: int, metrics: dict[str, float], per_task: list[float] | None) -> None:

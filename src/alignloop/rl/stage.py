@@ -28,10 +28,10 @@ from alignloop.rl.async_rollouts import AsyncRollouts
 from alignloop.rl.backend import Roles, start_roles
 from alignloop.rl.config import RLRecipe, RLSection
 from alignloop.rl.env import Environment
-from alignloop.rl.evaluation import ACCURACY, EVAL, append_jsonl, eval_before, eval_during, eval_final
+from alignloop.rl.evaluation import ACCURACY, EVAL, eval_before, eval_during, eval_final
 from alignloop.rl.hacking import GroundTruthFn, HackingWatch, report_verdict
 from alignloop.rl.rollout import Rollout, play
-from alignloop.runs import METRICS, Stage, atomic_write_json
+from alignloop.runs import METRICS, Stage, append_jsonl, atomic_write_json
 from alignloop.train import checkpoint as ckpt
 from alignloop.train import session
 from alignloop.train.metrics import require_finite
