@@ -16,8 +16,8 @@ app = typer.Typer(help="Benchmarks: ours vs the peer on the same work; ends with
 
 ModelOpt = Annotated[str, typer.Option(help="Zoo name.")]
 RoundsOpt = Annotated[int, typer.Option(min=1, help="Alternating timed rounds per side.")]
-TrainThreadsOpt = Annotated[int | None, typer.Option(
-    min=1, help="Torch threads for both sides (default: the cores the 1-minute load leaves free).")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    min=1, help="Threads for both sides, fixed for the whole bench (default: every core this process may use).")]
 
 
 def _record_bench(name: str, config: dict, run: str | None, runs_dir: Path, bench) -> None:
@@ -96,7 +96,7 @@ def bench_logs(
 def bench_sft(
     model: ModelOpt = "smollm2-135m",
     rounds: RoundsOpt = 3,
-    threads: TrainThreadsOpt = None,
+    threads: ThreadsOpt = None,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
@@ -112,7 +112,7 @@ def bench_dpo(
     model: ModelOpt = "smollm2-135m",
     rounds: RoundsOpt = 3,
     pairs: Annotated[int, typer.Option(min=8, help="Fixed preference pairs generated for both sides.")] = 64,
-    threads: TrainThreadsOpt = None,
+    threads: ThreadsOpt = None,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
