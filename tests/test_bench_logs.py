@@ -1,23 +1,29 @@
-"""`alignloop bench logs` at a tiny size: ours (Polars) and the pandas peer give identical filtered
-tables and datasets, with the default configuration and with one that takes the other branches.
+"""`alignloop bench logs` at a tiny size: ours (Polars) and the DuckDB peer give identical filtered
+tables, dropped ids and datasets, with the default configuration and with one that takes the other
+branches; the comparison catches a difference; the JSON line has what every bench line must carry.
 No timing assertions."""
 
 from __future__ import annotations
 
+import shutil
+
+import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
-pytest.importorskip("pandas")  # the peer implementation; pandas comes with the `ray` / `dev` extras
+pytest.importorskip("duckdb")  # the peer; duckdb comes with the `dev` extra
 
-from alignloop.bench.logs import compare, run_ours, run_peer, simulate_world
+from alignloop.bench.logs import compare, run_bench, run_duckdb, run_ours, write_world
 from alignloop.data.builders import BuildConfig
 from alignloop.data.filters import FilterConfig
 
 
 @pytest.fixture(scope="module")
-def world():
-    tables = simulate_world(20_000, seed=3)
-    assert 15_000 <= tables["events"].num_rows <= 40_000
-    return tables
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("logs")
+    events = write_world(20_000, folder, seed=3)
+    assert 15_000 <= events <= 40_000
+    return folder
 
 
 def _other() -> tuple[FilterConfig, BuildConfig]:
@@ -37,12 +43,46 @@ def _other() -> tuple[FilterConfig, BuildConfig]:
 
 
 @pytest.mark.parametrize("which", ["default", "other"])
-def test_ours_and_pandas_give_identical_outputs(world, tmp_path, which):
+def test_ours_and_duckdb_give_identical_outputs(world, tmp_path, which):
     fc, bc = (FilterConfig(), BuildConfig()) if which == "default" else _other()
     ours = run_ours(world, tmp_path / "ours", fc, bc)
-    peer = run_peer(world, tmp_path / "peer", fc, bc)
-    assert ours["events"].height > 0 and (tmp_path / "ours" / "sft.parquet").is_file()
+    peer = run_duckdb(world, tmp_path / "peer", 2, fc, bc, keep=True)
+    filtered, dropped = ours
+    assert filtered["events"].height > 0 and pq.read_metadata(tmp_path / "ours" / "sft.parquet").num_rows > 0
+    # The filters decided something here (all six with the other configuration), so comparing the
+    # dropped ids is not vacuous.
+    deciding = {"quality", "bots", "min_reading", "user_cap"}
+    assert set(dropped["filter"]) == (deciding | {"repeats", "diversity"} if which == "other" else deciding)
     assert compare(ours, tmp_path / "ours", peer, tmp_path / "peer") == []
+
+
+def test_compare_catches_a_missing_row_and_a_changed_value(world, tmp_path):
+    ours = run_ours(world, tmp_path / "ours")
+    peer = run_duckdb(world, tmp_path / "peer", 2, keep=True)
+    shutil.copytree(tmp_path / "peer", tmp_path / "changed")
+    sft = pl.read_parquet(tmp_path / "peer" / "sft.parquet")
+    sft.slice(1).write_parquet(tmp_path / "changed" / "sft.parquet")
+    dpo = pl.read_parquet(tmp_path / "peer" / "dpo.parquet")
+    dpo.with_columns(weight=pl.col("weight") * 0.5).write_parquet(tmp_path / "changed" / "dpo.parquet")
+    tables, dropped = peer
+    tables = {**tables, "users": tables["users"].slice(1)}
+    diffs = compare(ours, tmp_path / "ours", (tables, dropped.slice(1)), tmp_path / "changed")
+    assert any(d.startswith("dataset sft.parquet:") for d in diffs)
+    assert "dataset dpo.parquet: same count, different rows" in diffs
+    assert any(d.startswith("table users:") for d in diffs)
+    assert any(d.startswith("dropped by") for d in diffs)
+
+
+def test_the_json_line_carries_rounds_machine_and_identity(tmp_path):
+    line = run_bench(events=3000, rounds=3, threads=1, work_dir=tmp_path)
+    assert line["bench"] == "logs" and line["unit"] == "events/s" and line["rounds"] == 3
+    assert line["identical"] is True and "differences" not in line
+    assert line["ours"] > 0 and line["peer"] > 0 and line["ratio"] == round(line["ours"] / line["peer"], 2)
+    assert line["ours_min_max"][0] <= line["ours"] <= line["ours_min_max"][1]
+    machine = line["machine"]
+    assert machine["threads"] == 1 and line["duckdb_settings"]["threads"] == 1
+    assert all(machine["versions"][p] for p in ("polars", "duckdb", "pyarrow"))
+    assert line["parquet"]["compression"] == "zstd"
 
 
 def test_memory_check_runs_the_real_commands(tmp_path):

@@ -1,40 +1,51 @@
-"""`alignloop bench dpo`: preference-optimisation throughput, our DPO trainer vs TRL's `DPOTrainer`.
+"""`alignloop bench dpo`: preference-optimisation throughput, our DPO trainer vs TRL's `DPOTrainer` at its best.
 
-Work: the same fixed set of preference pairs on both sides, generated deterministically from the
-64 bench prompts: a prompt of one or two user turns (with an assistant answer between them) and
-two different seeded synthetic answers as the chosen and the rejected response (12-70 words
-each). SmolLM2-135M, LoRA r=16 / alpha 32 / no dropout on all linear layers, 4 pairs per
-optimizer step, bf16, sigmoid DPO loss with beta 0.1, lr 1e-6 (TRL's defaults for the last two).
+Work, the same on both sides: a fixed set of 64 preference pairs, generated deterministically
+from the 64 bench prompts (a prompt of one or two user turns, with an assistant answer between
+them, and two different seeded synthetic answers of 12-70 words as the chosen and the rejected
+response), rendered with SmolLM2's chat template to the same token ids; 4 pairs per optimizer
+step, sigmoid DPO loss with beta 0.1 (TRL's defaults), the reference = the base model with the
+adapters disabled, its log-probs computed once before training in a separate pass (both sides);
+SmolLM2-135M with LoRA r=16 / alpha 32 / no dropout on all linear layers, AdamW (fused), lr 1e-6
+constant, clipping at 1.0, no gradient checkpointing. Precision: bf16 base weights, fp32 adapters
+(peft's default), bf16 autocast (TRL's default `bf16=True`); `--dtype float32` runs both sides
+with fp32 weights and no autocast instead.
 
-Metric: trained pair tokens per second, i.e. the non-pad tokens of both sides of every pair
+Metric: trained pair tokens per second, i.e. the non-pad tokens of both sequences of every pair
 (prompt + chosen, prompt + rejected: what a DPO step must score) that go through the training
-forward and backward, per second of optimizer steps (data collation, every forward (the
-reference's too, on TRL's side), backward, clipping, AdamW). Ours is timed by the loop's
-per-step clock, TRL's between its `on_step_begin` and `on_step_end` callbacks; model loading and
-dataset preparation are not timed. The first step of each side is a warm-up and not counted.
+forward and backward, per second of optimizer steps. Ours is timed by the loop's per-step clock
+(collation, forward, backward, clipping, AdamW); TRL's between its `on_step_begin` and
+`on_step_end` callbacks (its data loader collates the batch before, untimed). The reference pass
+of each side is timed on its own and reported beside the steps (`reference_pass`: seconds and
+pair tokens/s), with each side's rate for one epoch that includes it (`with_reference_pass`).
+Rounds: every side first trains `steps` untimed steps (warm-up), then `rounds` >= 3 rounds of
+`steps` steps each, the order flipping every round, both sides timed on the same number of steps;
+the line reports the median and min/max per side.
 
-Parity: both models are SmolLM2-135M in bf16 with fp32 LoRA adapters (peft's default), trained
-under bf16 autocast (TRL's default `bf16=True`); 4 pairs per step, no accumulation, clipping at
-1.0. The reference is the base model with the adapters disabled on both sides.
+TRL, configured as its docs recommend for speed (`DPOConfig`, `peer_settings`):
+`precompute_ref_log_probs=True` (the reference's log-probs computed once, in
+`DPOTrainer.__init__`, in batches of `precompute_ref_batch_size` = its training batch, the
+default), `gradient_checkpointing=False` (TRL defaults to True), `lr_scheduler_type="constant"` as
+ours (no effect on speed), the rest at its defaults: fused AdamW, its fused LM head, bf16
+autocast, sdpa attention, a pair's chosen and rejected in one forward. One more setting, for CPU:
+one pair per forward, 4 accumulated per step (`per_device_train_batch_size=1`,
+`gradient_accumulation_steps=4`), the same 4 pairs per step: TRL pads a forward's sequences to the
+longest of them, and a single pair's two sequences share their prompt, so they pad far less than
+eight sequences of four pairs. Measured here (1 thread, CPU seconds, the same first step): 13.7
+with 4 pairs per forward, 11.1 with 1; its reference pass 59.8 and 47.4.
 
-What differs, on purpose, is how each side trains, with TRL at its defaults:
-- TRL: chosen and rejected concatenated into one batch of 8 rows padded to the longest
-  (`padding_free=False`), the reference's log-probs computed by a second (no-grad) forward with
-  the adapters disabled *in every step* (`precompute_ref_log_probs=False`), gradient
-  checkpointing on, a chunked fused LM head over all positions.
-- ours: the reference log-probs of every pair computed once before training (a batched no-grad
-  pass with the adapters disabled, as `alignloop train dpo` does, where they are also cached on
-  disk) and looked up per step; the step's 4 pairs (8 sequences) packed into one row, attention
-  per sequence (no padding, no dense mask), no gradient checkpointing, the vocabulary projection
-  only at response tokens, fused AdamW over the adapters.
-
-Since ours moves the reference pass out of the step, the JSON line also reports that pass
-(`ours_reference_pass`: seconds and pair tokens/s) and ours with the pass charged to one epoch
-of training (`ours_with_reference_pass`: 1 / (1/steps + 1/pass) per token), which is the
-honest figure for a one-epoch run; the pass's cost per token shrinks with every further epoch.
-
-Both sides run in this one process with the same torch thread count (`bench_threads`), in
-alternating rounds of about equal step time (see `alignloop.bench.training.alternate`).
+What differs, and cannot be set alike:
+- padding: TRL pads a pair's two sequences to the longer one (its `padding_free` is "temporarily
+  unavailable" for DPO in TRL 1.x: it warns and falls back to padding), so it computes `computed`
+  tokens per step against `useful`; ours packs the step's 8 sequences into one row and runs
+  attention per sequence (fp32 on CPU), no padding.
+- scored tokens: TRL's completion is everything after the prompt, which with SmolLM2's template
+  includes the "\\n" after the final `<|im_end|>`; ours scores the response up to `<|im_end|>`.
+  So TRL scores one more token per sequence (`scored_tokens` per side; the token ids are the same).
+- the LM head: TRL's fused head projects every position on CPU, prompt included (it projects only
+  the scored ones on Triton devices), and computes each position's entropy, mean logit and top-1
+  match for its metrics, in every step and in its reference pass; no setting turns that off.
+  Ours projects only the scored positions and computes their label log-probs.
 """
 
 from __future__ import annotations
@@ -49,17 +60,19 @@ from typing import Any
 
 import torch
 
+from alignloop.bench.harness import alternate_rounds, headline, machine_facts, summary
 from alignloop.bench.prompts import bench_prompts
 from alignloop.bench.training import (
     LORA,
     OurSide,
     Side,
     TrlPeer,
-    alternate,
     answer,
-    closing_facts,
+    check_dtype,
+    enum_value,
+    load_average,
     run_against_trl,
-    table,
+    step_rounds,
     trl_config,
     trl_version,
 )
@@ -71,10 +84,12 @@ from alignloop.train.sft_data import epoch_chunks
 from alignloop.ui import say
 
 PAIRS_PER_STEP = 4    # pairs per optimizer step, both sides
+PEER_MICRO_BATCH = 1  # pairs per TRL forward (x 4 accumulated): see the module docstring
 LR = 1e-6             # TRL's DPO default (it does not change the speed)
 BETA = 0.1            # TRL's default
-MAX_SEQ_LEN = 1024    # per side; every bench pair fits (TRL's default max_length is also 1024)
-N_PAIRS = 64         # more than the bench's rounds train on; fewer keeps the reference pass short
+MAX_SEQ_LEN = 1024    # per sequence; every bench pair fits (TRL's default max_length is also 1024)
+N_PAIRS = 64
+STEPS = 2             # optimizer steps per round, both sides
 SEED = 0
 
 
@@ -98,10 +113,11 @@ def bench_pairs(n: int = N_PAIRS, seed: int = SEED) -> list[dict[str, Any]]:
     return pairs
 
 
-def bench_settings() -> dict[str, Any]:
+def bench_settings(dtype: str = "bfloat16") -> dict[str, Any]:
     """What both sides share (the unit test checks that each side's config says the same)."""
-    return {"batch": PAIRS_PER_STEP, "grad_accum": 1, "lr": LR, "beta": BETA, "lora": dict(LORA),
-            "max_grad_norm": 1.0, "bf16_autocast": True, "base_dtype": "bfloat16", "adapter_dtype": "float32"}
+    return {"pairs_per_step": PAIRS_PER_STEP, "lr": LR, "beta": BETA, "lora": dict(LORA),
+            "max_grad_norm": 1.0, "bf16_autocast": dtype == "bfloat16", "base_dtype": dtype,
+            "adapter_dtype": "float32", "gradient_checkpointing": False, "precompute_reference": True}
 
 
 # --- our side -----------------------------------------------------------------------------------
@@ -150,14 +166,13 @@ def our_pairs(tokenizer: Any, pairs: list[dict[str, Any]]):
 
 
 class Ours(OurSide):
-    """Our DPO (TokenLogprobs + PreferenceObjective + the cached reference + the shared loop)."""
+    """Our DPO (TokenLogprobs + PreferenceObjective + the precomputed reference + the shared loop)."""
 
-    def __init__(self, model_name: str, pairs: list[dict[str, Any]], workdir: Path, base_dtype: str = "bfloat16",
-                 bf16: bool = True) -> None:
-        model, tokenizer = load_model(model_name, dtype=base_dtype)
+    def __init__(self, model_name: str, pairs: list[dict[str, Any]], workdir: Path, dtype: str = "bfloat16") -> None:
+        model, tokenizer = load_model(model_name, dtype=dtype)
         self.pairs, self.counts = our_pairs(tokenizer, pairs)
         self.pad_id = tokenizer.pad_token_id or 0
-        super().__init__(model, our_train_section(bf16=bf16), workdir, SEED)
+        super().__init__(model, our_train_section(bf16=dtype == "bfloat16"), workdir, SEED)
         self.reference_seconds = 0.0
         self.batches: StepRows | None = None
 
@@ -172,35 +187,77 @@ class Ours(OurSide):
     def pair_tokens(self) -> int:
         return sum(len(p) for p in self.pairs)
 
-    def token_ids(self) -> list[list[int]]:
-        return [list(ex.input_ids) for p in self.pairs for ex in (p.chosen, p.rejected)]
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        """(token ids, scored mask) of every sequence (prompt + chosen, prompt + rejected)."""
+        return [(list(ex.input_ids), list(ex.loss_mask)) for p in self.pairs for ex in (p.chosen, p.rejected)]
 
     def describe(self) -> dict[str, Any]:
-        return self.setup(PAIRS_PER_STEP * self.config.micro_batch, beta=self.config.beta)
+        return {**self.setup(PAIRS_PER_STEP * self.config.micro_batch, beta=self.config.beta),
+                "pairs_per_step": PAIRS_PER_STEP * self.config.micro_batch * self.config.grad_accum,
+                "gradient_checkpointing": False, "precompute_reference": True, "loss_type": ["sigmoid"]}
 
     def run(self, side: Side, seconds: float) -> float:
         if self.batches is None:
             self.compute_reference()
         return self.train_round(PreferenceObjective("dpo", BETA), self.batches, "dpo", side, seconds)
 
+    def run_steps(self, side: Side, steps: int) -> None:
+        if self.batches is None:
+            self.compute_reference()
+        self.train_round(PreferenceObjective("dpo", BETA), self.batches, "dpo", side, 0.0, steps=steps)
+
 
 # --- TRL's side ---------------------------------------------------------------------------------
 
 
-def peer_dpo_config(output_dir: str | Path, max_steps: int = 1_000_000):
-    """TRL's DPOConfig: its defaults, but for the batch size, a step cap, and no checkpoints."""
+def peer_settings() -> dict[str, Any]:
+    """The `DPOConfig` settings the bench sets beyond batch, lr, beta, step cap and output."""
+    return {"precompute_ref_log_probs": True, "gradient_checkpointing": False, "lr_scheduler_type": "constant",
+            "disable_tqdm": True}
+
+
+def peer_dpo_config(output_dir: str | Path, dtype: str = "bfloat16", micro_batch: int = PEER_MICRO_BATCH,
+                    max_steps: int = 1_000_000):
+    """TRL's DPOConfig at its best for this work (`peer_settings`, `micro_batch` pairs per forward,
+    PAIRS_PER_STEP per step), else its defaults."""
     from trl import DPOConfig  # optional extra, checked by require_trl
 
-    return trl_config(DPOConfig, output_dir, PAIRS_PER_STEP, LR, max_steps, beta=BETA)
+    return trl_config(DPOConfig, output_dir, micro_batch, LR, max_steps, grad_accum=PAIRS_PER_STEP // micro_batch,
+                      beta=BETA, bf16=dtype == "bfloat16", **peer_settings())
+
+
+def timed_precompute(trainer_cls: type) -> type:
+    """`trainer_cls` with its reference precompute pass timed (`precompute_seconds`, `precompute_tokens`)."""
+
+    class Timed(trainer_cls):
+        precompute_seconds = 0.0
+        precompute_tokens = 0
+
+        def compute_ref_log_probs(self, model, inputs):
+            self.precompute_tokens += int(inputs["input_ids"].numel())
+            return super().compute_ref_log_probs(model, inputs)
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*args, **kwargs)
+            finally:
+                self.precompute_seconds += time.perf_counter() - began
+
+    return Timed
 
 
 class Peer(TrlPeer):
-    """TRL's DPOTrainer with its defaults (see the module docstring), in rounds."""
+    """TRL's DPOTrainer, reference precomputed, no checkpointing, in rounds."""
 
-    def __init__(self, model_name: str, pairs: list[dict[str, Any]], workdir: Path) -> None:
+    def __init__(self, model_name: str, pairs: list[dict[str, Any]], workdir: Path, dtype: str = "bfloat16",
+                 micro_batch: int = PEER_MICRO_BATCH) -> None:
         from trl import DPOTrainer  # optional extra, checked by require_trl
 
-        super().__init__(DPOTrainer, model_name, lambda: peer_dpo_config(workdir / "trl"), pairs, SEED)
+        if PAIRS_PER_STEP % micro_batch:
+            raise ValueError(f"micro_batch {micro_batch} does not divide the {PAIRS_PER_STEP} pairs of a step")
+        super().__init__(timed_precompute(DPOTrainer), model_name,
+                         lambda: peer_dpo_config(workdir / "trl", dtype, micro_batch), pairs, SEED, dtype=dtype)
 
     def _rows(self) -> list[dict[str, list[int]]]:
         d = self.trainer.train_dataset
@@ -210,62 +267,104 @@ class Peer(TrlPeer):
     def pair_tokens(self) -> int:
         return sum(2 * len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) for r in self._rows())
 
-    def token_ids(self) -> list[list[int]]:
-        return [list(r["prompt"]) + list(r[side]) for r in self._rows() for side in ("chosen", "rejected")]
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        """(token ids, scored mask) of every sequence; mask[j] = 1: token j is scored (predicted from j-1)."""
+        return [(list(r["prompt"]) + list(r[side]), [0] * len(r["prompt"]) + [1] * len(r[side]))
+                for r in self._rows() for side in ("chosen", "rejected")]
 
     def describe(self) -> dict[str, Any]:
-        args = self.trainer.args
-        return {**self.setup(beta=args.beta), "precompute_ref_log_probs": bool(args.precompute_ref_log_probs),
-                "padding_free": bool(args.padding_free), "loss_type": list(args.loss_type)}
+        a = self.trainer.args
+        return {**self.setup(beta=a.beta), "pairs_per_step": a.per_device_train_batch_size * a.gradient_accumulation_steps,
+                "precompute_reference": bool(a.precompute_ref_log_probs),
+                "precompute_ref_batch_size": a.precompute_ref_batch_size or a.per_device_train_batch_size,
+                "padding_free": bool(a.padding_free), "loss_type": list(a.loss_type), "optim": enum_value(a.optim),
+                "lr_scheduler_type": enum_value(a.lr_scheduler_type),
+                "attn_implementation": self.trainer.model.config._attn_implementation}
 
 
 # --- the bench ----------------------------------------------------------------------------------
 
 
-def run_bench(model: str = "smollm2-135m", rounds: int = 3, n_pairs: int = N_PAIRS,
-              threads: int | None = None) -> dict:
-    """Time ours and TRL in alternating rounds; return the one-line summary (see module docstring)."""
-    return run_against_trl("dpo", threads, lambda load: _run(model, rounds, n_pairs, load))
+def run_bench(model: str = "smollm2-135m", rounds: int = 3, steps: int = STEPS, dtype: str = "bfloat16",
+              n_pairs: int = N_PAIRS, threads: int | None = None) -> dict:
+    """Both reference passes, warm-up, then `rounds` alternating rounds of `steps` steps per side."""
+    check_dtype(dtype)
+    return run_against_trl("dpo", threads, lambda load: _run(model, rounds, steps, dtype, n_pairs, load))
 
 
-def _run(model: str, rounds: int, n_pairs: int, load: float) -> dict:
+def _run(model: str, rounds: int, steps: int, dtype: str, n_pairs: int, load: float) -> dict:
     pairs = bench_pairs(n_pairs)
     started = time.perf_counter()
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="alignloop-bench-dpo-") as tmp:
         work = Path(tmp)
-        say(f"bench dpo: {model}, {len(pairs)} pairs, {PAIRS_PER_STEP} pairs per step, LoRA r={LORA['r']}; "
-            f"{rounds} alternating rounds, torch threads {torch.get_num_threads()}")
-        ours = Ours(model, pairs, work)
-        peer = Peer(model, pairs, work)
+        say(f"bench dpo: {model} ({dtype}), {len(pairs)} pairs, {PAIRS_PER_STEP} pairs per step, "
+            f"LoRA r={LORA['r']}; warm-up + {rounds} alternating rounds of {steps} steps, torch threads {threads}")
+        ours = Ours(model, pairs, work, dtype)
         ours.compute_reference()
-        sides = alternate("dpo", {"ours": ours.run, "peer": peer.run}, rounds)
+        peer = Peer(model, pairs, work, dtype)  # its reference pass runs in here
+        configs = {"ours": step_rounds(ours.run_steps, "ours", steps),
+                   "peer": step_rounds(peer.run_steps, "peer", steps)}
+        results = alternate_rounds(configs, rounds=rounds, label="bench dpo")
         ours_setup, peer_setup = ours.describe(), peer.describe()
-        same_tokens = sorted(ours.token_ids()) == sorted(peer.token_ids())
+        same = same_sequences(ours.sequences(), peer.sequences())
         tokens = {"ours": ours.pair_tokens(), "peer": peer.pair_tokens()}
         scored = {"ours": ours.counts.response_tokens,
                   "peer": sum(len(r["chosen"]) + len(r["rejected"]) for r in peer._rows())}
+        reference = {"ours": {"seconds": ours.reference_seconds, "computed_tokens": reference_slots(ours)},
+                     "peer": {"seconds": peer.trainer.precompute_seconds,
+                              "computed_tokens": peer.trainer.precompute_tokens}}
 
-    o, p = sides["ours"].tok_s, sides["peer"].tok_s
-    ref_rate = tokens["ours"] / ours.reference_seconds if ours.reference_seconds else 0.0
-    with_ref = 1.0 / (1.0 / o + 1.0 / ref_rate) if o and ref_rate else 0.0
-    line = {"bench": "dpo", "ours": round(o, 1), "peer": round(p, 1), "unit": "trained pair tokens/s",
-            "ratio": round(o / max(p, 1e-9), 2),
-            "metric": "non-pad tokens of prompt+chosen and prompt+rejected per second of optimizer steps "
-                      "(first step of each side is warm-up)",
-            "precision": "both: bf16 base weights, fp32 LoRA adapters, bf16 autocast"
-                         " (ours computes CPU attention in fp32)",
-            "ours_config": f"reference log-probs precomputed once (adapters disabled) and looked up; "
-                           f"{PAIRS_PER_STEP} pairs per step packed in one row, per-sequence attention, "
-                           f"chosen+rejected in one forward, vocab projection on response tokens only, "
-                           f"no grad checkpointing",
-            "peer_config": f"trl {trl_version()} DPOTrainer defaults: chosen+rejected in one padded batch, "
-                           f"reference forward (adapters disabled) every step, gradient checkpointing; "
-                           f"batch {PAIRS_PER_STEP} pairs",
-            "ours_reference_pass": {"seconds": round(ours.reference_seconds, 1), "pair_tokens_per_s": round(ref_rate, 1)},
-            "ours_with_reference_pass": round(with_ref, 1),
-            "ratio_with_reference_pass": round(with_ref / max(p, 1e-9), 2),
-            "model": model, "pairs": len(pairs), "kept_pairs": ours.counts.kept, "same_token_ids": same_tokens,
-            "pair_tokens": tokens, "scored_tokens": scored,
-            **closing_facts(sides, ours_setup, peer_setup, load, started)}
-    table("bench dpo", sides)
-    return line
+    ours_sum, peer_sum = summary(results["ours"]), summary(results["peer"])
+    for side, ref in reference.items():
+        ref["pair_tokens_per_s"] = round(tokens[side] / ref["seconds"], 1) if ref["seconds"] else 0.0
+        ref["seconds"] = round(ref["seconds"], 1)
+    with_ref = {side: one_epoch_rate(s["median"], reference[side]["pair_tokens_per_s"])
+                for side, s in (("ours", ours_sum), ("peer", peer_sum))}
+    per_step = {side: {"useful": round(sum(r["useful"] for r in rs) / sum(r["steps"] for r in rs)),
+                       "computed": round(sum(r["computed"] for r in rs) / sum(r["steps"] for r in rs))}
+                for side, rs in results.items()}
+    return headline(
+        "dpo", ours_sum, peer_sum, "trained pair tokens/s",
+        ours_config=f"alignloop: reference precomputed; {PAIRS_PER_STEP} pairs per step packed in one row, "
+                    f"per-sequence attention, chosen+rejected in one forward, vocab projection at scored tokens, "
+                    f"no grad checkpointing, {dtype}",
+        peer_config=f"trl {trl_version()} DPOTrainer: precompute_ref_log_probs, gradient_checkpointing off, "
+                    f"chosen+rejected in one padded batch (padding_free unavailable for DPO), "
+                    f"{PEER_MICRO_BATCH} pair(s) per forward x {PAIRS_PER_STEP // PEER_MICRO_BATCH} accumulated, {dtype}",
+        machine=machine_facts(threads, peers=("trl", "transformers", "peft")),
+        dtype=dtype, steps_per_round=steps,
+        tokens_per_step=per_step,  # measured in the timed rounds: useful = non-pad, computed = + padding
+        reference_pass=reference, with_reference_pass=with_ref,
+        ratio_with_reference_pass=round(with_ref["ours"] / with_ref["peer"], 2) if with_ref["peer"] else None,
+        pairs=len(pairs), kept_pairs=ours.counts.kept, same_token_ids=same["ids"],
+        same_scored_positions_but_final_newline=same["mask"], pair_tokens=tokens, scored_tokens=scored,
+        ours_setup=ours_setup, peer_setup=peer_setup,
+        peer_settings={**peer_settings(), "per_device_train_batch_size": PEER_MICRO_BATCH,
+                       "gradient_accumulation_steps": PAIRS_PER_STEP // PEER_MICRO_BATCH, "bf16": dtype == "bfloat16"},
+        load_at_start=round(load, 2), load_at_end=round(load_average(), 2),
+        seconds=round(time.perf_counter() - started, 1))
+
+
+def one_epoch_rate(steps_rate: float, reference_rate: float) -> float:
+    """Pair tokens/s of one epoch that pays for its reference pass: 1 / (1/steps + 1/pass)."""
+    return round(1.0 / (1.0 / steps_rate + 1.0 / reference_rate), 1) if steps_rate and reference_rate else 0.0
+
+
+def reference_slots(ours: Ours) -> int:
+    """Tokens (padding included) our reference pass runs through: its packed rows, padded per batch."""
+    from alignloop.train.dpo_data import PairBatches
+
+    batches = PairBatches(ours.pairs, 2 * MAX_SEQ_LEN, PAIRS_PER_STEP, pad_id=ours.pad_id, shuffle=False)(0)
+    return sum(int(batches[i].packed.input_ids.numel()) for i in range(len(batches)))
+
+
+def same_sequences(ours: list[tuple[list[int], list[int]]], peer: list[tuple[list[int], list[int]]]
+                   ) -> dict[str, bool]:
+    """Whether both sides hold the same sequences (token ids), and score the same positions but for
+    TRL's one extra: the token after the final `<|im_end|>` (see the module docstring)."""
+    ours_sorted, peer_sorted = sorted(ours), sorted(peer)
+    same_ids = [i for i, _ in ours_sorted] == [i for i, _ in peer_sorted]
+    same_mask = same_ids and all(a[:-1] == b[:-1] and a[-1] == 0 and b[-1] == 1
+                                 for (_, a), (_, b) in zip(ours_sorted, peer_sorted))
+    return {"ids": same_ids, "mask": same_mask}

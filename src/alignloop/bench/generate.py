@@ -1,126 +1,431 @@
-"""`alignloop bench generate`: the RL rollout workload, our engine vs transformers `generate`.
+"""`alignloop bench generate`: the RL rollout workload, our engine vs vLLM on CPU and transformers.
 
-Work: the 64 fixed chat prompts in assets/bench_prompts.json, sampled at temperature 1.0 and
-top-p 0.95 (top-k off on both sides), up to 128 new tokens, stopping at EOS. Metric: useful
-tokens per second, i.e. generated tokens up to and including EOS (padding and tokens after EOS
-that a padded batch keeps computing do not count).
+Work, the same on every side: the 64 fixed chat prompts of assets/bench_prompts.json through
+SmolLM2-135M-Instruct's chat template (the same token ids everywhere), one sampled completion
+each at temperature 1.0, top-p 0.95, top-k off, up to 128 new tokens, a sequence stopping at its
+EOS; sequence i is seeded with 1234 + i where a side takes per-request seeds (ours, vLLM), the
+batch with 1234 where it takes one (transformers). Fixed-length variant (`fixed_length` in the
+line): the same with EOS ignored, so every sequence generates exactly 128 tokens: scheduling has
+nothing to win there, and what is left is the cost of a decode step. It runs on ours and vLLM
+(transformers' `generate` has no way to ignore EOS: an unset eos_token_id falls back to the
+model's).
 
-Each side runs at its best: the peer at every batch size and dtype asked for (default 16 and 64,
-bf16 and fp32), ours at bf16 and fp32. The headline compares the best of each; the strict
-bf16-vs-bf16 ratio is reported beside it. The "ceiling" is one forward of 64 single-token rows
-through the transformers model (no cache, no sampling): how fast decoding could go if a step cost
-nothing but the weights.
+Metric: useful tokens per second: generated tokens up to and including each sequence's EOS (all
+of them in the fixed-length variant), per second of generation. The clock runs around the
+generate call alone: model loading, chat templating and tokenization are outside it on every
+side; prefill is inside it on every side. Each side also reports `computed` tokens: the token
+slots it ran through the model's decode (a padded batch keeps every row until the longest is
+done, so its finished rows and their post-EOS tokens are computed; a continuous batch computes
+exactly the useful ones). Prefill tokens are counted on neither.
+
+Rounds (the shared harness): threads fixed (`--threads`, default every core), every timed
+configuration run once untimed first, then >= 3 rounds whose order flips each round; medians
+with min/max. Before them, an untimed sweep runs every transformers candidate (path x dtype x
+batch size) once on a shorter version of the work (`sweep_tokens` new tokens per prompt); the
+rounds then time transformers' fastest configuration in our dtype (`timed_paths="each"`: every
+path's fastest in our dtype; about 1 minute a round more per path on 2 cores), and its fastest
+of all when that one is in another dtype. The sweep's numbers are in the line (`sweep`).
+
+The sides:
+- ours: `Engine` (continuous batching, up to 64 rows, fused and pre-packed weights, slot KV
+  cache), in the engine's default dtype for this CPU (bf16 where it has AVX512-BF16 or AMX);
+- vLLM on CPU (`bench.vllm_peer`, its own environment from `make peers`; settings as its CPU docs
+  recommend, listed there and in the line), max_num_seqs 64, same dtype as ours;
+- transformers, each path as its docs describe it, sdpa attention, `do_sample=True`:
+  `generate` with the dynamic cache (left-padded batches), `generate` with
+  `cache_implementation="static"`, and `generate_batch` (its continuous batching, its manager
+  kept between calls with `persistent_manager=True`; the paged cache sized to the work,
+  `num_blocks` = every request's prompt + max_tokens at once: left unset, on CPU it sizes the
+  cache from the machine's free RAM, 90% of it, and the attention masks with it).
+- the GEMM roofline (`bench.roofline`): a decode step's matrix multiplies alone, in our dtype,
+  at 64 rows, measured in the same rounds; `ours_fraction_of_ceiling` is ours over it. With EOS
+  the batch shrinks as sequences finish (`decode_rows_mean`), so that fraction is against a
+  ceiling the workload cannot reach; the fixed-length variant's runs at exactly 64 rows.
+
+Headline: ours vs vLLM (the peer users pick for rollouts), same dtype; `ratio_transformers_best`
+is ours over the fastest transformers path in that dtype; `best_of_each` compares each side's
+fastest configuration whatever its dtype. Without vLLM the headline peer is transformers' best
+path and the line says `"vllm": "not measured: <reason>"`.
+
+What differs, and is inherent: transformers' `generate` draws from one RNG per batch, ours and
+vLLM from per-request seeds, so the sampled texts (and their lengths) differ between sides;
+each side does the same work in every round. The vLLM worker sits idle while the others run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
-from rich.table import Table
 
+from alignloop.bench.harness import alternate_rounds, fixed_threads, headline, machine_facts, ratio, summary
 from alignloop.bench.prompts import bench_prompts
+from alignloop.bench.roofline import GemmRoofline, fraction
 from alignloop.engine.api import SamplingParams
-from alignloop.engine.engine import Engine
+from alignloop.engine.engine import Engine, pick_dtype
+from alignloop.engine.llama import Arch
+from alignloop.errors import AlignloopError
 from alignloop.models import load_model
-from alignloop.ui import console, say, status
+from alignloop.ui import say
 
 SEED = 1234
+TEMPERATURE = 1.0
+TOP_P = 0.95
+MAX_BATCH = 64
+PATHS = ("generate", "static", "generate_batch")
+UNIT = "useful tokens/s"
 
 
-def _useful(rows: list[list[int]], eos: set[int]) -> int:
-    total = 0
-    for row in rows:
-        n = len(row)
-        for i, t in enumerate(row):
-            if t in eos:
-                n = i + 1
-                break
-        total += n
-    return total
+# --- the work ------------------------------------------------------------------------------------
 
 
-def time_ours(model, tokenizer, chats, max_tokens: int, dtype: str) -> dict:
-    engine = Engine(model, tokenizer, dtype=dtype, max_batch=len(chats), show_progress=False)
-    params = [SamplingParams(temperature=1.0, top_p=0.95, max_tokens=max_tokens, seed=SEED + i)
-              for i in range(len(chats))]
-    engine.chat(chats[:4], params[:4])  # warm-up: first-call allocations, kernel selection
-    start = time.perf_counter()
-    outs = engine.chat(chats, params)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outs)
-    return {"side": "ours", "dtype": dtype, "batch": len(chats), "tokens": tokens, "seconds": seconds,
-            "tok_s": tokens / seconds, "eos_rate": sum(o.finish_reason == "stop" for o in outs) / len(outs)}
+@dataclass(frozen=True)
+class Workload:
+    """The prompts (as chats, token ids and text), the EOS ids, and how much to generate."""
+
+    chats: list[list[dict]]
+    prompt_ids: list[list[int]]
+    texts: list[str]
+    eos: frozenset[int]
+    max_tokens: int
+    ignore_eos: bool = False
+
+    @property
+    def seeds(self) -> list[int]:
+        return [SEED + i for i in range(len(self.chats))]
+
+    def fixed_length(self) -> Workload:
+        return replace(self, ignore_eos=True)
+
+    def shorter(self, max_tokens: int) -> Workload:
+        return replace(self, max_tokens=min(max_tokens, self.max_tokens))
 
 
-def time_peer(model, tokenizer, texts, max_tokens: int, batch: int, eos: set[int]) -> dict:
-    tokenizer.padding_side = "left"
-    torch.manual_seed(SEED)
-    tokens = 0
-    start = time.perf_counter()
-    for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.inference_mode():
-            out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
-                                 max_new_tokens=max_tokens, pad_token_id=tokenizer.pad_token_id)
-        tokens += _useful(out[:, enc["input_ids"].shape[1] :].tolist(), eos)
-    seconds = time.perf_counter() - start
-    return {"side": "peer", "dtype": str(model.dtype).removeprefix("torch."), "batch": batch, "tokens": tokens,
-            "seconds": seconds, "tok_s": tokens / seconds}
-
-
-def forward_ceiling(model, rows: int = 64, repeats: int = 5) -> float:
-    ids = torch.randint(0, model.config.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        model(ids, use_cache=False)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(ids, use_cache=False)
-    return rows * repeats / (time.perf_counter() - start)
-
-
-def run_bench(model: str = "smollm2-135m", n_prompts: int = 64, max_tokens: int = 128,
-              peer_batches: list[int] = (16, 64), peer_dtypes: list[str] = ("bfloat16", "float32"),
-              our_dtypes: list[str] = ("bfloat16", "float32")) -> dict:
-    torch.manual_seed(SEED)
-    fp32, tokenizer = load_model(model, dtype="float32")
+def workload(tokenizer, eos: Iterable[int], n_prompts: int = 64, max_tokens: int = 128) -> Workload:
     chats = [[{"role": "user", "content": p}] for p in bench_prompts()[:n_prompts]]
     texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-    eos = {fp32.generation_config.eos_token_id, tokenizer.eos_token_id} - {None}
-    results = []
-    for dtype in our_dtypes:
-        with status(f"ours, {dtype} ..."):
-            results.append(time_ours(fp32, tokenizer, chats, max_tokens, dtype))
-        say(f"ours {dtype}: {results[-1]['tok_s']:.1f} tok/s")
-    ceiling = None
-    for dtype in peer_dtypes:
-        peer_model = fp32 if dtype == "float32" else load_model(model, dtype=dtype)[0]
-        if dtype == "bfloat16":
-            ceiling = forward_ceiling(peer_model)
-        for batch in peer_batches:
-            with status(f"transformers generate, {dtype}, batch {batch} ..."):
-                results.append(time_peer(peer_model, tokenizer, texts, max_tokens, batch, eos))
-            say(f"peer {dtype} batch {batch}: {results[-1]['tok_s']:.1f} tok/s")
-    _table(results)
-    best = lambda side, dt=None: max((r for r in results if r["side"] == side and dt in (None, r["dtype"])),  # noqa: E731
-                                     key=lambda r: r["tok_s"], default=None)
-    ours, peer = best("ours"), best("peer")
-    line = {"bench": "generate", "ours": round(ours["tok_s"], 1), "peer": round(peer["tok_s"], 1),
-            "unit": "useful tokens/s", "ratio": round(ours["tok_s"] / peer["tok_s"], 2),
-            "ours_config": f"{ours['dtype']}, continuous batching {ours['batch']}",
-            "peer_config": f"transformers generate {peer['dtype']} batch {peer['batch']}"}
-    ours_bf16, peer_bf16 = best("ours", "bfloat16"), best("peer", "bfloat16")
-    if ours_bf16 and peer_bf16:
-        line["ratio_bf16_vs_bf16"] = round(ours_bf16["tok_s"] / peer_bf16["tok_s"], 2)
-    if ceiling:
-        line["ceiling_bf16_forward_64x1"] = round(ceiling, 1)
-        line["ours_fraction_of_ceiling"] = round(ours["tok_s"] / ceiling, 2)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return Workload(chats, ids, texts, frozenset(eos), max_tokens)
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        ids.update([source] if isinstance(source, int) else source or [])
+    return frozenset(ids)
+
+
+# --- token accounting ----------------------------------------------------------------------------
+
+
+def useful_tokens(generated: Sequence[int], eos: frozenset[int], ignore_eos: bool = False) -> int:
+    """Tokens up to and including the first EOS (every token when EOS is ignored)."""
+    if not ignore_eos:
+        for i, t in enumerate(generated):
+            if t in eos:
+                return i + 1
+    return len(generated)
+
+
+def padded_batch_tokens(rows: Sequence[Sequence[int]], eos: frozenset[int],
+                        ignore_eos: bool = False) -> tuple[int, int]:
+    """(useful, computed) for one padded batch's generated part, `rows` x steps as `generate` returns it.
+
+    Every row runs every step until the batch is done, so computed = rows x steps; useful stops at
+    each row's first EOS (after it come pad tokens the batch still computed).
+    """
+    useful = sum(useful_tokens(r, eos, ignore_eos) for r in rows)
+    return useful, sum(len(r) for r in rows)
+
+
+# --- the sides -----------------------------------------------------------------------------------
+
+
+class Ours:
+    """Our engine on the work; each call is one timed unit."""
+
+    def __init__(self, model, tokenizer, dtype: str, work: Workload, max_batch: int = MAX_BATCH):
+        self.engine = Engine(model, tokenizer, dtype=dtype, max_batch=max_batch, show_progress=False)
+        self.work, self.dtype = work, str(self.engine.dtype).removeprefix("torch.")
+        self.params = [SamplingParams(temperature=TEMPERATURE, top_p=TOP_P, top_k=0, max_tokens=work.max_tokens,
+                                      seed=s, ignore_eos=work.ignore_eos) for s in work.seeds]
+
+    def __call__(self) -> dict[str, Any]:
+        began = time.perf_counter()
+        outs = self.engine.generate(self.work.prompt_ids, self.params)
+        seconds = time.perf_counter() - began
+        stats = self.engine.stats
+        return {"useful": sum(useful_tokens(o.token_ids, self.work.eos, self.work.ignore_eos) for o in outs),
+                "computed": int(stats["generated_tokens"]), "seconds": seconds,
+                "eos_rate": sum(o.finish_reason == "stop" for o in outs) / len(outs),
+                "decode_rows_mean": round(stats["generated_tokens"] / max(stats["decode_steps"], 1), 1)}
+
+
+class TransformersGenerate:
+    """transformers `generate` over left-padded batches of `batch` prompts, dynamic or static cache."""
+
+    def __init__(self, model, tokenizer, work: Workload, batch: int, cache: str = "dynamic"):
+        from transformers import GenerationConfig
+
+        _no_fixed_length(work)
+        self.model, self.work = model, work
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            self.batches = [tokenizer(work.texts[i : i + batch], return_tensors="pt", padding=True,
+                                      add_special_tokens=False) for i in range(0, len(work.texts), batch)]
+        finally:
+            tokenizer.padding_side = padding_side
+        self.config = GenerationConfig(
+            do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0, max_new_tokens=work.max_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(work.eos),
+            cache_implementation="static" if cache == "static" else None)
+
+    @torch.inference_mode()
+    def __call__(self) -> dict[str, Any]:
+        torch.manual_seed(SEED)
+        useful = computed = stopped = 0
+        began = time.perf_counter()
+        for enc in self.batches:
+            out = self.model.generate(**enc, generation_config=self.config)
+            rows = out[:, enc["input_ids"].shape[1] :].tolist()
+            u, c = padded_batch_tokens(rows, self.work.eos)
+            useful, computed = useful + u, computed + c
+            stopped += sum(any(t in self.work.eos for t in r) for r in rows)
+        seconds = time.perf_counter() - began
+        return {"useful": useful, "computed": computed, "seconds": seconds, "eos_rate": stopped / len(self.work.texts)}
+
+
+class TransformersGenerateBatch:
+    """transformers `generate_batch` (its continuous batching), up to `max_requests` at once.
+
+    The manager persists between calls (`persistent_manager=True`, as for repeated rollouts); the
+    paged cache holds every request at once (see the module docstring).
+    """
+
+    def __init__(self, model, tokenizer, work: Workload, max_requests: int):
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        _no_fixed_length(work)
+        self.model, self.work = model, work
+        self.config = GenerationConfig(
+            do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0, max_new_tokens=work.max_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(work.eos))
+        page = 256  # transformers' default page size
+        longest = max(len(p) for p in work.prompt_ids) + work.max_tokens
+        self.cb_config = ContinuousBatchingConfig(
+            page_size=page, num_blocks=len(work.prompt_ids) * math.ceil(longest / page),
+            max_requests_per_batch=max_requests, seed=SEED)
+
+    def __call__(self) -> dict[str, Any]:
+        began = time.perf_counter()
+        outs = self.model.generate_batch(self.work.prompt_ids, generation_config=self.config,
+                                         continuous_batching_config=self.cb_config, persistent_manager=True)
+        seconds = time.perf_counter() - began
+        rows = [o.generated_tokens for o in outs.values()]
+        if len(rows) != len(self.work.prompt_ids):
+            raise RuntimeError(f"generate_batch returned {len(rows)} of {len(self.work.prompt_ids)} requests")
+        return {"useful": sum(useful_tokens(r, self.work.eos) for r in rows), "computed": sum(len(r) for r in rows),
+                "seconds": seconds, "eos_rate": sum(any(t in self.work.eos for t in r) for r in rows) / len(rows)}
+
+    def close(self) -> None:
+        self.model.destroy_cached_continuous_batching_manager()
+
+
+def _no_fixed_length(work: Workload) -> None:
+    # transformers' generate has no "ignore EOS": an unset eos_token_id falls back to the model's
+    # (measured: it still stopped at EOS), and -1 is a documented-as-unsupported trick.
+    if work.ignore_eos:
+        raise ValueError("the transformers paths run the workload with EOS only")
+
+
+def transformers_side(path: str, model, tokenizer, work: Workload, batch: int):
+    if path == "generate_batch":
+        return TransformersGenerateBatch(model, tokenizer, work, batch)
+    return TransformersGenerate(model, tokenizer, work, batch, cache="static" if path == "static" else "dynamic")
+
+
+class Vllm:
+    """One `VllmPeer.run` of the work; each call is one timed unit (timed by the worker)."""
+
+    def __init__(self, peer, work: Workload):
+        self.peer, self.work = peer, work
+
+    def __call__(self) -> dict[str, Any]:
+        w = self.work
+        return self.peer.run(w.chats, w.max_tokens, w.seeds, TEMPERATURE, TOP_P, ignore_eos=w.ignore_eos)
+
+
+def start_vllm(model: str, dtype: str, threads: int, stack: contextlib.ExitStack):
+    """The vLLM peer, or the reason it is not measured (a one-line string)."""
+    try:
+        from alignloop.bench import vllm_peer
+    except ImportError as exc:
+        return f"not measured: no alignloop.bench.vllm_peer ({exc})"
+    if (reason := vllm_peer.available()) is not None:
+        return f"not measured: {reason}"
+    try:
+        return stack.enter_context(vllm_peer.VllmPeer(model, dtype, threads, max_num_seqs=MAX_BATCH))
+    except Exception as exc:  # noqa: BLE001 - a peer that fails to start is reported, the bench goes on
+        return f"not measured: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+# --- the sweep -----------------------------------------------------------------------------------
+
+
+def sweep(candidates: dict[str, Callable[[Workload], Any]], proxy: Workload) -> dict[str, float]:
+    """Useful tokens/s of each candidate on `proxy` (one run, after a 2-token run of the same shapes
+    for first-call costs): picks each path's batch size and dtype. Not part of the headline."""
+    rates = {}
+    for name, make in candidates.items():
+        for work in (proxy.shorter(2), proxy):
+            side = make(work)
+            try:
+                result = side()
+            finally:
+                if hasattr(side, "close"):
+                    side.close()
+        rates[name] = round(result["useful"] / result["seconds"], 1)
+        say(f"generate sweep {name}: {rates[name]:.1f} tok/s")
+    return rates
+
+
+def config_name(path: str, dtype: str, batch: int) -> str:
+    return f"transformers {path} {dtype} {'max_requests' if path == 'generate_batch' else 'batch'} {batch}"
+
+
+# --- the bench -----------------------------------------------------------------------------------
+
+
+def run_bench(model: str = "smollm2-135m", n_prompts: int = 64, max_tokens: int = 128, rounds: int = 3,
+              threads: int | None = None, dtype: str = "auto", peer_batches: Sequence[int] = (16, 64),
+              peer_dtypes: Sequence[str] = ("bfloat16", "float32"), paths: Sequence[str] = PATHS,
+              sweep_tokens: int = 32, timed_paths: str = "best", vllm: bool = True) -> dict[str, Any]:
+    """Run every side in alternating rounds and return the bench's JSON line (see the module docstring)."""
+    _check_settings(dtype, peer_dtypes, paths, timed_paths)
+    with fixed_threads(threads) as n_threads, contextlib.ExitStack() as stack:
+        ours_dtype = str(pick_dtype(dtype)).removeprefix("torch.")
+        fp32_model, tokenizer = load_model(model, dtype="float32")
+        work = workload(tokenizer, eos_ids(fp32_model, tokenizer), n_prompts, max_tokens)
+        fixed = work.fixed_length()
+        arch = Arch.from_config(fp32_model.config)
+        rows = min(MAX_BATCH, len(work.chats))
+
+        # transformers: generate_batch gets models of its own, so that its manager (which may
+        # switch the attention implementation) never touches the model `generate` runs.
+        models: dict[tuple[bool, str], Any] = {(False, "float32"): fp32_model}
+
+        def hf_model(path: str, dt: str):
+            key = (path == "generate_batch", dt)
+            if key not in models:
+                models[key] = load_model(model, dtype=dt)[0]
+            return models[key]
+
+        say(f"generate: sweeping transformers paths over dtypes {list(peer_dtypes)} and batches "
+            f"{list(peer_batches)} ({sweep_tokens} new tokens)")
+        short = work.shorter(sweep_tokens)
+        candidates = [(p, dt, b) for p in paths for dt in peer_dtypes for b in peer_batches]
+        swept = sweep({config_name(*c): (lambda w, c=c: transformers_side(c[0], hf_model(c[0], c[1]), tokenizer, w,
+                                                                           c[2])) for c in candidates}, short)
+        fastest = lambda among: max(among, key=lambda c: swept[config_name(*c)])  # noqa: E731
+        # Timed in the rounds: the fastest transformers configuration in our dtype (with
+        # `timed_paths="each"`, every path's fastest in our dtype), and the fastest of all when
+        # that one is in another dtype (for `best_of_each`).
+        same = [c for c in candidates if c[1] == ours_dtype]
+        timed = ([fastest([c for c in same if c[0] == p]) for p in paths if any(c[0] == p for c in same)]
+                 if timed_paths == "each" else [fastest(same)] if same else [])
+        if candidates and fastest(candidates)[1] != ours_dtype:
+            timed.append(fastest(candidates))
+
+        configs: dict[str, Callable[[], dict[str, Any]]] = {}
+        closers = []
+        ours_name, fixed_name, ceiling_name = f"ours {ours_dtype}", f"ours {ours_dtype} fixed-length", "gemm ceiling"
+        configs[ours_name] = Ours(fp32_model, tokenizer, ours_dtype, work)
+        configs[fixed_name] = Ours(fp32_model, tokenizer, ours_dtype, fixed)
+        hf_timed: dict[str, str] = {}  # config name -> its dtype
+        for p, dt, b in timed:
+            side = transformers_side(p, hf_model(p, dt), tokenizer, work, b)
+            configs[config_name(p, dt, b)] = side
+            hf_timed[config_name(p, dt, b)] = dt
+            if hasattr(side, "close"):
+                closers.append(side.close)
+        stack.callback(lambda: [close() for close in closers])
+
+        vllm_status: Any = "not measured: --no-vllm" if not vllm else start_vllm(model, ours_dtype, n_threads, stack)
+        vllm_name = vllm_fixed_name = None
+        if not isinstance(vllm_status, str):
+            vllm_name, vllm_fixed_name = f"vllm {ours_dtype}", f"vllm {ours_dtype} fixed-length"
+            configs[vllm_name] = Vllm(vllm_status, work)
+            configs[vllm_fixed_name] = Vllm(vllm_status, fixed)
+        configs[ceiling_name] = ceiling = GemmRoofline(arch, ours_dtype, rows)
+
+        results = alternate_rounds(configs, rounds=rounds, warmup=True, label="generate")
+        summaries = {name: summary(r) for name, r in results.items()}
+
+        ours = summaries[ours_name]
+        hf_same = {n: s for n, s in summaries.items() if hf_timed.get(n) == ours_dtype}
+        hf_best_name = max(hf_same, key=lambda n: hf_same[n]["median"]) if hf_same else None
+        peer_name = vllm_name or hf_best_name
+        if peer_name is None:
+            raise AlignloopError(f"bench generate: no peer measured in {ours_dtype}: vLLM is {vllm_status!r}, "
+                                 f"and no transformers path ran in {ours_dtype} (--peer-dtypes)")
+        ceiling_tok_s = summaries[ceiling_name]["median"]
+        extra: dict[str, Any] = {"dtype": ours_dtype}
+        if hf_best_name:
+            extra["ratio_transformers_best"] = ratio(ours, summaries[hf_best_name])
+            extra["transformers_best"] = hf_best_name
+        extra["vllm"] = ({"facts": vllm_status.facts()} if vllm_name else vllm_status)
+        extra["ours_fraction_of_ceiling"] = fraction(ours["median"], ceiling_tok_s)
+        extra["fixed_length"] = _fixed_length_line(summaries, fixed_name, vllm_fixed_name, ceiling_tok_s)
+        extra["best_of_each"] = _best_of_each(summaries, ours_name, vllm_name, hf_timed)
+        extra["ceiling"] = {"tok_s": ceiling_tok_s, **ceiling.facts(),
+                            "what": "a decode step's GEMMs alone (no attention, norms, sampling), same dtype"}
+        extra["configs"] = {n: {**s, **_tokens(results[n])} for n, s in summaries.items() if n != ceiling_name}
+        extra["sweep"] = {"new_tokens": short.max_tokens, "tok_s": swept}
+        extra["workload"] = {"model": model, "prompts": len(work.chats), "max_tokens": max_tokens,
+                             "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": "off", "seed": SEED}
+        return headline("generate", ours, summaries[peer_name], UNIT, ours_config=ours_name, peer_config=peer_name,
+                        machine=machine_facts(n_threads, peers=("transformers", "vllm")), **extra)
+
+
+def _check_settings(dtype: str, peer_dtypes: Sequence[str], paths: Sequence[str], timed_paths: str) -> None:
+    dtypes = ("bfloat16", "float32")
+    for what, value, allowed in (("--dtype", [dtype], ("auto", *dtypes)), ("--peer-dtypes", peer_dtypes, dtypes),
+                                 ("--paths", paths, PATHS), ("--timed-paths", [timed_paths], ("best", "each"))):
+        if bad := [v for v in value if v not in allowed]:
+            raise AlignloopError(f"bench generate {what}: {', '.join(bad)} is not one of {', '.join(allowed)}")
+
+
+def _tokens(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A configuration's token accounting per round (the same work every round: the first round's)."""
+    first = results[0]
+    out = {"useful": first["useful"], "computed": first.get("computed", first["useful"])}
+    for key in ("eos_rate", "decode_rows_mean"):
+        if key in first:
+            out[key] = round(first[key], 3)
+    return out
+
+
+def _fixed_length_line(summaries, ours_name: str, peer_name: str | None, ceiling_tok_s: float) -> dict[str, Any]:
+    ours = summaries[ours_name]
+    line: dict[str, Any] = {"ours": ours["median"], "ours_min_max": [ours["min"], ours["max"]],
+                            "ours_fraction_of_ceiling": fraction(ours["median"], ceiling_tok_s)}
+    if peer_name:
+        peer = summaries[peer_name]
+        line.update(peer=peer["median"], peer_min_max=[peer["min"], peer["max"]], peer_config=peer_name,
+                    ratio=ratio(ours, peer), peer_fraction_of_ceiling=fraction(peer["median"], ceiling_tok_s))
     return line
 
 
-def _table(results: list[dict]) -> None:
-    table = Table("side", "dtype", "batch", "useful tokens", "seconds", "tok/s", title="bench generate")
-    for r in results:
-        table.add_row(r["side"], r["dtype"], str(r["batch"]), str(r["tokens"]), f"{r['seconds']:.1f}",
-                      f"{r['tok_s']:.1f}")
-    console.print(table)
+def _best_of_each(summaries, ours_name: str, vllm_name: str | None, hf_timed: dict[str, str]) -> dict[str, Any]:
+    """Each side's fastest configuration on the workload with EOS, whatever its dtype."""
+    peers = [n for n in (vllm_name, *hf_timed) if n]
+    if not peers:
+        return {}
+    peer = max(peers, key=lambda n: summaries[n]["median"])
+    return {"ours": summaries[ours_name]["median"], "ours_config": ours_name, "peer": summaries[peer]["median"],
+            "peer_config": peer, "ratio": ratio(summaries[ours_name], summaries[peer])}

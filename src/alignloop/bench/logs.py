@@ -1,22 +1,41 @@
-"""`alignloop bench logs`: simulate -> filter -> build on ~1M events, ours (Polars) vs pandas.
+"""`alignloop bench logs`: filter + build on ~1M simulated events, ours (Polars) vs DuckDB.
 
 Work: a simulated world grown block by block until it holds at least `events` events (seeded, so
-every run sees the same logs), with its derived labels (`alignloop.data.labels`, computed once,
-outside the timing: both sides get the same input tables). Then each side, timed on its own:
+every run sees the same logs), with its derived labels, written once as a Parquet log folder
+(untimed). Then each side, timed from reading that folder to the last dataset file written:
 
-    ours   `filters.run_filters` (default `FilterConfig`, in memory) + `builders.build_datasets`
-           (default `BuildConfig`) writing every dataset as Parquet
-    peer   `logs_pandas`: the same stages written plainly in pandas (Arrow -> pandas included),
-           writing the same datasets as Parquet
+    ours   `io.read_logs` (pyarrow), `filters.run_filters` (default `FilterConfig`, in memory) and
+           `builders.build_datasets` (default `BuildConfig`): Polars, eager and lazy
+    peer   `logs_duckdb`: the same stages in DuckDB SQL (`read_parquet` into tables of an
+           in-memory database, window functions, `DELETE`, `COPY ... TO` Parquet), the same knobs
 
-The outputs are compared after a deterministic sort (filtered tables by their id column,
-datasets by `example_id`): `identical` says every filtered table and every dataset holds the
-same rows. Metric: input events per second of filter + build (simulation excluded).
+Metric: input events per second of read + filter + build (simulation excluded); the same count on
+both sides. Rounds: a warm-up of each side, then `rounds` >= 3 timed rounds alternating who goes
+first (`harness.alternate_rounds`); median, min and max per side, and the CPU seconds of each
+round (all threads) beside them.
 
-`run_memory_check` runs a bigger world (default 10M events) the way a user would: simulated
-block by block into a Parquet log folder, then the real `alignloop logs filter` and `alignloop
-logs build` commands on it, each in its own process (user partitions of ~1M events streamed from
-disk), and reports each process's peak resident memory (`wait4` max RSS).
+Same settings on both sides:
+- threads: `threads` (default every core this process may use) for Polars (its pool is sized once,
+  from POLARS_MAX_THREADS, when Polars loads: the CLI sets it first, and `run_bench` re-runs itself
+  in a child process with it when this process's pool has another size), pyarrow's pool
+  (`pa.set_cpu_count`) and DuckDB (`threads`);
+- Parquet: every dataset file with ours's settings (`builders.PARQUET`): zstd at level 1, min/max
+  statistics on every column (DuckDB cannot leave them out), row groups of 122,880 rows (DuckDB's
+  default); dictionary encoding as each library decides by default;
+- DuckDB as its documentation recommends: `threads`, `preserve_insertion_order = false`, the
+  default memory limit.
+
+What differs, inherently: RE2's `\\b` is ASCII-only (see `logs_duckdb`); ours computes a funnel
+report (rows before/after every filter, decisions with reasons), the peer only the dropped ids.
+
+Identical outputs: after the warm-up, both sides' filtered tables (sorted by their id), the ids
+each filter dropped, and every dataset file (sorted by `example_id`) are compared; `identical` in
+the JSON line says whether all are equal, `differences` lists what is not.
+
+`run_memory_check` (off by default in the CLI: simulating 10M events alone takes over ten minutes
+on two cores) runs a bigger world the way a user would: simulated block by block into a Parquet
+log folder, then the real `alignloop logs filter` and `alignloop logs build` commands on it, each
+in its own process, and reports each one's peak resident memory (`wait4` max RSS).
 """
 
 from __future__ import annotations
@@ -37,17 +56,22 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from alignloop.data.builders import BuildConfig, build_datasets
+from alignloop.bench.harness import alternate_rounds, bench_threads, headline, machine_facts, summary
+from alignloop.data.builders import PARQUET, BuildConfig, build_datasets
 from alignloop.data.filters import FILTERED_SCHEMAS, TABLE_ORDER, FilterConfig, run_filters, to_arrow
-from alignloop.data.io import TableWriter
+from alignloop.data.io import TableWriter, read_logs, write_tables
 from alignloop.data.labels import derive_labels
 from alignloop.data.schema import LOG_SCHEMAS, conform
 from alignloop.sim import SimConfig, simulate_blocks
+from alignloop.ui import say
 
 EVENTS_PER_USER = 70  # about, over 14 days with the default world (sizes the user pool; blocks stop early)
 KEYS = {"users": "user_id", "sessions": "session_id", "conversations": "conversation_id", "turns": "turn_id",
         "events": "event_id", "labels": "turn_id", "weights": "conversation_id", "target_flags": "turn_id"}
 MEMORY_LIMIT_GIB = 4
+
+
+# --- the world -----------------------------------------------------------------------------------
 
 
 def default_block_users(events: int) -> int:
@@ -82,40 +106,77 @@ def simulate_world(events: int, seed: int = 0, block_users: int | None = None) -
     return tables
 
 
-def run_ours(tables: dict[str, pa.Table], out_dir: Path, filter_config: FilterConfig | None = None,
-             build_config: BuildConfig | None = None) -> dict[str, pl.DataFrame]:
-    filtered, _ = run_filters(tables, filter_config or FilterConfig(), keep_inputs=False)
+def write_world(events: int, folder: Path, seed: int = 0) -> int:
+    """A simulated world (with labels) as a Parquet log folder; returns its events."""
+    tables = simulate_world(events, seed)
+    write_tables(folder, tables, FILTERED_SCHEMAS)
+    return tables["events"].num_rows
+
+
+# --- the two sides -------------------------------------------------------------------------------
+
+
+def run_ours(folder: Path, out_dir: Path, filter_config: FilterConfig | None = None,
+             build_config: BuildConfig | None = None) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
+    """Ours on a log folder: (filtered frames, dropped ids: filter, id)."""
+    filtered, report = run_filters(read_logs(folder), filter_config or FilterConfig(), keep_inputs=False)
     build_datasets(filtered, build_config or BuildConfig(), out_dir)
-    return filtered
+    return filtered, report.dropped.select("filter", "id")
 
 
-def run_peer(tables: dict[str, pa.Table], out_dir: Path, filter_config: FilterConfig | None = None,
-             build_config: BuildConfig | None = None) -> dict[str, Any]:
-    # The pandas peer needs pandas, which only the `dev` and `ray` extras install.
-    from alignloop.bench.logs_pandas import build_datasets_pandas, run_filters_pandas, to_pandas
+def run_duckdb(folder: Path, out_dir: Path, threads: int, filter_config: FilterConfig | None = None,
+               build_config: BuildConfig | None = None, keep: bool = False
+               ) -> tuple[dict[str, pa.Table], pl.DataFrame] | None:
+    """The DuckDB peer on a log folder; with `keep`, (filtered tables, dropped ids) fetched after the
+    work is done (only the bench's untimed warm-up keeps them)."""
+    from alignloop.bench.logs_duckdb import (
+        ParquetSettings,
+        build_datasets_duckdb,
+        connect,
+        fetch_tables,
+        load_logs,
+        run_filters_duckdb,
+    )
 
-    filtered = run_filters_pandas(to_pandas(tables), filter_config or FilterConfig())
-    build_datasets_pandas(filtered, build_config or BuildConfig(), out_dir)
-    return filtered
+    con = connect(threads)
+    try:
+        load_logs(con, folder)
+        run_filters_duckdb(con, filter_config or FilterConfig())
+        build_datasets_duckdb(con, build_config or BuildConfig(), out_dir, ParquetSettings(**PARQUET))
+        if not keep:
+            return None
+        return fetch_tables(con), pl.from_arrow(con.sql("FROM dropped").to_arrow_table())
+    finally:
+        con.close()
 
 
-def _sorted(df: pl.DataFrame, key: str) -> pl.DataFrame:
-    return df.sort(key)
+# --- comparing outputs ---------------------------------------------------------------------------
 
 
-def compare(ours_tables: dict[str, pl.DataFrame], ours_dir: Path, peer_tables: dict[str, Any], peer_dir: Path
-            ) -> list[str]:
-    """Differences between the two sides' outputs after sorting (empty: identical)."""
+def _frame(table: pa.Table | pl.DataFrame, name: str) -> pl.DataFrame:
+    arrow = table.to_arrow() if isinstance(table, pl.DataFrame) else table
+    return pl.from_arrow(conform(name, arrow, FILTERED_SCHEMAS))
+
+
+def compare(ours: tuple[dict[str, Any], pl.DataFrame], ours_dir: Path, peer: tuple[dict[str, Any], pl.DataFrame],
+            peer_dir: Path) -> list[str]:
+    """Differences between the two sides' outputs (empty: identical): the filtered tables sorted by
+    their id, the ids each filter dropped, and every dataset file sorted by example_id."""
     diffs = []
+    ours_tables, ours_dropped = ours
+    peer_tables, peer_dropped = peer
     ours_arrow = to_arrow(ours_tables)
     for name in TABLE_ORDER:
-        a = pl.from_arrow(ours_arrow[name])
-        b = pl.from_arrow(conform(name, pa.Table.from_pandas(peer_tables[name], preserve_index=False),
-                                  FILTERED_SCHEMAS))
+        a, b = _frame(ours_arrow[name], name), _frame(peer_tables[name], name)
         if a.height != b.height:
             diffs.append(f"table {name}: {a.height} rows vs {b.height}")
-        elif not _sorted(a, KEYS[name]).equals(_sorted(b, KEYS[name])):
+        elif not a.sort(KEYS[name]).equals(b.sort(KEYS[name])):
             diffs.append(f"table {name}: same count, different rows")
+    for flt in sorted(set(ours_dropped["filter"]) | set(peer_dropped["filter"])):
+        a = set(ours_dropped.filter(pl.col("filter") == flt)["id"])
+        b = set(peer_dropped.filter(pl.col("filter") == flt)["id"])
+        if a != b:
+            diffs.append(f"dropped by {flt}: {len(a - b)} only ours, {len(b - a)} only the peer")
     ours_files = {str(p.relative_to(ours_dir)) for p in ours_dir.rglob("*.parquet")}
     peer_files = {str(p.relative_to(peer_dir)) for p in peer_dir.rglob("*.parquet")}
     if ours_files != peer_files:
@@ -125,61 +186,104 @@ def compare(ours_tables: dict[str, pl.DataFrame], ours_dir: Path, peer_tables: d
         b = pl.read_parquet(peer_dir / name)
         if a.height != b.height:
             diffs.append(f"dataset {name}: {a.height} rows vs {b.height}")
-            continue
-        if a.height == 0:
-            continue
-        if set(a.columns) != set(b.columns):
+        elif a.columns != b.columns:
             diffs.append(f"dataset {name}: columns {a.columns} vs {b.columns}")
-            continue
-        b = b.select(a.columns).cast(dict(a.schema))
-        if not _sorted(a, "example_id").equals(_sorted(b, "example_id")):
+        elif a.height and not a.sort("example_id").equals(b.cast(dict(a.schema)).sort("example_id")):
             diffs.append(f"dataset {name}: same count, different rows")
     return diffs
 
 
-def _timed(fn: Any, *args: Any) -> tuple[Any, float, float]:
-    """(result, wall seconds, CPU seconds of this process: every thread)."""
-    gc.collect()
-    start, cpu = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    return out, time.perf_counter() - start, time.process_time() - cpu
+def dataset_rows(folder: Path) -> int:
+    return sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in folder.rglob("*.parquet"))
 
 
-def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 2, work_dir: str | Path | None = None
-              ) -> dict[str, Any]:
-    """Time filter + build, ours vs pandas, on a simulated world of ~`events` events.
+# --- the bench -----------------------------------------------------------------------------------
 
-    With `rounds` > 1 the sides alternate and each keeps its fastest round (the machine's other
-    load then falls on both alike). `identical` compares the outputs of the first round.
+
+def _side(name: str, run: Any, tmp: Path, events: int, kept: dict[str, Any]) -> Any:
+    """A harness configuration: one whole run of a side into a fresh folder, timed around the work
+    (wall and CPU seconds of every thread of this process). The first (warm-up) run keeps its
+    outputs for the comparison, fetched after the clock stopped."""
+
+    def once() -> dict[str, Any]:
+        out = tmp / name
+        shutil.rmtree(out, ignore_errors=True)
+        first = name not in kept
+        gc.collect()
+        start, cpu = time.perf_counter(), time.process_time()
+        result = run(out, first)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if first:
+            kept[name] = (result, out)
+        return {"useful": events, "seconds": seconds, "cpu_seconds": cpu}
+
+    return once
+
+
+def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: int | None = None,
+              work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Time read + filter + build, ours vs DuckDB, on a simulated world of ~`events` events; the
+    JSON line (`harness.headline`) with `identical`, the settings and the machine.
+
+    Polars sizes its thread pool once, when it loads: if this process's pool is not `threads`,
+    the bench runs in a child process started with POLARS_MAX_THREADS = `threads`.
     """
-    tables = simulate_world(events, seed)
-    n = tables["events"].num_rows
-    ours_s = peer_s = ours_cpu = peer_cpu = float("inf")
-    diffs: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="alignloop-bench-logs-", dir=work_dir) as tmp:
-        for r in range(max(rounds, 1)):
-            ours_dir, peer_dir = Path(tmp) / f"ours-{r}", Path(tmp) / f"peer-{r}"
-            ours, wall, cpu = _timed(run_ours, tables, ours_dir)
-            ours_s, ours_cpu = min(ours_s, wall), min(ours_cpu, cpu)
-            peer, wall, cpu = _timed(run_peer, tables, peer_dir)
-            peer_s, peer_cpu = min(peer_s, wall), min(peer_cpu, cpu)
-            if r == 0:
-                diffs = compare(ours, ours_dir, peer, peer_dir)
-                examples = sum(pl.scan_parquet(p).select(pl.len()).collect().item()
-                               for p in ours_dir.rglob("*.parquet"))
-            del ours, peer
-            shutil.rmtree(ours_dir, ignore_errors=True)
-            shutil.rmtree(peer_dir, ignore_errors=True)
-    out: dict[str, Any] = {
-        "bench": "logs", "ours": round(n / ours_s, 1), "peer": round(n / peer_s, 1), "unit": "events/s",
-        "ratio": round(peer_s / ours_s, 2), "events": n, "identical": not diffs,
-        "seconds": {"ours": round(ours_s, 2), "peer": round(peer_s, 2)},
-        "cpu_seconds": {"ours": round(ours_cpu, 2), "peer": round(peer_cpu, 2)},
-        "examples": examples, "rounds": max(rounds, 1),
-    }
+    threads = bench_threads(threads)
+    if pl.thread_pool_size() != threads:
+        return _in_child(events, seed, rounds, threads, work_dir)
+    before = pa.cpu_count()
+    pa.set_cpu_count(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="alignloop-bench-logs-", dir=work_dir) as tmp:
+            tmp = Path(tmp)
+            say(f"bench logs: simulating ~{events} events")
+            n = write_world(events, tmp / "logs", seed)
+            kept: dict[str, Any] = {}
+            configs = {
+                "ours": _side("ours", lambda out, keep: run_ours(tmp / "logs", out), tmp, n, kept),
+                "duckdb": _side("duckdb", lambda out, keep: run_duckdb(tmp / "logs", out, threads, keep=keep),
+                                tmp, n, kept),
+            }
+            results = alternate_rounds(configs, rounds=rounds, label="bench logs")
+            (ours_out, ours_dir), (peer_out, peer_dir) = kept["ours"], kept["duckdb"]
+            diffs = compare(ours_out, ours_dir, peer_out, peer_dir)
+            examples = dataset_rows(ours_dir)
+    finally:
+        pa.set_cpu_count(before)
+    ours, peer = summary(results["ours"]), summary(results["duckdb"])
+    line = headline(
+        "logs", ours, peer, "events/s",
+        ours_config="pyarrow read_logs + Polars run_filters + build_datasets (in memory, default configs)",
+        peer_config="DuckDB SQL: read_parquet, filters as window functions + DELETE, datasets by COPY TO parquet",
+        machine=machine_facts(threads, peers=("polars", "duckdb", "pyarrow")),
+        events=n, examples=examples, identical=not diffs,
+        cpu_seconds={side: _median([r["cpu_seconds"] for r in results[side]]) for side in results},
+        wall_seconds={side: _median([r["seconds"] for r in results[side]]) for side in results},
+        parquet={**PARQUET, "statistics": "min/max, every column", "dictionary": "ours: none; DuckDB: its default"},
+        threads={"polars": pl.thread_pool_size(), "pyarrow": threads, "duckdb": threads},
+        duckdb_settings={"threads": threads, "preserve_insertion_order": False, "memory_limit": "default (80% of RAM)"},
+    )
     if diffs:
-        out["differences"] = diffs
-    return out
+        line["differences"] = diffs
+    return line
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return round(values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2, 2)
+
+
+def _in_child(events: int, seed: int, rounds: int, threads: int, work_dir: str | Path | None) -> dict[str, Any]:
+    """The bench in a child process whose Polars pool has `threads` threads; its last stdout line."""
+    env = {**os.environ, "POLARS_MAX_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "alignloop.bench.logs", "bench", str(events), str(rounds), str(threads), str(seed)]
+    if work_dir is not None:
+        cmd.append(str(work_dir))
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench logs (child process, {threads} threads) failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -242,8 +346,8 @@ def run_memory_check(events: int = 10_000_000, seed: int = 0, work_dir: str | Pa
                           encoding="utf-8")
         py = sys.executable
         phases = {
-            "simulate": _child([py, "-m", "alignloop.bench.logs", "simulate", str(events), str(tmp / "logs"), str(seed)],
-                               env, tmp / "simulate.log", timeout),
+            "simulate": _child([py, "-m", "alignloop.bench.logs", "simulate", str(events), str(tmp / "logs"),
+                                str(seed)], env, tmp / "simulate.log", timeout),
             "filter": _child([py, "-m", "alignloop.cli", "--quiet", "logs", "filter", str(recipe)], env,
                              tmp / "filter.log", timeout),
             "build": _child([py, "-m", "alignloop.cli", "--quiet", "logs", "build", str(recipe)], env,
@@ -259,13 +363,20 @@ def run_memory_check(events: int = 10_000_000, seed: int = 0, work_dir: str | Pa
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) >= 3 and argv[0] == "simulate":
+    """`simulate EVENTS FOLDER [SEED]` (the memory check's first child) or
+    `bench EVENTS ROUNDS THREADS [SEED [WORK_DIR]]` (the bench in a child process)."""
+    if argv and argv[0] == "simulate":
         seed = int(argv[3]) if len(argv) > 3 else 0
         print(json.dumps({"events": simulate_to_folder(int(argv[1]), Path(argv[2]), seed)}))
         return
-    events = int(argv[0]) if argv else 1_000_000
-    rounds = int(argv[1]) if len(argv) > 1 else 2
-    print(json.dumps(run_bench(events, rounds=rounds)))
+    if argv and argv[0] == "bench":
+        events, rounds, threads = (int(a) for a in argv[1:4])
+        seed = int(argv[4]) if len(argv) > 4 else 0
+        work_dir = argv[5] if len(argv) > 5 else None
+        print(json.dumps(run_bench(events, seed, rounds, threads, work_dir)))
+        return
+    raise SystemExit("usage: python -m alignloop.bench.logs simulate EVENTS FOLDER [SEED] | "
+                     "bench EVENTS ROUNDS THREADS [SEED [WORK_DIR]]")
 
 
 if __name__ == "__main__":

@@ -1,43 +1,55 @@
-"""`alignloop bench sft`: supervised fine-tuning throughput, our trainer vs TRL's `SFTTrainer`.
+"""`alignloop bench sft`: supervised fine-tuning throughput, our trainer vs TRL's `SFTTrainer` at its best.
 
-Work: the same fixed set of chat conversations on both sides (generated deterministically from
-the 64 bench prompts and seeded synthetic answers: 1-4 turns, ~50-250 tokens each), SmolLM2-135M,
-LoRA r=16 / alpha 32 / no dropout on all linear layers, batch 4, bf16.
+Work, the same on both sides: a fixed set of 256 chat conversations (from the 64 bench prompts
+and seeded synthetic answers: 1-4 turns, ~50-250 tokens each), rendered with SmolLM2's chat
+template to the same token ids, packed into rows of up to 512 tokens (conversations whole, each
+attending only to itself, positions restarting at 0), 4 rows per optimizer step; the loss on the
+assistant tokens only (content and end-of-turn, the same positions on both sides), SmolLM2-135M
+with LoRA r=16 / alpha 32 / no dropout on all linear layers, AdamW (fused), lr 2e-5 constant,
+clipping at 1.0, no gradient checkpointing. Precision: bf16 base weights (as the checkpoint is
+stored), fp32 adapters (peft's default), bf16 autocast (TRL's default `bf16=True`);
+`--dtype float32` runs both sides with fp32 weights and no autocast instead (on this AVX512-BF16
+CPU without AMX, bf16 matmuls measured ~2x faster than fp32, so bf16 is the headline).
 
-Metric: trained tokens per second, i.e. the non-pad tokens that go through forward and backward
-per second of optimizer steps (data collation, forward, backward, clipping, AdamW). Each side is
-timed over its own steps: ours from the loop's per-step clock, TRL's between its `on_step_begin`
-and `on_step_end` callbacks; model loading, dataset preparation and logging are not timed. The
-very first step of each side is a warm-up and not counted.
+Metric: trained tokens per second, i.e. the conversation tokens (not padding) that go through
+forward and backward, per second of optimizer steps. Ours is timed by the loop's own per-step
+clock (collation, forward, backward, clipping, AdamW); TRL's between its `on_step_begin` and
+`on_step_end` callbacks (forward, backward, clipping, AdamW; its data loader collates the step's
+batches before `on_step_begin`, so TRL's collation is not timed). Model loading, tokenization,
+packing and logging are timed on neither side. Rounds: every side first trains `steps` untimed
+steps (warm-up), then `rounds` >= 3 rounds of `steps` steps each, the order flipping every round,
+both sides timed on the same number of steps; the line reports the median and min/max per side,
+and each side's tokens per step: `useful` (conversation tokens) and `computed` (+ padding).
 
-Parity, precision first. Both models are SmolLM2-135M loaded in bf16 (what TRL's default
-`dtype="auto"` gives for the hub checkpoint, which is stored in bf16) with fp32 LoRA adapters (peft's
-default), trained with bf16 autocast (TRL's default `bf16=True`). So every matmul is bf16 on both
-sides, and neither re-casts fp32 base weights each forward. Ours is also timed with fp32 base
-weights and no autocast, reported beside the headline (`ours_fp32`): on CPUs without AMX, bf16
-matmuls may be no faster than fp32.
+TRL, configured as its docs recommend for speed (`SFTConfig`, `peer_settings`): `packing=True`
+(strategy "bfd", its default: best-fit decreasing, whole conversations) with `max_length=512`,
+which makes it padding-free (`padding_free=True`, said outright): a forward's rows go through the
+model as one flattened sequence with position ids restarting per conversation, no pad token;
+`assistant_only_loss=True`, with SmolLM2's template given `{% generation %}` markers
+(`MARKED_TEMPLATE`: byte-identical text, tested); `gradient_checkpointing=False` (TRL defaults
+to True, which recomputes every layer's forward in the backward); `lr_scheduler_type="constant"`
+as ours (no effect on speed); the rest at TRL's defaults (fused AdamW, its fused LM head, bf16
+autocast, sdpa attention). One more setting, for CPU: one packed row per forward, 4 accumulated
+per step (`per_device_train_batch_size=1`, `gradient_accumulation_steps=4`), the same 4 rows per
+step. Padding-free assumes FlashAttention; on CPU transformers runs sdpa over the whole flattened
+forward with a dense block-diagonal mask, so 4 rows in one forward cost (4 x 512)^2 query-key
+pairs, against 4 x 512^2 for one row per forward. Measured here (1 thread, CPU seconds per step): 28.5 with 4 rows per
+forward, 19.8 with 1. (`flex_attention`, which would skip the masked blocks, has no backward on
+CPU in torch 2.13.)
 
-What differs, on purpose, is how each side trains, with TRL at its defaults:
-- TRL: one conversation per row, padded to the longest of the batch (`packing=False`), gradient
-  checkpointing on, loss on every token of the conversation (`assistant_only_loss=False`; SmolLM2's
-  template has no generation markers to mask with), chunked fused LM head, entropy and accuracy
-  metrics each step.
-- ours: conversations packed into rows of up to 512 tokens, attention computed per conversation
-  (no dense block mask; on CPU in fp32, which is faster there than bf16 and more exact), no
-  gradient checkpointing, loss on assistant tokens only and the vocabulary projection computed
-  only there, fused AdamW over the adapters.
-Both: 4 rows per optimizer step, no gradient accumulation, lr 2e-5 (TRL's default), clipping at 1.0.
-
-The machine may be shared with other work, so the two sides alternate in short rounds of about
-equal step time (at least one step each), who goes first alternating too, and load that comes and
-goes hits both alike. On an idle 2-core machine the whole bench takes about two minutes; a loaded
-one stretches every step, and with it the bench.
-
-Both sides run in this one process with the same torch thread count: torch's default less the
-cores other processes keep busy (`bench_threads`). The JSON line also carries
-what each side actually trained with (`ours_setup`, `peer_setup`: LoRA layers, trainable
-parameters, base and adapter dtypes, batch, lr), and whether both tokenized the conversations to
-the same ids (`same_token_ids`).
+What differs, and cannot be set alike:
+- attention: TRL's row of ~500 tokens attends as one dense masked block (every query-key pair of
+  the row computed, most masked away); ours runs attention per conversation
+  (`segment_attention`), in fp32 on CPU. Both are exact; `attention_pairs_per_step` counts the
+  pairs each computes.
+- the LM head: TRL's fused head projects every position of the row on CPU (it projects only the
+  labelled ones on Triton devices) and computes each position's entropy and top-1 match for its
+  `entropy` / `mean_token_accuracy` metrics, every step; no setting turns that off. Ours projects
+  only the trained positions and computes their label log-probs.
+- padding: ours pads its 4 rows to the longest of the step (a few tokens, counted in `computed`);
+  TRL's flattened rows have none.
+- packing: ours packs first-fit decreasing, TRL best-fit decreasing; both give the same number of
+  rows of the same tokens (`packing` per side).
 """
 
 from __future__ import annotations
@@ -50,17 +62,19 @@ from typing import Any
 
 import torch
 
+from alignloop.bench.harness import alternate_rounds, headline, machine_facts, summary
 from alignloop.bench.prompts import bench_prompts
 from alignloop.bench.training import (
     LORA,
     OurSide,
     Side,
     TrlPeer,
-    alternate,
     answer,
-    closing_facts,
+    check_dtype,
+    load_average,
     run_against_trl,
-    table,
+    step_rounds,
+    enum_value,
     trl_config,
     trl_version,
 )
@@ -70,11 +84,31 @@ from alignloop.train.sft import SFTObjective
 from alignloop.train.sft_data import Conversation, PackedBatches, tokenize
 from alignloop.ui import say
 
-BATCH = 4             # rows per optimizer step, both sides
-MAX_SEQ_LEN = 512     # our packed row length; every bench conversation fits (TRL's max_length stays 1024)
+BATCH = 4             # packed rows per optimizer step, both sides
+PEER_MICRO_BATCH = 1  # packed rows per TRL forward (x 4 accumulated): see the module docstring
+MAX_LENGTH = 512      # tokens per packed row, both sides; every bench conversation fits
 LR = 2e-5             # TRL's default learning rate, used on both sides (it does not change the speed)
 N_CONVERSATIONS = 256
+STEPS = 2             # optimizer steps per round, both sides
 SEED = 0
+
+# SmolLM2-135M-Instruct's chat template with `{% generation %}` around what the assistant writes
+# (its content and the `<|im_end|>` that closes its turn), which TRL's `assistant_only_loss` needs.
+# It renders the same text as the original, byte for byte (tests check it on every conversation).
+MARKED_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 # --- the work ------------------------------------------------------------------------------------
@@ -94,10 +128,16 @@ def bench_conversations(n: int = N_CONVERSATIONS, seed: int = SEED) -> list[list
     return conversations
 
 
-def bench_settings() -> dict[str, Any]:
+def bench_settings(dtype: str = "bfloat16") -> dict[str, Any]:
     """What both sides share (the unit test checks that each side's config says the same)."""
-    return {"batch": BATCH, "grad_accum": 1, "lr": LR, "lora": dict(LORA), "max_grad_norm": 1.0,
-            "bf16_autocast": True, "base_dtype": "bfloat16", "adapter_dtype": "float32"}
+    return {"rows_per_step": BATCH, "lr": LR, "lora": dict(LORA), "max_grad_norm": 1.0,
+            "max_length": MAX_LENGTH, "bf16_autocast": dtype == "bfloat16", "base_dtype": dtype,
+            "adapter_dtype": "float32", "gradient_checkpointing": False}
+
+
+def attention_pairs(lengths: list[int]) -> int:
+    """Query-key pairs a causal attention over documents of these lengths computes (i attends j <= i)."""
+    return sum(n * (n + 1) // 2 for n in lengths)
 
 
 # --- our side -----------------------------------------------------------------------------------
@@ -105,109 +145,161 @@ def bench_settings() -> dict[str, Any]:
 
 def our_train_section(bf16: bool = True) -> SFTTrainSection:
     return SFTTrainSection(
-        lr=LR, micro_batch=BATCH, grad_accum=1, max_grad_norm=1.0, bf16=bf16, max_seq_len=MAX_SEQ_LEN,
+        lr=LR, micro_batch=BATCH, grad_accum=1, max_grad_norm=1.0, bf16=bf16, max_seq_len=MAX_LENGTH,
         lora=LoraSection(**LORA), schedule="constant", warmup_steps=0, steps=1_000_000,
         save_every=1_000_000_000, eval_every=0, eval_fraction=0.0, device="cpu", seed=SEED)
-
-
-def peer_sft_config(output_dir: str | Path, max_steps: int = 1_000_000):
-    """TRL's SFTConfig: its defaults, but for batch size, lr-independent step cap, and no checkpoints."""
-    from trl import SFTConfig  # optional extra, checked by require_trl
-
-    return trl_config(SFTConfig, output_dir, BATCH, LR, max_steps)
 
 
 class Ours(OurSide):
     """Our SFT (TokenLogprobs + SFTObjective + PackedBatches + the shared loop), in rounds."""
 
-    def __init__(self, model_name: str, conversations, workdir: Path, base_dtype: str, bf16: bool) -> None:
-        model, tokenizer = load_model(model_name, dtype=base_dtype)
+    def __init__(self, model_name: str, conversations, workdir: Path, dtype: str = "bfloat16") -> None:
+        model, tokenizer = load_model(model_name, dtype=dtype)
         examples, self.counts = tokenize(
-            tokenizer, [Conversation(m, 1.0, f"bench:{i}") for i, m in enumerate(conversations)], MAX_SEQ_LEN)
-        self.batches = PackedBatches(examples, MAX_SEQ_LEN, BATCH, seed=SEED, pad_id=tokenizer.pad_token_id or 0)
-        super().__init__(model, our_train_section(bf16=bf16), workdir, SEED)
+            tokenizer, [Conversation(m, 1.0, f"bench:{i}") for i, m in enumerate(conversations)], MAX_LENGTH)
+        self.batches = PackedBatches(examples, MAX_LENGTH, BATCH, seed=SEED, pad_id=tokenizer.pad_token_id or 0)
+        super().__init__(model, our_train_section(bf16=dtype == "bfloat16"), workdir, SEED)
 
-    def tokens_per_step(self) -> float:
-        return sum(len(e) for e in self.batches.examples) / len(self.batches)
+    def rows(self) -> list[list[int]]:
+        """The packed rows: each a list of conversation lengths."""
+        return [[len(self.batches.examples[i]) for i in row] for row in self.batches.rows]
 
-    def token_ids(self) -> list[list[int]]:
-        return [list(e.input_ids) for e in self.batches.examples]
+    def examples(self) -> list[tuple[list[int], list[int]]]:
+        """(token ids, loss mask) of every conversation; mask[j] = 1: token j is trained on."""
+        return [(list(e.input_ids), list(e.loss_mask)) for e in self.batches.examples]
 
     def describe(self) -> dict[str, Any]:
-        return self.setup(self.config.micro_batch)
+        c = self.config
+        return {**self.setup(c.micro_batch), "rows_per_step": c.micro_batch * c.grad_accum, "max_length": MAX_LENGTH,
+                "gradient_checkpointing": False}
 
     def run(self, side: Side, seconds: float) -> float:
-        """Train until `seconds` of step time are spent (at least one step); return the time spent."""
         return self.train_round(SFTObjective(), self.batches, "sft", side, seconds)
+
+    def run_steps(self, side: Side, steps: int) -> None:
+        self.train_round(SFTObjective(), self.batches, "sft", side, 0.0, steps=steps)
+
+
+# --- TRL's side ---------------------------------------------------------------------------------
+
+
+def peer_settings() -> dict[str, Any]:
+    """The `SFTConfig` settings the bench sets beyond batch, lr, step cap and output (see the docstring)."""
+    return {"packing": True, "packing_strategy": "bfd", "padding_free": True, "max_length": MAX_LENGTH,
+            "assistant_only_loss": True, "gradient_checkpointing": False, "lr_scheduler_type": "constant",
+            "disable_tqdm": True}
+
+
+def peer_sft_config(output_dir: str | Path, dtype: str = "bfloat16", micro_batch: int = PEER_MICRO_BATCH,
+                    max_steps: int = 1_000_000):
+    """TRL's SFTConfig at its best for this work (`peer_settings`, `micro_batch` rows per forward,
+    BATCH rows per step), else its defaults."""
+    from trl import SFTConfig  # optional extra, checked by require_trl
+
+    return trl_config(SFTConfig, output_dir, micro_batch, LR, max_steps, grad_accum=BATCH // micro_batch,
+                      bf16=dtype == "bfloat16", **peer_settings())
 
 
 class Peer(TrlPeer):
-    """TRL's SFTTrainer with its defaults (see the module docstring), in rounds."""
+    """TRL's SFTTrainer, packed, padding-free, assistant-only loss, no checkpointing, in rounds."""
 
-    def __init__(self, model_name: str, conversations, workdir: Path) -> None:
+    def __init__(self, model_name: str, conversations, workdir: Path, dtype: str = "bfloat16",
+                 micro_batch: int = PEER_MICRO_BATCH) -> None:
         from trl import SFTTrainer  # optional extra, checked by require_trl
 
-        super().__init__(SFTTrainer, model_name, lambda: peer_sft_config(workdir / "trl"),
-                         [{"messages": m} for m in conversations], SEED)
+        if BATCH % micro_batch:
+            raise ValueError(f"micro_batch {micro_batch} does not divide the {BATCH} rows of a step")
+        super().__init__(SFTTrainer, model_name, lambda: peer_sft_config(workdir / "trl", dtype, micro_batch),
+                         [{"messages": m} for m in conversations], SEED, dtype=dtype, chat_template=MARKED_TEMPLATE)
 
-    def tokens_per_step(self) -> float:
-        lengths = [len(x) for x in self.trainer.train_dataset["input_ids"]]
-        return sum(lengths) / -(-len(lengths) // BATCH)
+    def rows(self) -> list[list[int]]:
+        return [list(x) for x in self.trainer.train_dataset["seq_lengths"]]
 
-    def token_ids(self) -> list[list[int]]:
-        return [list(x) for x in self.trainer.train_dataset["input_ids"]]
+    def examples(self) -> list[tuple[list[int], list[int]]]:
+        """(token ids, loss mask) of every conversation, cut out of TRL's packed rows."""
+        d = self.trainer.train_dataset
+        out = []
+        for ids, labels, lengths in zip(d["input_ids"], d["labels"], d["seq_lengths"]):
+            at = 0
+            for n in lengths:
+                out.append((list(ids[at:at + n]), [int(label != -100) for label in labels[at:at + n]]))
+                at += n
+        return out
 
     def describe(self) -> dict[str, Any]:
-        return {**self.setup(), "packing": bool(self.trainer.args.packing)}
+        a = self.trainer.args
+        return {**self.setup(), "rows_per_step": a.per_device_train_batch_size * a.gradient_accumulation_steps,
+                "max_length": a.max_length, "packing": bool(a.packing),
+                "packing_strategy": a.packing_strategy, "padding_free": bool(self.trainer.padding_free),
+                "assistant_only_loss": bool(a.assistant_only_loss), "optim": enum_value(a.optim),
+                "lr_scheduler_type": enum_value(a.lr_scheduler_type),
+                "attn_implementation": self.trainer.model.config._attn_implementation}
 
 
 # --- the bench ----------------------------------------------------------------------------------
 
 
-def run_bench(model: str = "smollm2-135m", rounds: int = 3, fp32: bool = True,
+def run_bench(model: str = "smollm2-135m", rounds: int = 3, steps: int = STEPS, dtype: str = "bfloat16",
               n_conversations: int = N_CONVERSATIONS, threads: int | None = None) -> dict:
-    """Time ours and TRL in alternating rounds; return the one-line summary (see module docstring).
-
-    Each round: one step of ours, then TRL for as much step time as that step took (at least one
-    step; TRL's steps are shorter), first the one then the other in turn; then, with `fp32`, one
-    step of ours in fp32. The first step of each side is a warm-up. `threads`: torch threads for
-    both sides (default `bench_threads()`).
-    """
-    return run_against_trl("sft", threads, lambda load: _run(model, rounds, fp32, n_conversations, load))
+    """Warm-up, then `rounds` alternating rounds of `steps` steps per side; the one-line summary."""
+    check_dtype(dtype)
+    return run_against_trl("sft", threads, lambda load: _run(model, rounds, steps, dtype, n_conversations, load))
 
 
-def _run(model: str, rounds: int, fp32: bool, n_conversations: int, load: float) -> dict:
+def _run(model: str, rounds: int, steps: int, dtype: str, n_conversations: int, load: float) -> dict:
     conversations = bench_conversations(n_conversations)
     started = time.perf_counter()
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="alignloop-bench-sft-") as tmp:
         work = Path(tmp)
-        say(f"bench sft: {model}, {len(conversations)} conversations, batch {BATCH}, LoRA r={LORA['r']}; "
-            f"{rounds} alternating rounds, torch threads {torch.get_num_threads()}")
-        ours = Ours(model, conversations, work, base_dtype="bfloat16", bf16=True)
-        ours32 = Ours(model, conversations, work, base_dtype="float32", bf16=False) if fp32 else None
-        peer = Peer(model, conversations, work)
-        runners = {"ours": ours.run, "peer": peer.run}
-        if ours32 is not None:
-            runners["ours_fp32"] = ours32.run
-        sides = alternate("sft", runners, rounds, extra=("ours_fp32",) if ours32 is not None else ())
-        per_step = {"ours": ours.tokens_per_step(), "peer": peer.tokens_per_step()}
-        counts, ours_setup, peer_setup = ours.counts, ours.describe(), peer.describe()
-        same_tokens = sorted(ours.token_ids()) == sorted(peer.token_ids())
+        say(f"bench sft: {model} ({dtype}), {len(conversations)} conversations, {BATCH} rows of <= {MAX_LENGTH} "
+            f"tokens per step, LoRA r={LORA['r']}; warm-up + {rounds} alternating rounds of {steps} steps, "
+            f"torch threads {threads}")
+        ours = Ours(model, conversations, work, dtype)
+        peer = Peer(model, conversations, work, dtype)
+        configs = {"ours": step_rounds(ours.run_steps, "ours", steps),
+                   "peer": step_rounds(peer.run_steps, "peer", steps)}
+        results = alternate_rounds(configs, rounds=rounds, label="bench sft")
+        ours_setup, peer_setup = ours.describe(), peer.describe()
+        same_work = same_examples(ours.examples(), peer.examples())
+        rows = {"ours": ours.rows(), "peer": peer.rows()}
 
-    line = {"bench": "sft", "ours": round(sides["ours"].tok_s, 1), "peer": round(sides["peer"].tok_s, 1),
-            "unit": "trained tokens/s", "ratio": round(sides["ours"].tok_s / max(sides["peer"].tok_s, 1e-9), 2),
-            "precision": "both: bf16 base weights, fp32 LoRA adapters, bf16 autocast"
-                         " (ours computes CPU attention in fp32)",
-            "ours_config": f"packed rows <= {MAX_SEQ_LEN} tokens, per-document attention, batch {BATCH}, "
-                           f"loss and vocab projection on assistant tokens only, no grad checkpointing",
-            "peer_config": f"trl {trl_version()} SFTTrainer defaults: padded rows, gradient checkpointing, "
-                           f"loss on all tokens; batch {BATCH}",
-            "model": model, "conversations": len(conversations), "same_token_ids": same_tokens,
-            "assistant_token_share": round(counts.loss_tokens / counts.tokens, 2),
-            "tokens_per_step": {k: round(v) for k, v in per_step.items()},
-            **closing_facts(sides, ours_setup, peer_setup, load, started)}
-    if "ours_fp32" in sides and sides["ours_fp32"].steps:
-        line["ours_fp32"] = round(sides["ours_fp32"].tok_s, 1)
-        line["ours_fp32_over_bf16"] = round(sides["ours_fp32"].tok_s / max(sides["ours"].tok_s, 1e-9), 2)
-    table("bench sft", sides)
-    return line
+    per_step = {side: {"useful": round(sum(r["useful"] for r in rs) / sum(r["steps"] for r in rs)),
+                       "computed": round(sum(r["computed"] for r in rs) / sum(r["steps"] for r in rs))}
+                for side, rs in results.items()}
+    epoch = {side: {"rows": len(r), "tokens": sum(map(sum, r)),
+                    "tokens_per_step": round(sum(map(sum, r)) / -(-len(r) // BATCH))} for side, r in rows.items()}
+    return headline(
+        "sft", summary(results["ours"]), summary(results["peer"]), "trained tokens/s",
+        ours_config=f"alignloop: {BATCH} packed rows <= {MAX_LENGTH} tokens, per-conversation attention, "
+                    f"assistant-only loss, vocab projection at trained positions, no grad checkpointing, {dtype}",
+        peer_config=f"trl {trl_version()} SFTTrainer: packing (bfd) + padding_free, max_length {MAX_LENGTH}, "
+                    f"assistant_only_loss, gradient_checkpointing off, {PEER_MICRO_BATCH} row(s) per forward x "
+                    f"{BATCH // PEER_MICRO_BATCH} accumulated, {dtype}",
+        machine=machine_facts(threads, peers=("trl", "transformers", "peft")),
+        dtype=dtype, steps_per_round=steps,
+        tokens_per_step=per_step,  # measured in the timed rounds: useful = conversation tokens, computed = + padding
+        packing=epoch,             # one epoch of each side's packed rows
+        attention_pairs_per_step={"ours": round(sum(attention_pairs(r) for r in rows["ours"]) / len(rows["ours"])
+                                                * BATCH),
+                                  "peer": round(sum(sum(r) ** 2 for r in chunks(rows["peer"], PEER_MICRO_BATCH))
+                                                / len(rows["peer"]) * BATCH)},
+        same_token_ids=same_work["ids"], same_loss_mask=same_work["mask"],
+        assistant_token_share=round(ours.counts.loss_tokens / ours.counts.tokens, 2),
+        ours_setup=ours_setup, peer_setup=peer_setup,
+        peer_settings={**peer_settings(), "per_device_train_batch_size": PEER_MICRO_BATCH,
+                       "gradient_accumulation_steps": BATCH // PEER_MICRO_BATCH, "bf16": dtype == "bfloat16"},
+        load_at_start=round(load, 2), load_at_end=round(load_average(), 2),
+        seconds=round(time.perf_counter() - started, 1))
+
+
+def same_examples(ours: list[tuple[list[int], list[int]]], peer: list[tuple[list[int], list[int]]]) -> dict[str, bool]:
+    """Whether both sides hold the same conversations (token ids) with the same trained positions."""
+    ours_sorted, peer_sorted = sorted(ours), sorted(peer)
+    return {"ids": [i for i, _ in ours_sorted] == [i for i, _ in peer_sorted],
+            "mask": [m for _, m in ours_sorted] == [m for _, m in peer_sorted]}
+
+
+def chunks(rows: list[list[int]], n: int) -> list[list[int]]:
+    """Consecutive groups of n rows, each flattened into one list of document lengths."""
+    return [[x for row in rows[i:i + n] for x in row] for i in range(0, len(rows), n)]

@@ -2,12 +2,26 @@
 
 Work: every renderable case of the conformance corpus (shared/conformance/chat_templates/corpus/
 transformers_goldens.jsonl: 33 real templates x the conversation shapes that render without an
-error), repeated until each side has run for about `seconds` (in alternating rounds, so that noise from
-other work on the machine falls on both sides alike). Ours is `alignloop.chat.render.render`;
-the peer is `tokenizer.apply_chat_template(..., tokenize=False, chat_template=...)` on one real
-tokenizer (the tiny zoo preset's), with each case's bos/eos passed as keyword arguments. Both sides
-see each case's frozen clock, so their outputs can be compared: `identical` says every output of
-ours equals the peer's (and the corpus's expected text). Metric: renders per second.
+error, 316 cases), rendered to text, `passes` times per round on each side. `passes` is the same for
+both sides, chosen once so that a round of the peer takes about `round_seconds`.
+
+Metric: renders per second, the median of >= 3 rounds (min and max beside it). Every side renders
+the corpus once untimed first (template compilation, caches); then the rounds alternate the
+sides, who goes first flipping each round; garbage is collected before each timed round.
+
+Ours: `alignloop.chat.render.render(source, messages, bos_token=, eos_token=, tools=,
+add_generation_prompt=, continue_final_message=, now=, **extra)`.
+Peer: `tokenizer.apply_chat_template(messages, tools=, chat_template=source, add_generation_prompt=,
+continue_final_message=, tokenize=False, bos_token=, eos_token=, **extra)`, the call transformers'
+docs give for rendering a conversation with a given template, on one real tokenizer (the tiny zoo
+preset's); transformers compiles each template once and caches it, as ours does.
+
+Both: the same cases in the same order, each case's bos/eos tokens and extra keywords, the same
+frozen clock (ours through `now=`, the peer through the `datetime` that transformers'
+`strftime_now` reads), one thread (rendering is Python; `--threads` fixes torch's count, unused
+here). Before timing, every output is checked: `identical` is "k/n", the cases where ours equals
+the peer's output and the corpus's expected text, with `mismatches` naming any that do not.
+Nothing else differs.
 """
 
 from __future__ import annotations
@@ -15,13 +29,17 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import transformers
 from transformers.utils import chat_template_utils
 
+from alignloop.bench.harness import MIN_ROUNDS, alternate_rounds, fixed_threads, headline, machine_facts, summary
 from alignloop.chat.render import render
+from alignloop.errors import AlignloopError
 from alignloop.models import load_tokenizer
 
 CORPUS_SUBDIR = Path("conformance") / "chat_templates"
@@ -81,57 +99,60 @@ def _peer(tokenizer: Any, clock: Any, case: dict) -> str:
         tokenize=False, bos_token=case["bos_token"], eos_token=case["eos_token"], **case["extra_kwargs"])
 
 
-def _pass_time(one_pass) -> float:
-    one_pass()  # warm-up: compile caches
-    start = time.perf_counter()
-    one_pass()
-    return max(time.perf_counter() - start, 1e-6)
+def compare_outputs(cases: list[dict], ours: Callable[[dict], str], peer: Callable[[dict], str]) -> dict[str, Any]:
+    """Every case rendered by both sides: how many agree with each other and with the corpus."""
+    mismatches = []
+    for case in cases:
+        a, b = ours(case), peer(case)
+        if not (a == b == case["expected"]):
+            mismatches.append({"id": case["id"], "ours_is_expected": a == case["expected"],
+                               "peer_is_expected": b == case["expected"]})
+    return {"identical": f"{len(cases) - len(mismatches)}/{len(cases)}", "mismatches": mismatches}
 
 
-def _rates(ours_pass, peer_pass, n_cases: int, seconds: float, rounds: int = 8) -> tuple[float, float]:
-    """Renders per second of each side over about `seconds` each, in alternating rounds so that
-    noise from other work on the machine falls on both sides alike."""
-    ours_k = max(1, round(seconds / rounds / _pass_time(ours_pass)))
-    peer_k = max(1, round(seconds / rounds / _pass_time(peer_pass)))
-    ours_s = peer_s = 0.0
-    for _ in range(rounds):
-        gc.collect()
-        start = time.perf_counter()
-        for _ in range(ours_k):
-            ours_pass()
-        ours_s += time.perf_counter() - start
-        gc.collect()
-        start = time.perf_counter()
-        for _ in range(peer_k):
-            peer_pass()
-        peer_s += time.perf_counter() - start
-    return rounds * ours_k * n_cases / ours_s, rounds * peer_k * n_cases / peer_s
+def _timed_passes(render_one: Callable[[dict], str], cases: list[dict], passes: int) -> Callable[[], dict[str, Any]]:
+    def one_round() -> dict[str, Any]:
+        gc.collect()  # garbage of the other side's round is not collected on this side's clock
+        began = time.perf_counter()
+        for _ in range(passes):
+            for case in cases:
+                render_one(case)
+        return {"useful": passes * len(cases), "seconds": time.perf_counter() - began}
+    return one_round
 
 
-def run_bench(seconds: float = 4.0, corpus_dir: Path | None = None) -> dict:
-    """Time ours vs transformers on the corpus; ~`seconds` of rendering on each side."""
+def run_bench(rounds: int = MIN_ROUNDS, threads: int | None = None, round_seconds: float = 1.0,
+              corpus_dir: Path | None = None) -> dict[str, Any]:
+    """Ours vs transformers on the corpus: `rounds` alternating rounds of about `round_seconds` each."""
+    if rounds < MIN_ROUNDS:
+        raise AlignloopError(f"bench template: at least {MIN_ROUNDS} rounds, got {rounds}")
     cases = load_cases(corpus_dir)
     tokenizer = load_tokenizer("tiny")
     clock = _frozen_clock_for_transformers()
     saved = chat_template_utils.datetime
     chat_template_utils.datetime = clock  # strftime_now in transformers reads this name
     try:
-        identical = True
-        for case in cases:
-            ours, peer = _ours(case), _peer(tokenizer, clock, case)
-            if ours != peer or ours != case["expected"]:
-                identical = False
-
-        def ours_pass() -> None:
-            for case in cases:
-                _ours(case)
-
-        def peer_pass() -> None:
-            for case in cases:
-                _peer(tokenizer, clock, case)
-
-        ours_rate, peer_rate = _rates(ours_pass, peer_pass, len(cases), seconds)
+        with fixed_threads(threads) as n_threads:
+            return _run_bench(cases, lambda case: _peer(tokenizer, clock, case), rounds, n_threads, round_seconds)
     finally:
         chat_template_utils.datetime = saved
-    return {"bench": "template", "ours": round(ours_rate, 1), "peer": round(peer_rate, 1), "unit": "renders/s",
-            "ratio": round(ours_rate / peer_rate, 2), "cases": len(cases), "identical": identical}
+
+
+def _run_bench(cases: list[dict], peer: Callable[[dict], str], rounds: int, threads: int,
+               round_seconds: float) -> dict[str, Any]:
+    checked = compare_outputs(cases, _ours, peer)  # also the first (compiling) pass of both sides
+    began = time.perf_counter()
+    for case in cases:
+        peer(case)
+    passes = max(1, round(round_seconds / max(time.perf_counter() - began, 1e-6)))
+    configs = {"ours": _timed_passes(_ours, cases, passes), "peer": _timed_passes(peer, cases, passes)}
+    results = alternate_rounds(configs, rounds=rounds, label="bench template")
+    ours, theirs = summary(results["ours"]), summary(results["peer"])
+    return headline(
+        "template", ours, theirs, "renders/s",
+        ours_config="alignloop.chat.render.render(source, messages, bos/eos tokens, tools, flags, now=frozen, **extra)",
+        peer_config=(f"transformers {transformers.__version__} tokenizer.apply_chat_template(messages, "
+                     "chat_template=source, tokenize=False, bos/eos tokens, tools, flags, **extra), clock frozen"),
+        machine=machine_facts(threads, peers=("transformers", "jinja2")),
+        cases=len(cases), passes_per_round=passes, renders_per_round=passes * len(cases),
+        characters_per_pass=sum(len(case["expected"]) for case in cases), **checked)

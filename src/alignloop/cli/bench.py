@@ -32,16 +32,24 @@ def _record_bench(name: str, config: dict, run: str | None, runs_dir: Path, benc
 @app.command("reward")
 def bench_reward(
     responses: Annotated[int, typer.Option(min=8, help="Synthetic (context, response) pairs scored per round.")] = 256,
-    batch: Annotated[int, typer.Option(min=1)] = 64,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads for both sides.")] = 1,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences per forward, both sides.")] = 64,
+    dtypes: Annotated[str, typer.Option(help="dtypes timed on both sides, comma-separated.")] = "bfloat16,float32",
+    peer_attention: Annotated[str, typer.Option(help="The peer's attn_implementation(s), comma-separated.")]
+    = "sdpa,eager",
+    rounds: RoundsOpt = 3,
+    threads: ThreadsOpt = None,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Reward scoring throughput: MiniLM + heads (ours) vs an HF AutoModelForSequenceClassification of the same size."""
+    """Reward scoring throughput: MiniLM + heads (ours) vs an HF AutoModelForSequenceClassification of the same
+    size, both sorted by length, in each dtype; the headline is the peer's fastest dtype."""
     from alignloop.rewards.bench import run_bench
 
-    config = {"responses": responses, "batch": batch, "threads": threads}
-    _record_bench("reward", config, run, runs_dir, lambda: run_bench(n=responses, batch=batch, threads=threads))
+    config = {"responses": responses, "batch": batch, "dtypes": dtypes, "peer_attention": peer_attention,
+              "rounds": rounds, "threads": threads}
+    _record_bench("reward", config, run, runs_dir, lambda: run_bench(
+        n=responses, batch=batch, threads=threads, rounds=rounds, dtypes=tuple(dtypes.split(",")),
+        peer_attention=tuple(peer_attention.split(","))))
 
 
 @app.command("generate")
@@ -49,89 +57,138 @@ def bench_generate(
     model: ModelOpt = "smollm2-135m",
     prompts: Annotated[int, typer.Option(min=1, max=64, help="How many of the 64 fixed prompts.")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1)] = 128,
-    peer_batches: Annotated[str, typer.Option(help="HF generate batch sizes to try, comma-separated.")] = "16,64",
-    peer_dtypes: Annotated[str, typer.Option(help="HF dtypes to try, comma-separated.")] = "bfloat16,float32",
+    rounds: RoundsOpt = 3,
+    threads: ThreadsOpt = None,
+    dtype: Annotated[str, typer.Option(help="Our engine's dtype (auto: the engine's default for this CPU); "
+                                            "the peers' headline dtype follows it.")] = "auto",
+    peer_batches: Annotated[str, typer.Option(help="transformers batch sizes (generate_batch: max requests) "
+                                                   "swept per path, comma-separated.")] = "16,64",
+    peer_dtypes: Annotated[str, typer.Option(help="transformers dtypes swept per path, comma-separated.")]
+    = "bfloat16,float32",
+    paths: Annotated[str, typer.Option(help="transformers paths, comma-separated (generate, static, "
+                                            "generate_batch).")] = "generate,static,generate_batch",
+    sweep_tokens: Annotated[int, typer.Option(min=1, help="New tokens per prompt in the untimed sweep.")] = 32,
+    timed_paths: Annotated[str, typer.Option(help="transformers in the timed rounds: `best` (its fastest path "
+                                                  "in our dtype) or `each` (every path's fastest; slower).")]
+    = "best",
+    vllm: Annotated[bool, typer.Option(help="Measure vLLM on CPU (needs `make peers`).")] = True,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """RL rollout workload: sampled chat completions, ours vs transformers `generate`."""
+    """RL rollout workload: sampled chat completions, ours vs vLLM on CPU and transformers' generate paths."""
     from alignloop.bench.generate import run_bench
 
-    config = {"model": model, "prompts": prompts, "max_tokens": max_tokens,
-              "peer_batches": peer_batches, "peer_dtypes": peer_dtypes}
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    config = {"model": model, "prompts": prompts, "max_tokens": max_tokens, "rounds": rounds, "threads": threads,
+              "dtype": dtype, "peer_batches": peer_batches, "peer_dtypes": peer_dtypes, "paths": paths,
+              "sweep_tokens": sweep_tokens, "timed_paths": timed_paths, "vllm": vllm}
     _record_bench("generate", config, run, runs_dir, lambda: run_bench(
-        model=model, n_prompts=prompts, max_tokens=max_tokens,
-        peer_batches=[int(b) for b in peer_batches.split(",")], peer_dtypes=peer_dtypes.split(",")))
+        model=model, n_prompts=prompts, max_tokens=max_tokens, rounds=rounds, threads=threads, dtype=dtype,
+        peer_batches=[int(b) for b in split(peer_batches)], peer_dtypes=split(peer_dtypes), paths=split(paths),
+        sweep_tokens=sweep_tokens, timed_paths=timed_paths, vllm=vllm))
 
 
 @app.command("template")
 def bench_template(
+    rounds: RoundsOpt = 3,
+    threads: ThreadsOpt = None,
+    round_seconds: Annotated[float, typer.Option(min=0.01, help="About how long one round of the peer takes.")]
+    = 1.0,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
     """Chat-template rendering of the conformance corpus, ours vs transformers `apply_chat_template`."""
     from alignloop.bench.template import run_bench
 
-    _record_bench("template", {}, run, runs_dir, run_bench)
+    config = {"rounds": rounds, "threads": threads, "round_seconds": round_seconds}
+    _record_bench("template", config, run, runs_dir,
+                  lambda: run_bench(rounds=rounds, threads=threads, round_seconds=round_seconds))
 
 
 @app.command("logs")
 def bench_logs(
     events: Annotated[int, typer.Option(min=1000, help="Events in the simulated log.")] = 1_000_000,
-    memory_events: Annotated[int, typer.Option(min=0, help="Events for the streaming memory check (0: skip).")]
-    = 10_000_000,
+    rounds: RoundsOpt = 3,
+    threads: ThreadsOpt = None,
+    memory_events: Annotated[int, typer.Option(
+        min=0, help="Events for the streamed peak-memory check, run first (0: skip; 10M takes about 15 minutes "
+                    "on 2 cores, mostly simulating).")] = 0,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """Log pipeline filter + build, ours (Polars) vs a plain pandas implementation; optional 10M-event
-    peak-memory check (its JSON line comes first)."""
+    """Log pipeline read + filter + build: events/s, ours (Polars) vs the same stages in DuckDB SQL."""
+    import os
+
+    from alignloop.bench.harness import bench_threads
+
+    # Polars sizes its thread pool once, when it loads: set it before `alignloop.bench.logs` imports it.
+    os.environ["POLARS_MAX_THREADS"] = str(bench_threads(threads))
     from alignloop.bench.logs import run_bench, run_memory_check
 
     if memory_events:
         print(json.dumps(run_memory_check(memory_events)))
-    _record_bench("logs", {"events": events}, run, runs_dir, lambda: run_bench(events))
+    _record_bench("logs", {"events": events, "rounds": rounds, "threads": threads, "memory_events": memory_events},
+                  run, runs_dir, lambda: run_bench(events, rounds=rounds, threads=threads))
 
 
 @app.command("sft")
 def bench_sft(
     model: ModelOpt = "smollm2-135m",
-    rounds: RoundsOpt = 3,
+    rounds: Annotated[int, typer.Option(min=3, help="Alternating timed rounds per side (after a warm-up).")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per round, the same on both sides.")] = 2,
+    dtype: Annotated[str, typer.Option(help="Base weights for both sides: bfloat16 (with bf16 autocast) "
+                                            "or float32 (no autocast).")] = "bfloat16",
     threads: ThreadsOpt = None,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """SFT with LoRA: trained tokens/s, ours vs TRL `SFTTrainer` on the same conversations."""
+    """SFT with LoRA: trained tokens/s, ours vs TRL `SFTTrainer` (packed, padding-free) on the same conversations."""
     from alignloop.bench.sft import run_bench
 
-    _record_bench("sft", {"model": model, "rounds": rounds, "threads": threads}, run, runs_dir,
-                  lambda: run_bench(model=model, rounds=rounds, threads=threads))
+    _record_bench("sft", {"model": model, "rounds": rounds, "steps": steps, "dtype": dtype, "threads": threads},
+                  run, runs_dir,
+                  lambda: run_bench(model=model, rounds=rounds, steps=steps, dtype=dtype, threads=threads))
 
 
 @app.command("dpo")
 def bench_dpo(
     model: ModelOpt = "smollm2-135m",
-    rounds: RoundsOpt = 3,
+    rounds: Annotated[int, typer.Option(min=3, help="Alternating timed rounds per side (after a warm-up).")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per round, the same on both sides.")] = 2,
+    dtype: Annotated[str, typer.Option(help="Base weights for both sides: bfloat16 (with bf16 autocast) "
+                                            "or float32 (no autocast).")] = "bfloat16",
     pairs: Annotated[int, typer.Option(min=8, help="Fixed preference pairs generated for both sides.")] = 64,
     threads: ThreadsOpt = None,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """DPO with LoRA: trained pair tokens/s, ours vs TRL `DPOTrainer` on the same pairs."""
+    """DPO with LoRA: trained pair tokens/s, ours vs TRL `DPOTrainer` (reference precomputed) on the same pairs."""
     from alignloop.bench.dpo import run_bench
 
-    _record_bench("dpo", {"model": model, "rounds": rounds, "pairs": pairs, "threads": threads}, run, runs_dir,
-                  lambda: run_bench(model=model, rounds=rounds, n_pairs=pairs, threads=threads))
+    _record_bench("dpo", {"model": model, "rounds": rounds, "steps": steps, "dtype": dtype, "pairs": pairs,
+                          "threads": threads}, run, runs_dir,
+                  lambda: run_bench(model=model, rounds=rounds, steps=steps, dtype=dtype, n_pairs=pairs,
+                                    threads=threads))
 
 
 @app.command("grpo")
 def bench_grpo(
     model: ModelOpt = "smollm2-135m",
-    rounds: Annotated[int, typer.Option(min=1, help="Alternating timed steps per side (after a warm-up).")] = 3,
+    rounds: Annotated[int, typer.Option(min=3, help="Alternating timed one-step rounds per side (after a warm-up).")]
+    = 3,
+    threads: ThreadsOpt = None,
+    peer_generation: Annotated[str | None, typer.Option(
+        help="TRL's generation path: vllm, generate, static or cb (default: vllm colocate where vLLM imports, "
+             "else the path measured fastest on CPU).")] = None,
+    dtype: Annotated[str, typer.Option(help="Both sides: float32 (weights, no autocast) or bfloat16 "
+                                            "(bf16 weights, fp32 adapters, bf16 autocast).")] = "float32",
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """GRPO with LoRA, 8 prompts x 8 generations x 64 tokens: s/step, ours vs TRL `GRPOTrainer`."""
+    """GRPO with LoRA, 8 prompts x 8 generations x 64 tokens: s/step, ours vs TRL `GRPOTrainer` at its best."""
     from alignloop.bench.grpo import run_bench
 
-    _record_bench("grpo", {"model": model, "rounds": rounds}, run, runs_dir,
-                  lambda: run_bench(model=model, rounds=rounds))
+    config = {"model": model, "rounds": rounds, "threads": threads, "peer_generation": peer_generation,
+              "dtype": dtype}
+    _record_bench("grpo", config, run, runs_dir, lambda: run_bench(model=model, rounds=rounds, threads=threads,
+                                                                   peer_generation=peer_generation, dtype=dtype))

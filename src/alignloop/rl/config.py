@@ -90,6 +90,9 @@ class RLSection(Section):
     value_clip: float | None = Field(0.2, gt=0)
 
     # system
+    inference: Literal["engine", "vllm", "auto"] = Field(
+        "auto", description="who generates rollouts: our engine, vLLM (in this process; needs `import vllm`), "
+        "or auto: vLLM where a CUDA GPU is present and vLLM imports, else our engine")
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0, description="async: rollouts may come from a policy this many steps old")
     max_context: int = Field(1024, ge=16)

@@ -31,7 +31,11 @@ class PolicyLogprobs(TokenLogprobs):
     def _logprobs(self, lm, input_ids, position_ids, mask, select, targets):
         kwargs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "use_cache": False}
         hidden = lm.get_decoder()(**kwargs).last_hidden_state[select]
-        logits = lm.get_output_embeddings()(hidden).float() / self.temperature
+        logits = lm.get_output_embeddings()(hidden).float()
+        if self.temperature != 1.0:
+            # x / 1.0 is x, but it is one more pass over [N, vocab] logits forward and one backward:
+            # ~2% of a GRPO training step's CPU time on SmolLM2-135M (measured with torch.profiler)
+            logits = logits / self.temperature
         logp_all = F.log_softmax(logits, dim=-1)
         logp = logp_all.gather(1, targets[:, None]).squeeze(1)
         with torch.set_grad_enabled(self.entropy_grad and torch.is_grad_enabled()):

@@ -1,0 +1,112 @@
+"""The GEMM roofline of a decode step, measured on this machine.
+
+A decode step of a Llama-family model multiplies the batch's rows (one new token per sequence)
+by every linear layer's weight: q, k, v, o, gate, up and down in each layer, then the LM head.
+`GemmRoofline` times exactly those matrix multiplies, at the model's real shapes, in a given dtype,
+with `rows` rows, back to back over freshly allocated weights of the model's size (so the weights
+stream from memory as they do in a real step, instead of sitting in cache), and nothing else: no
+attention, norms, activations, sampling or scheduling. `rows` divided by the time of one such
+step is the tokens/s a decoder would reach if a step cost nothing but its GEMMs: a ceiling.
+A bench reports `ours / ceiling` as the fraction of it that a real engine reaches.
+
+The ceiling is the best this machine does, not the kernel our engine happens to use: it tries
+the model's own layer shapes and the fused ones (q|k|v and gate|up as one weight each), with
+torch's plain `F.linear` and with weights pre-packed for MKL (fp32) / oneDNN (bf16), and keeps
+the fastest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from alignloop.engine.llama import Arch, PackedLinear
+
+
+def linear_shapes(arch: Arch, fused: bool = False) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every linear layer one decode step runs, the LM head last.
+
+    `fused`: q|k|v and gate|up as one weight each (same multiply-adds, fewer and wider GEMMs).
+    """
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    if fused:
+        layer = [(arch.hidden, q + 2 * kv), (q, arch.hidden), (arch.hidden, 2 * arch.intermediate),
+                 (arch.intermediate, arch.hidden)]
+    else:
+        layer = [(arch.hidden, q), (arch.hidden, kv), (arch.hidden, kv), (q, arch.hidden),
+                 (arch.hidden, arch.intermediate), (arch.hidden, arch.intermediate), (arch.intermediate, arch.hidden)]
+    return layer * arch.layers + [(arch.hidden, arch.vocab)]
+
+
+def flops_per_row(arch: Arch) -> int:
+    """Multiply-adds (x2) of one decode step's GEMMs for one row."""
+    return 2 * sum(k * n for k, n in linear_shapes(arch))
+
+
+def _chain(arch: Arch, dtype: torch.dtype, rows: int, fused: bool, packed: bool) -> Callable[[], None]:
+    """One decode step's GEMMs, each over its own weight (allocated here), as a callable."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = linear_shapes(arch, fused)
+    weights = [(torch.rand(n, k, generator=gen) - 0.5).mul_(0.04).to(dtype) for k, n in shapes]
+    inputs = {k: torch.randn(rows, k, generator=gen).to(dtype) for k, _ in shapes}
+    linears = [PackedLinear(w) if packed else (lambda x, w=w: F.linear(x, w)) for w in weights]
+    pairs = [(fn, inputs[k]) for fn, (k, _) in zip(linears, shapes)]
+
+    @torch.inference_mode()
+    def step() -> None:
+        for fn, x in pairs:
+            fn(x)
+
+    return step
+
+
+class GemmRoofline:
+    """The GEMM-only decode step at `rows` rows in `dtype`: a bench configuration of its own.
+
+    Built once (it picks the fastest layout and kernel, untimed); each call then times `steps`
+    steps and returns {"useful": rows * steps, "computed": same, "seconds": s}, so it can run in
+    `harness.alternate_rounds` beside the engines and see the same load they see.
+    """
+
+    def __init__(self, arch: Arch, dtype: str | torch.dtype, rows: int, steps: int = 4):
+        self.arch, self.rows, self.steps = arch, rows, steps
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.choice, self.step = self._fastest()
+
+    def _fastest(self) -> tuple[str, Callable[[], None]]:
+        best: tuple[float, str, Callable[[], None]] | None = None
+        for fused in (False, True):
+            for packed in (False, True):
+                if packed and PackedLinear(torch.zeros(1, 1, dtype=self.dtype)).kind == "plain":
+                    continue  # no MKL / oneDNN here: plain F.linear is the only kernel
+                step = _chain(self.arch, self.dtype, self.rows, fused, packed)
+                step()  # first call: kernel selection, packing caches
+                seconds = min(_timed(step) for _ in range(2))
+                name = f"{'fused' if fused else 'per-layer'} weights, {'pre-packed' if packed else 'F.linear'}"
+                if best is None or seconds < best[0]:
+                    best = (seconds, name, step)
+        assert best is not None
+        return best[1], best[2]
+
+    def __call__(self) -> dict[str, Any]:
+        seconds = sum(_timed(self.step) for _ in range(self.steps))
+        return {"useful": self.rows * self.steps, "computed": self.rows * self.steps, "seconds": seconds}
+
+    def facts(self) -> dict[str, Any]:
+        return {"dtype": str(self.dtype).removeprefix("torch."), "rows": self.rows, "kernel": self.choice,
+                "gflop_per_step": round(flops_per_row(self.arch) * self.rows / 1e9, 2)}
+
+
+def _timed(step: Callable[[], None]) -> float:
+    began = time.perf_counter()
+    step()
+    return time.perf_counter() - began
+
+
+def fraction(ours_tok_s: float, ceiling_tok_s: float) -> float:
+    """ours / ceiling, rounded; 0 when the ceiling is unknown."""
+    return round(ours_tok_s / ceiling_tok_s, 3) if ceiling_tok_s else 0.0
