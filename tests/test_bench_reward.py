@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from alignloop.errors import AlignloopError
-from alignloop.rewards import bench
-from alignloop.rewards.bench import HFRewardModel, our_model, run_bench, synthetic_pairs, token_accounting
+from alignloop.bench import reward as bench
+from alignloop.bench.reward import HFRewardModel, our_model, run_bench, synthetic_pairs, token_accounting
 from alignloop.rewards.model import RewardModel
 
 

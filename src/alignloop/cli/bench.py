@@ -43,7 +43,7 @@ def bench_reward(
 ) -> None:
     """Reward scoring throughput: MiniLM + heads (ours) vs an HF AutoModelForSequenceClassification of the same
     size, both sorted by length, in each dtype; the headline is the peer's fastest dtype."""
-    from alignloop.rewards.bench import run_bench
+    from alignloop.bench.reward import run_bench
 
     config = {"responses": responses, "batch": batch, "dtypes": dtypes, "peer_attention": peer_attention,
               "rounds": rounds, "threads": threads}
