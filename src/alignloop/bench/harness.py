@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from alignloop.engine.engine import cpu_flags
 from alignloop.train.threads import torch_threads
 from alignloop.ui import say
 
@@ -57,17 +58,6 @@ def fixed_threads(threads: int | None) -> Iterator[int]:
 
 
 # --- the machine ---------------------------------------------------------------------------------
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_model() -> str:

@@ -67,3 +67,12 @@ class InferenceEngine(Protocol):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the policy weights in place (HF parameter names), e.g. after an RL step."""
         ...
+
+
+def per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: a single one is shared by all `n`; a list must have `n`."""
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"{n} prompts but {len(params)} sampling params")
+    return list(params)

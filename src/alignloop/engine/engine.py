@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from alignloop.engine.api import Completion, SamplingParams
+from alignloop.engine.api import Completion, SamplingParams, per_prompt
 from alignloop.engine.llama import CausalLM
 from alignloop.engine.sampling import sample
 from alignloop.models import load_model
@@ -38,11 +38,12 @@ def pick_dtype(name: str) -> torch.dtype:
         return getattr(torch, name)
     if torch.cuda.is_available():
         return torch.bfloat16
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & flags else torch.float32
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -115,10 +116,7 @@ class Engine:
 
     def generate(self, prompts: Sequence[str | list[int]],
                  params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = per_prompt(params, len(prompts))
         encoded = [p if isinstance(p, list) else self._encode(p) for p in prompts]
         for i, p in enumerate(encoded):
             if (problem := self.prompt_problem(p)) is not None:

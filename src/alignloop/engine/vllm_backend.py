@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from alignloop.engine.api import Completion, SamplingParams
+from alignloop.engine.api import Completion, SamplingParams, per_prompt
 from alignloop.errors import AlignloopError
 from alignloop.models import resolve_model
 
@@ -145,10 +145,7 @@ class VllmEngine:
                  params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
         from vllm.inputs import TokensPrompt
 
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = per_prompt(params, len(prompts))
         encoded = [p if isinstance(p, list) else self.tokenizer(p, add_special_tokens=False)["input_ids"]
                    for p in prompts]
         for i, p in enumerate(encoded):
