@@ -83,6 +83,8 @@ def test_the_json_line_carries_rounds_machine_and_identity(tmp_path):
     assert machine["threads"] == 1 and line["duckdb_settings"]["threads"] == 1
     assert all(machine["versions"][p] for p in ("polars", "duckdb", "pyarrow"))
     assert line["parquet"]["compression"] == "zstd"
+    accounting = line["accounting"]
+    assert accounting["ours"] == accounting["duckdb"] and accounting["ours"]["events_in"] == line["events"] >= 3000
 
 
 def test_memory_check_runs_the_real_commands(tmp_path):

@@ -35,6 +35,9 @@ eight sequences of four pairs. Measured here (1 thread, CPU seconds, the same fi
 with 4 pairs per forward, 11.1 with 1; its reference pass 59.8 and 47.4.
 
 What differs, and cannot be set alike:
+- LoRA: both train the same peft adapters; ours runs them through its own forward
+  (`alignloop.train.lora_forward`: the scale folded into B, the add into the matmul, no
+  bf16 -> fp32 -> bf16 round trip of each adapter's input under autocast), TRL through peft's.
 - padding: TRL pads a pair's two sequences to the longer one (its `padding_free` is "temporarily
   unavailable" for DPO in TRL 1.x: it warns and falls back to padding), so it computes `computed`
   tokens per step against `useful`; ours packs the step's 8 sequences into one row and runs
@@ -79,7 +82,7 @@ from alignloop.bench.training import (
 from alignloop.models import load_model
 from alignloop.train.config import DPOTrainSection, LoraSection
 from alignloop.train.dpo import PreferenceObjective, compute_reference
-from alignloop.train.dpo_data import Pair, collate_pairs, tokenize_pairs
+from alignloop.train.dpo_data import Pair, PairBatches, collate_pairs, tokenize_pairs
 from alignloop.train.sft_data import epoch_chunks
 from alignloop.ui import say
 
@@ -353,8 +356,6 @@ def one_epoch_rate(steps_rate: float, reference_rate: float) -> float:
 
 def reference_slots(ours: Ours) -> int:
     """Tokens (padding included) our reference pass runs through: its packed rows, padded per batch."""
-    from alignloop.train.dpo_data import PairBatches
-
     batches = PairBatches(ours.pairs, 2 * MAX_SEQ_LEN, PAIRS_PER_STEP, pad_id=ours.pad_id, shuffle=False)(0)
     return sum(int(batches[i].packed.input_ids.numel()) for i in range(len(batches)))
 

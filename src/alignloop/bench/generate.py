@@ -163,7 +163,8 @@ class Ours:
         return {"useful": sum(useful_tokens(o.token_ids, self.work.eos, self.work.ignore_eos) for o in outs),
                 "computed": int(stats["generated_tokens"]), "seconds": seconds,
                 "eos_rate": sum(o.finish_reason == "stop" for o in outs) / len(outs),
-                "decode_rows_mean": round(stats["generated_tokens"] / max(stats["decode_steps"], 1), 1)}
+                # The first token of each sequence comes from its prefill, not from a decode step.
+                "decode_rows_mean": round((stats["generated_tokens"] - len(outs)) / max(stats["decode_steps"], 1), 1)}
 
 
 class TransformersGenerate:
@@ -257,7 +258,12 @@ class Vllm:
 
     def __call__(self) -> dict[str, Any]:
         w = self.work
-        return self.peer.run(w.chats, w.max_tokens, w.seeds, TEMPERATURE, TOP_P, ignore_eos=w.ignore_eos)
+        result = dict(self.peer.run(w.chats, w.max_tokens, w.seeds, TEMPERATURE, TOP_P, ignore_eos=w.ignore_eos))
+        if w.ignore_eos:
+            # The worker counts up to the first EOS whatever the mode; with EOS ignored every
+            # generated token is asked for, so every one is useful (as on our side).
+            result["useful"] = result["computed"]
+        return result
 
 
 def start_vllm(model: str, dtype: str, threads: int, stack: contextlib.ExitStack):
@@ -311,85 +317,136 @@ def run_bench(model: str = "smollm2-135m", n_prompts: int = 64, max_tokens: int 
         ours_dtype = str(pick_dtype(dtype)).removeprefix("torch.")
         fp32_model, tokenizer = load_model(model, dtype="float32")
         work = workload(tokenizer, eos_ids(fp32_model, tokenizer), n_prompts, max_tokens)
-        fixed = work.fixed_length()
-        arch = Arch.from_config(fp32_model.config)
-        rows = min(MAX_BATCH, len(work.chats))
+        names = Names(ours_dtype)
+        configs: dict[str, Callable[[], dict[str, Any]]] = {
+            names.ours: Ours(fp32_model, tokenizer, ours_dtype, work),
+            names.ours_fixed: Ours(fp32_model, tokenizer, ours_dtype, work.fixed_length())}
 
-        # transformers: generate_batch gets models of its own, so that its manager (which may
-        # switch the attention implementation) never touches the model `generate` runs.
-        models: dict[tuple[bool, str], Any] = {(False, "float32"): fp32_model}
-
-        def hf_model(path: str, dt: str):
-            key = (path == "generate_batch", dt)
-            if key not in models:
-                models[key] = load_model(model, dtype=dt)[0]
-            return models[key]
-
+        hf = Transformers(model, fp32_model, tokenizer)
         say(f"generate: sweeping transformers paths over dtypes {list(peer_dtypes)} and batches "
             f"{list(peer_batches)} ({sweep_tokens} new tokens)")
-        short = work.shorter(sweep_tokens)
         candidates = [(p, dt, b) for p in paths for dt in peer_dtypes for b in peer_batches]
-        swept = sweep({config_name(*c): (lambda w, c=c: transformers_side(c[0], hf_model(c[0], c[1]), tokenizer, w,
-                                                                           c[2])) for c in candidates}, short)
-        fastest = lambda among: max(among, key=lambda c: swept[config_name(*c)])  # noqa: E731
-        # Timed in the rounds: the fastest transformers configuration in our dtype (with
-        # `timed_paths="each"`, every path's fastest in our dtype), and the fastest of all when
-        # that one is in another dtype (for `best_of_each`).
-        same = [c for c in candidates if c[1] == ours_dtype]
-        timed = ([fastest([c for c in same if c[0] == p]) for p in paths if any(c[0] == p for c in same)]
-                 if timed_paths == "each" else [fastest(same)] if same else [])
-        if candidates and fastest(candidates)[1] != ours_dtype:
-            timed.append(fastest(candidates))
-
-        configs: dict[str, Callable[[], dict[str, Any]]] = {}
-        closers = []
-        ours_name, fixed_name, ceiling_name = f"ours {ours_dtype}", f"ours {ours_dtype} fixed-length", "gemm ceiling"
-        configs[ours_name] = Ours(fp32_model, tokenizer, ours_dtype, work)
-        configs[fixed_name] = Ours(fp32_model, tokenizer, ours_dtype, fixed)
+        swept = sweep({config_name(*c): (lambda w, c=c: hf.side(*c, w)) for c in candidates}, work.shorter(sweep_tokens))
         hf_timed: dict[str, str] = {}  # config name -> its dtype
-        for p, dt, b in timed:
-            side = transformers_side(p, hf_model(p, dt), tokenizer, work, b)
-            configs[config_name(p, dt, b)] = side
-            hf_timed[config_name(p, dt, b)] = dt
-            if hasattr(side, "close"):
-                closers.append(side.close)
-        stack.callback(lambda: [close() for close in closers])
+        for c in timed_transformers(candidates, swept, ours_dtype, timed_paths):
+            configs[config_name(*c)] = hf.side(*c, work)
+            hf_timed[config_name(*c)] = c[1]
+        stack.callback(hf.close)
 
         vllm_status: Any = "not measured: --no-vllm" if not vllm else start_vllm(model, ours_dtype, n_threads, stack)
-        vllm_name = vllm_fixed_name = None
         if not isinstance(vllm_status, str):
-            vllm_name, vllm_fixed_name = f"vllm {ours_dtype}", f"vllm {ours_dtype} fixed-length"
-            configs[vllm_name] = Vllm(vllm_status, work)
-            configs[vllm_fixed_name] = Vllm(vllm_status, fixed)
-        configs[ceiling_name] = ceiling = GemmRoofline(arch, ours_dtype, rows)
+            configs[names.vllm] = Vllm(vllm_status, work)
+            configs[names.vllm_fixed] = Vllm(vllm_status, work.fixed_length())
+        ceiling = GemmRoofline(Arch.from_config(fp32_model.config), ours_dtype, min(MAX_BATCH, len(work.chats)))
+        configs[names.ceiling] = ceiling
 
         results = alternate_rounds(configs, rounds=rounds, warmup=True, label="generate")
-        summaries = {name: summary(r) for name, r in results.items()}
+        line = _line(names, results, hf_timed, vllm_status, ceiling)
+        line["sweep"] = {"new_tokens": min(sweep_tokens, max_tokens), "tok_s": swept}
+        line["workload"] = {"model": model, "prompts": len(work.chats), "max_tokens": max_tokens,
+                            "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": "off", "seed": SEED}
+        ours, peer = line.pop("ours"), line.pop("peer")
+        return headline("generate", ours, peer, UNIT, ours_config=names.ours, peer_config=line.pop("peer_config"),
+                        machine=machine_facts(n_threads, peers=("transformers",)), **line)
 
-        ours = summaries[ours_name]
-        hf_same = {n: s for n, s in summaries.items() if hf_timed.get(n) == ours_dtype}
-        hf_best_name = max(hf_same, key=lambda n: hf_same[n]["median"]) if hf_same else None
-        peer_name = vllm_name or hf_best_name
-        if peer_name is None:
-            raise AlignloopError(f"bench generate: no peer measured in {ours_dtype}: vLLM is {vllm_status!r}, "
-                                 f"and no transformers path ran in {ours_dtype} (--peer-dtypes)")
-        ceiling_tok_s = summaries[ceiling_name]["median"]
-        extra: dict[str, Any] = {"dtype": ours_dtype}
-        if hf_best_name:
-            extra["ratio_transformers_best"] = ratio(ours, summaries[hf_best_name])
-            extra["transformers_best"] = hf_best_name
-        extra["vllm"] = ({"facts": vllm_status.facts()} if vllm_name else vllm_status)
-        extra["ours_fraction_of_ceiling"] = fraction(ours["median"], ceiling_tok_s)
-        extra["fixed_length"] = _fixed_length_line(summaries, fixed_name, vllm_fixed_name, ceiling_tok_s)
-        extra["best_of_each"] = _best_of_each(summaries, ours_name, vllm_name, hf_timed)
-        extra["ceiling"] = {"tok_s": ceiling_tok_s, **ceiling.facts(),
-                            "what": "a decode step's GEMMs alone (no attention, norms, sampling), same dtype"}
-        extra["configs"] = {n: {**s, **_tokens(results[n])} for n, s in summaries.items() if n != ceiling_name}
-        extra["sweep"] = {"new_tokens": short.max_tokens, "tok_s": swept}
-        extra["workload"] = {"model": model, "prompts": len(work.chats), "max_tokens": max_tokens,
-                             "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": "off", "seed": SEED}
-        return headline("generate", ours, summaries[peer_name], UNIT, ours_config=ours_name, peer_config=peer_name,
-                        machine=machine_facts(n_threads, peers=("transformers", "vllm")), **extra)
+
+@dataclass(frozen=True)
+class Names:
+    """The configurations' names in the rounds and the JSON line."""
+
+    dtype: str
+
+    @property
+    def ours(self) -> str:
+        return f"ours {self.dtype}"
+
+    @property
+    def ours_fixed(self) -> str:
+        return f"ours {self.dtype} fixed-length"
+
+    @property
+    def vllm(self) -> str:
+        return f"vllm {self.dtype}"
+
+    @property
+    def vllm_fixed(self) -> str:
+        return f"vllm {self.dtype} fixed-length"
+
+    ceiling = "gemm ceiling"
+
+
+class Transformers:
+    """The transformers models the paths run on, loaded once per (path family, dtype).
+
+    generate_batch gets models of its own, so that its manager (which may switch the attention
+    implementation) never touches the model `generate` runs.
+    """
+
+    def __init__(self, model: str, fp32_model, tokenizer):
+        self.name, self.tokenizer = model, tokenizer
+        self.models: dict[tuple[bool, str], Any] = {(False, "float32"): fp32_model}
+        self.closers: list[Callable[[], None]] = []
+
+    def side(self, path: str, dtype: str, batch: int, work: Workload):
+        key = (path == "generate_batch", dtype)
+        if key not in self.models:
+            self.models[key] = load_model(self.name, dtype=dtype)[0]
+        side = transformers_side(path, self.models[key], self.tokenizer, work, batch)
+        if hasattr(side, "close"):
+            self.closers.append(side.close)
+        return side
+
+    def close(self) -> None:
+        for close in self.closers:
+            close()
+
+
+def timed_transformers(candidates: list[tuple[str, str, int]], swept: dict[str, float], dtype: str,
+                       timed_paths: str) -> list[tuple[str, str, int]]:
+    """The transformers configurations the rounds time: the sweep's fastest in our dtype (with
+    `timed_paths="each"`, every path's fastest in our dtype), and the fastest of all when that one
+    is in another dtype (for `best_of_each`)."""
+    def fastest(among):
+        return max(among, key=lambda c: swept[config_name(*c)])
+
+    same = [c for c in candidates if c[1] == dtype]
+    if timed_paths == "each":
+        paths = dict.fromkeys(c[0] for c in same)
+        timed = [fastest([c for c in same if c[0] == p]) for p in paths]
+    else:
+        timed = [fastest(same)] if same else []
+    if candidates and fastest(candidates)[1] != dtype:
+        timed.append(fastest(candidates))
+    return timed
+
+
+def _line(names: Names, results: dict[str, list[dict[str, Any]]], hf_timed: dict[str, str], vllm_status: Any,
+          ceiling: GemmRoofline) -> dict[str, Any]:
+    """Everything the JSON line says besides the machine (the medians as summaries under ours/peer)."""
+    summaries = {name: summary(r) for name, r in results.items()}
+    measured_vllm = not isinstance(vllm_status, str)
+    ours = summaries[names.ours]
+    hf_same = [n for n, dt in hf_timed.items() if dt == names.dtype]
+    hf_best = max(hf_same, key=lambda n: summaries[n]["median"]) if hf_same else None
+    peer_name = names.vllm if measured_vllm else hf_best
+    if peer_name is None:
+        raise AlignloopError(f"bench generate: no peer measured in {names.dtype}: vLLM is {vllm_status!r}, "
+                             f"and no transformers path ran in {names.dtype} (--peer-dtypes, --paths)")
+    ceiling_tok_s = summaries[names.ceiling]["median"]
+    line: dict[str, Any] = {"ours": ours, "peer": summaries[peer_name], "peer_config": peer_name,
+                            "dtype": names.dtype}
+    if hf_best:
+        line["ratio_transformers_best"] = ratio(ours, summaries[hf_best])
+        line["transformers_best"] = hf_best
+    line["vllm"] = {"facts": vllm_status.facts()} if measured_vllm else vllm_status
+    line["ours_fraction_of_ceiling"] = fraction(ours["median"], ceiling_tok_s)
+    line["fixed_length"] = _fixed_length_line(summaries, names.ours_fixed,
+                                              names.vllm_fixed if measured_vllm else None, ceiling_tok_s)
+    line["best_of_each"] = _best_of_each(summaries, names.ours, names.vllm if measured_vllm else None, hf_timed)
+    line["ceiling"] = {"tok_s": ceiling_tok_s, **ceiling.facts(),
+                       "what": "a decode step's GEMMs alone (no attention, norms, sampling), same dtype"}
+    line["configs"] = {n: {**s, **_tokens(results[n])} for n, s in summaries.items() if n != names.ceiling}
+    return line
 
 
 def _check_settings(dtype: str, peer_dtypes: Sequence[str], paths: Sequence[str], timed_paths: str) -> None:

@@ -50,6 +50,7 @@ token accounting, the parity facts read off each side, TRL's settings, and the m
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import statistics
@@ -183,8 +184,8 @@ def wrap(obj: Any, name: str, around: Callable[..., Any]) -> None:
 def rl_section(dtype: str = "float32") -> RLSection:
     return RLSection(algorithm="dapo", prompts_per_step=PROMPTS, group=GENERATIONS, steps=1_000_000, lr=LR,
                      clip_low=CLIP, clip_high=CLIP, scale_rewards=True, beta=0.0, epochs=1, max_grad_norm=1.0,
-                     lora=LoraSection(**LORA), bf16=dtype == "bfloat16", micro_batch=MICRO_BATCH, tis_cap=2.0, schedule="constant",
-                     seed=SEED)
+                     lora=LoraSection(**LORA), bf16=dtype == "bfloat16", micro_batch=MICRO_BATCH, tis_cap=2.0,
+                     schedule="constant", seed=SEED)
 
 
 class Ours:
@@ -218,7 +219,10 @@ class Ours:
                 for obs in self.env.reset(bench_problems())]
 
     def step(self) -> dict[str, Any]:
-        """One GRPO step, timed from the first generated token's request to the synced engine."""
+        """One GRPO step, timed from the rollout's start to the engine holding the updated weights.
+
+        `split`: generation (the engine), scoring (the env's reward, with rendering and tokenizing
+        the prompts), training (Trainer.step), sync (merging the adapters, loading the engine)."""
         self.n += 1
         began = time.perf_counter()
         rollout = play(self.env, self.inference, self.tokenizer, bench_problems(), GENERATIONS, self.params,
@@ -258,7 +262,7 @@ def vllm_problem() -> str | None:
     if importlib.util.find_spec("vllm") is None:
         return "not importable here"
     try:
-        import vllm  # noqa: F401  (only whether it imports)
+        importlib.import_module("vllm")
     except Exception as e:  # a broken install fails in many ways; the line says which
         return f"not importable here ({type(e).__name__})"
     return None
@@ -376,8 +380,9 @@ class Peer(TrlPeer):
         split = {"generation": self._split.get("generation", 0.0), "scoring": self._split.get("scoring", 0.0),
                  "training": seconds - rollout,
                  "other": rollout - self._split.get("generation", 0.0) - self._split.get("scoring", 0.0)}
+        reward = float(np.mean(self._rewards)) if self._rewards else float("nan")
         return {"useful": self._tokens.get("generated", 0), "seconds": seconds, "split": split,
-                "tokens": dict(self._tokens), "reward": float(np.mean(self._rewards)) if self._rewards else float("nan")}
+                "tokens": dict(self._tokens), "reward": reward}
 
     def describe(self) -> dict[str, Any]:
         t = self.trainer

@@ -17,22 +17,26 @@ round (all threads) beside them.
 Same settings on both sides:
 - threads: `threads` (default every core this process may use) for Polars (its pool is sized once,
   from POLARS_MAX_THREADS, when Polars loads: the CLI sets it first, and `run_bench` re-runs itself
-  in a child process with it when this process's pool has another size), pyarrow's pool
-  (`pa.set_cpu_count`) and DuckDB (`threads`);
+  in a child process with it when this process's pool has another size), for pyarrow's pool
+  (`pa.set_cpu_count`: reads, ours's parallel gathers of message strings, and its dataset writers,
+  at most two background threads) and for DuckDB (`threads`); the MinHash blocks, the one numpy
+  step both sides share, run on Polars' thread count;
 - Parquet: every dataset file with ours's settings (`builders.PARQUET`): zstd at level 1, min/max
   statistics on every column (DuckDB cannot leave them out), row groups of 122,880 rows (DuckDB's
-  default); dictionary encoding as each library decides by default;
+  default); dictionary encoding: none in ours, DuckDB's default (columns with few distinct values);
 - DuckDB as its documentation recommends: `threads`, `preserve_insertion_order = false`, the
   default memory limit.
 
-What differs, inherently: RE2's `\\b` is ASCII-only (see `logs_duckdb`); ours computes a funnel
-report (rows before/after every filter, decisions with reasons), the peer only the dropped ids.
+What differs, inherently: RE2's `\\b` is ASCII-only and DuckDB's `lower` maps letter to letter
+(see `logs_duckdb`: neither shows on these logs); ours computes a funnel report (rows before and
+after every filter, decisions with reasons), the peer only the dropped ids; ours writes each file
+under a temporary name, syncs it and renames it (`runs.atomic_path`), DuckDB writes it in place.
 
 Identical outputs: after the warm-up, both sides' filtered tables (sorted by their id), the ids
 each filter dropped, and every dataset file (sorted by `example_id`) are compared; `identical` in
 the JSON line says whether all are equal, `differences` lists what is not.
 
-`run_memory_check` (off by default in the CLI: simulating 10M events alone takes over ten minutes
+`run_memory_check` (off by default in the CLI: simulating 10M events alone takes over five minutes
 on two cores) runs a bigger world the way a user would: simulated block by block into a Parquet
 log folder, then the real `alignloop logs filter` and `alignloop logs build` commands on it, each
 in its own process, and reports each one's peak resident memory (`wait4` max RSS).
@@ -46,6 +50,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -247,7 +252,7 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: 
             results = alternate_rounds(configs, rounds=rounds, label="bench logs")
             (ours_out, ours_dir), (peer_out, peer_dir) = kept["ours"], kept["duckdb"]
             diffs = compare(ours_out, ours_dir, peer_out, peer_dir)
-            examples = dataset_rows(ours_dir)
+            examples = {"ours": dataset_rows(ours_dir), "duckdb": dataset_rows(peer_dir)}
     finally:
         pa.set_cpu_count(before)
     ours, peer = summary(results["ours"]), summary(results["duckdb"])
@@ -256,7 +261,9 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: 
         ours_config="pyarrow read_logs + Polars run_filters + build_datasets (in memory, default configs)",
         peer_config="DuckDB SQL: read_parquet, filters as window functions + DELETE, datasets by COPY TO parquet",
         machine=machine_facts(threads, peers=("polars", "duckdb", "pyarrow")),
-        events=n, examples=examples, identical=not diffs,
+        events=n, identical=not diffs,
+        # Useful work is the input events, the same on both sides; what each side made of them:
+        accounting={side: {"events_in": n, "examples_out": examples[side]} for side in results},
         cpu_seconds={side: _median([r["cpu_seconds"] for r in results[side]]) for side in results},
         wall_seconds={side: _median([r["seconds"] for r in results[side]]) for side in results},
         parquet={**PARQUET, "statistics": "min/max, every column", "dictionary": "ours: none; DuckDB: its default"},
@@ -269,9 +276,7 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: 
 
 
 def _median(values: list[float]) -> float:
-    values = sorted(values)
-    mid = len(values) // 2
-    return round(values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2, 2)
+    return round(statistics.median(values), 2)
 
 
 def _in_child(events: int, seed: int, rounds: int, threads: int, work_dir: str | Path | None) -> dict[str, Any]:

@@ -38,6 +38,9 @@ forward, 19.8 with 1. (`flex_attention`, which would skip the masked blocks, has
 CPU in torch 2.13.)
 
 What differs, and cannot be set alike:
+- LoRA: both train the same peft adapters; ours runs them through its own forward
+  (`alignloop.train.lora_forward`: the scale folded into B, the add into the matmul, no
+  bf16 -> fp32 -> bf16 round trip of each adapter's input under autocast), TRL through peft's.
 - attention: TRL's row of ~500 tokens attends as one dense masked block (every query-key pair of
   the row computed, most masked away); ours runs attention per conversation
   (`segment_attention`), in fp32 on CPU. Both are exact; `attention_pairs_per_step` counts the

@@ -111,8 +111,8 @@ def bench_logs(
     rounds: RoundsOpt = 3,
     threads: ThreadsOpt = None,
     memory_events: Annotated[int, typer.Option(
-        min=0, help="Events for the streamed peak-memory check, run first (0: skip; 10M takes about 15 minutes "
-                    "on 2 cores, mostly simulating).")] = 0,
+        min=0, help="Events for the streamed peak-memory check, run first (0: skip; at 10M, simulating alone "
+                    "takes over five minutes on 2 cores).")] = 0,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:

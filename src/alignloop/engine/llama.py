@@ -250,7 +250,9 @@ class CausalLM:
         h += layer["o_fn"](attn)
         x = _rms_norm(h, layer["ln2"], self.arch.rms_eps)
         gate, up = layer["gate_up_fn"](x).chunk(2, dim=-1)
-        return h.add_(layer["down_fn"](F.silu(gate, inplace=True).mul_(up)))
+        # silu out of place: `gate` is a strided half of gate|up, and the down projection wants a
+        # contiguous input.
+        return h.add_(layer["down_fn"](F.silu(gate).mul_(up)))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits in the engine's dtype (`sampling.sample` takes its softmax in fp32 from them)."""
