@@ -129,6 +129,23 @@ def test_counts_add_up(filtered, built):
     assert set(safety.filter(pl.col("label") == 1)["turn_id"]) == set(reports["turn_id"])
 
 
+def test_notes_say_which_source_and_which_label_cannot_train(built):
+    _, report = built
+    notes = {n["dataset"]: n for n in report.notes}
+    selects = report.facts["select_events"]
+    assert notes["sft"] == {"dataset": "sft", "kind": "choice", "line": (
+        f"sft: source auto -> swipes — {selects:,} answers were settled on after swiping; only they are targets "
+        '(build.sft.source = "selected" takes every selected answer)')}
+    # Five days of logs: a 7-day outcome is seen only for users who came back, so it is always 1.
+    rows = report.datasets["rm/returned_7d/train"]["rows"] + report.datasets["rm/returned_7d/eval"]["rows"]
+    censored = report.skipped["rm/returned_7d:censored"]
+    assert notes["rm/returned_7d"]["line"] == (
+        f"rm/returned_7d: label constant 1 over {rows:,} rows — only returns are observed: the logs end less than "
+        f"7 day(s) after the other {censored:,} answers, whose outcomes are censored; the returned_7d head will "
+        "not train")
+    assert set(notes) == {"sft", "rm/returned_7d"}  # every other set can train and be evaluated
+
+
 def test_weights_carry_the_user_cap(filtered, built):
     out_dir, _ = built
     continued = pl.concat([_read(out_dir, "rm/continue/train"), _read(out_dir, "rm/continue/eval")])

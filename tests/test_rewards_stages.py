@@ -64,6 +64,10 @@ def test_stages_write_their_outputs(trained, capsys):
     w = json.loads((weights.dir / "weights.json").read_text())
     assert set(w["learned"]) == {h for h in recipe.data.heads if h != "safety"}
     assert w["heldout_auc"]["learned"] is not None
+    assert w["served"] in ("learned", "equal") and w["weights"] == w[w["served"]]
+    for h in ("continue", "thumbs", "returned_7d"):
+        r = report[h]
+        assert {"positive_rate", "baseline_accuracy", "balanced_accuracy", "auc"} <= set(r), h
     assert run_rm_train(recipe).is_complete()  # unchanged inputs: skipped
 
 

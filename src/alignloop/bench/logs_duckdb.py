@@ -470,11 +470,15 @@ def build_datasets_duckdb(con: duckdb.DuckDBPyConnection, config: BuildConfig | 
                 "WHERE type = 'select' AND turn_id IS NOT NULL")
     con.execute("CREATE OR REPLACE TEMP TABLE _chosen AS SELECT * FROM turns "
                 "WHERE role = 'assistant' AND selected AND turn_id IN (FROM _selects)")
-    if config.rm.enabled:
+    if config.rm.enabled or config.rl.enabled:
         _user_split(con, config)
 
     if config.sft.enabled:
-        pool = "_chosen" if config.sft.source == "swipes" else \
+        source = config.sft.source
+        if source == "auto":  # as ours decides: swipes when the logs have any select event
+            selects = con.execute("SELECT count(*) FROM events WHERE type = 'select'").fetchone()[0]
+            source = "swipes" if selects else "selected"
+        pool = "_chosen" if source == "swipes" else \
             "(SELECT * FROM turns WHERE role = 'assistant' AND selected)"
         counts["sft"] = _copy(con, f"""
             SELECT 'sft:' || turn_id AS example_id, a.user_id, a.conversation_id, turn_id, a.character_id,
@@ -493,6 +497,8 @@ def build_datasets_duckdb(con: duckdb.DuckDBPyConnection, config: BuildConfig | 
 
     if config.distill.enabled:
         _distill(con, config, out_dir, parquet, counts)
+    if config.rl.enabled:
+        _rl(con, config, out_dir, parquet, counts)
     return counts
 
 
@@ -603,6 +609,30 @@ def _distill(con: duckdb.DuckDBPyConnection, config: BuildConfig, out_dir: Path,
         con.unregister("_distill_hash")
         rows = "FROM _distill"
     counts["distill"] = _copy(con, rows, out_dir / "distill.parquet", parquet)
+
+
+def _rl(con: duckdb.DuckDBPyConnection, config: BuildConfig, out_dir: Path, parquet: ParquetSettings,
+        counts: dict[str, int]) -> None:
+    """RL prompts: every user turn on a path with its context (`rl.max_context_messages`, else the
+    build's), one per distinct messages over both splits (the smallest example id), split by user as
+    the reward sets are, at most `max_prompts` per split (by stable hash of the example id)."""
+    window = config.rl.max_context_messages
+    shaped = config if window is None else config.model_copy(update={"max_context_messages": window})
+    rows = f"""SELECT 'rl:' || p.turn_id AS example_id, c.user_id, p.conversation_id, p.turn_id, c.character_id,
+                      {_messages(shaped, "p.idx + 1")} AS messages, c.weight
+               FROM _path p JOIN _convs c USING (conversation_id) WHERE p.role = 'user'"""
+    if config.rl.dedup:
+        rows = f"SELECT * FROM ({rows}) QUALIFY row_number() OVER (PARTITION BY messages ORDER BY example_id) = 1"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _rl AS {rows}")
+    cap = config.rl.max_prompts
+    if cap is not None:
+        _stable_hashes(con, "_rl_hash", "SELECT example_id AS id FROM _rl", "rl")
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE _rl AS SELECT r.* FROM _rl r
+                        JOIN _rl_hash k ON k.id = r.example_id JOIN _split s USING (user_id)
+                        QUALIFY row_number() OVER (PARTITION BY s.eval ORDER BY k.h) <= {cap}""")
+        con.unregister("_rl_hash")
+    _split_copies(con, "rl", "SELECT example_id, user_id, conversation_id, turn_id, character_id, messages, weight "
+                             "FROM _rl WHERE true", out_dir, parquet, counts, "user_id")
 
 
 __all__ = ["ParquetSettings", "build_datasets_duckdb", "connect", "fetch_tables", "load_logs", "run_filters_duckdb"]

@@ -29,7 +29,8 @@ def simulate(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: 
 @app.command("ingest")
 def ingest(
     inputs: Annotated[list[Path] | None, typer.Argument(
-        help="JSONL or Parquet files, or log folders (<table>.parquet / <table>.jsonl).", show_default=False)] = None,
+        help="JSONL or Parquet files, or log folders (<table>.parquet / <table>.jsonl); chat exports "
+             "(OpenAI, ShareGPT, Parquet, saved datasets) too, see --format.", show_default=False)] = None,
     chitchat: Annotated[bool, typer.Option(
         "--chitchat", help="Also ingest the chitchat-dataset package's conversations (pip install chitchat-dataset).")
     ] = False,
@@ -37,11 +38,16 @@ def ingest(
     runs_dir: RunsDirOpt = Path("runs"),
     fresh: Annotated[bool, typer.Option(
         "--fresh", help="Start from empty tables instead of adding to what this run already ingested.")] = False,
+    format_: Annotated[str, typer.Option(
+        "--format", help="auto (told by content), logs (the log schema), openai (JSONL/JSON with messages), "
+                         "sharegpt (JSONL/JSON with conversations), table (Parquet or a saved datasets folder).")
+    ] = "auto",
 ) -> None:
     """Validate log rows into conformed tables; every bad row goes to quarantine.jsonl with its reason."""
     from alignloop.data.stage import run_ingest
 
-    stage, _ = run_ingest(list(inputs or []), chitchat=chitchat, run=run, runs_dir=runs_dir, fresh=fresh)
+    stage, _ = run_ingest(list(inputs or []), chitchat=chitchat, run=run, runs_dir=runs_dir, fresh=fresh,
+                          format=format_)
     done(stage)
 
 

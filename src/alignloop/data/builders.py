@@ -8,7 +8,9 @@ at a user message. Each has a `weight` (the per-user cap's down-weighting, 1 oth
 
     sft.parquet        chosen swipes: the candidate a user settled on after swiping, ending the
                        messages (user-guided rejection sampling); `sft.source = "selected"` takes
-                       every selected answer. Never a turn the quality filter flagged.
+                       every selected answer; "auto" (the default) takes swipes when the logs have
+                       any, else selected (logs of people, or of a product without swipes). Never a
+                       turn the quality filter flagged.
     dpo.parquet        prompt / chosen / rejected: chosen = the settled-on candidate, rejected = each
                        sibling that was shown and swiped away (same parent user turn).
     rm/<signal>/{train,eval}.parquet   one reward-model set per signal, split by user (a stable hash
@@ -17,6 +19,17 @@ at a user message. Each has a `weight` (the per-user cap's down-weighting, 1 oth
                        null and censored=true when the user never replied), returned_1d, returned_7d
                        (censored outcomes left out), safety (1 = the user reported the answer).
     distill.parquet    prompts (messages ending with a user turn) for a teacher to answer.
+    rl/{train,eval}.jsonl   RL prompts: the same contexts ending with a user turn (their own
+                       `rl.max_context_messages` if set), deduplicated over both splits, split by
+                       user exactly as the reward-model sets are (same salt and eval share), so
+                       the users an RL run is evaluated on are the reward models' held-out users
+                       too; always JSONL (what the RL stage's `env.prompts` reads), Parquet too
+                       when `formats` has it.
+
+Each build also says, in one line each (`BuildReport.notes`, printed and in build_report.json),
+which SFT source `auto` chose and why, and why a dataset came out empty or with a constant label
+(no swipes, no reports, every outcome censored, ...): a dataset that cannot train anything is named
+instead of handed silently to a trainer.
 
 `iter_partition` turns one partition of users into these datasets (Arrow tables, one at a time),
 so the same code runs per block on Ray Data; `DatasetWriter` appends them, partition after
@@ -41,7 +54,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from alignloop.data.filters import FILTERED_SCHEMAS, Frames, prepare, split_partitions
-from alignloop.data.io import read_tables
+from alignloop.data.io import read_table, read_tables
 from alignloop.data.parts import partitions_in, read_partition
 from alignloop.data.schema import doc_field
 from alignloop.data.stablehash import hash_column, hash_strings, unit_interval
@@ -97,7 +110,14 @@ DISTILL = pa.schema([
     doc_field("messages", MESSAGES, "system and context, ending with the user turn"),
     _WEIGHT,
 ])
-DATASET_SCHEMAS: dict[str, pa.Schema] = {"sft": SFT, "dpo": PAIRS, "distill": DISTILL,
+RL = pa.schema([
+    _ID, _USER, _CONV,
+    doc_field("turn_id", pa.string(), "the user turn ending `messages`"),
+    doc_field("character_id", pa.string(), "the character"),
+    doc_field("messages", MESSAGES, "system and context, ending with the user turn: what the policy answers"),
+    _WEIGHT,
+])
+DATASET_SCHEMAS: dict[str, pa.Schema] = {"sft": SFT, "dpo": PAIRS, "distill": DISTILL, "rl": RL,
                                          **{f"rm/{s}": PAIRS if s == "preference" else SCALAR for s in SIGNALS}}
 
 
@@ -108,8 +128,9 @@ class SFTBuild(Section):
     """`[build.sft]`: which answers become supervised examples."""
 
     enabled: bool = True
-    source: Literal["swipes", "selected"] = Field(
-        "swipes", description="swipes: answers settled on after swiping; selected: every selected answer")
+    source: Literal["auto", "swipes", "selected"] = Field(
+        "auto", description="swipes: answers settled on after swiping; selected: every selected answer; "
+                            "auto: swipes when the logs have any, else selected")
 
 
 class DPOBuild(Section):
@@ -139,6 +160,17 @@ class DistillBuild(Section):
     max_prompts: int | None = Field(None, ge=1)
 
 
+class RLBuild(Section):
+    """`[build.rl]`: prompts for RL, split by user with the reward models' split (`build.rm.salt`,
+    `build.rm.eval_fraction`): one split for both, so no RL prompt comes from a held-out user."""
+
+    enabled: bool = True
+    dedup: bool = Field(True, description="one prompt per distinct messages, over both splits (a text is in one)")
+    max_prompts: int | None = Field(None, ge=1, description="per split, a stable hash sample")
+    max_context_messages: int | None = Field(None, ge=1, description="messages of a prompt, the user turn "
+                                             "included, at most; none: the build's max_context_messages")
+
+
 class BuildConfig(Section):
     """`[build]`: how the datasets are built from filtered logs, and which."""
 
@@ -152,6 +184,7 @@ class BuildConfig(Section):
     dpo: DPOBuild = DPOBuild()
     rm: RMBuild = RMBuild()
     distill: DistillBuild = DistillBuild()
+    rl: RLBuild = RLBuild()
 
 
 # --- building ----------------------------------------------------------------------------------
@@ -202,7 +235,7 @@ class _Context:
         has_sys = (pl.col("system_prompt") != "") & pl.lit(config.include_system)
         self.convs = convs.select("conversation_id", "user_id", "character_id", "weight", "base",
                                   sys=pl.when(has_sys).then(pl.col("sys")).otherwise(-1))
-        if config.rm.enabled:  # each user's reward-model split, hashed once per partition (not per dataset)
+        if config.rm.enabled or config.rl.enabled:  # each user's split, hashed once per partition (not per dataset)
             self.convs = self.convs.with_columns(_eval=is_eval(self.convs["user_id"], config.rm))
         originals = turns.filter(pl.col("role") == "assistant").select("turn_id", "text")
         self.original = originals.select("turn_id", target=pl.int_range(pl.len(), dtype=pl.Int64)
@@ -215,15 +248,16 @@ class _Context:
         self._pool_hash: np.ndarray | None = None
         self._last: list[tuple[pl.Series, pa.ChunkedArray]] = []
 
-    def attach(self, df: pl.DataFrame, end: str = "end", target: str | None = None, name: str = "messages"
-               ) -> pl.DataFrame:
+    def attach(self, df: pl.DataFrame, end: str = "end", target: str | None = None, name: str = "messages",
+               window: int | None = None) -> pl.DataFrame:
         """Rows with conversation_id and an exclusive path index `end` (and, with `target`, the
         turn id of an assistant message to end with), plus user_id, character_id, weight and the
-        messages column `name` (pool indices until `materialize`)."""
+        messages column `name` (pool indices until `materialize`). `window`: at most this many
+        messages before the end instead of the build's `max_context_messages`."""
         rows = df.join(self.convs, on="conversation_id", how="inner", maintain_order="left")
         if target is not None:
             rows = rows.join(self.original, left_on=target, right_on="turn_id", how="inner", maintain_order="left")
-        k = self.config.max_context_messages
+        k = window if window is not None else self.config.max_context_messages
         stop = rows[end].to_numpy().astype(np.int64)
         start = np.zeros_like(stop) if k is None else np.maximum(stop - k, 0)
         start += start % 2  # begin at a user message
@@ -331,12 +365,55 @@ def _large(series: pl.Series) -> pa.Array:
 
 DISTILL_SPILL = pa.schema([*DISTILL, pa.field("_key", pa.uint64())])
 """A distillation piece as a partition yields it: with the key its prompt is deduplicated by."""
+RL_SPILL = pa.schema([*RL, pa.field("_key", pa.uint64()), pa.field("_eval", pa.bool_())])
+"""An RL piece as a partition yields it (`rl`, both splits): its dedup key and its user's split."""
+
+FACT = "logs:"
+"""Prefix of the counts `iter_partition` adds beside its skip counts: facts about the logs that
+explain an empty dataset or a constant label (`explain`), summed over partitions like the rest."""
+
+
+def count_selects(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path) -> int:
+    """Select events in filtered logs (tables, or a folder of them): the answers users settled on
+    after swiping. Reads only the events' type column of a Parquet folder."""
+    if isinstance(filtered, (str, Path)):
+        folder = Path(filtered)
+        parquet = folder / "events.parquet"
+        if parquet.is_file():
+            return pl.scan_parquet(parquet).filter(pl.col("type") == "select").select(pl.len()).collect().item()
+        jsonl = folder / "events.jsonl"
+        if not jsonl.is_file():
+            return 0
+        events: pa.Table | pl.DataFrame = read_table(jsonl, "events", FILTERED_SCHEMAS)
+    else:
+        events = filtered["events"]
+    frame = events if isinstance(events, pl.DataFrame) else pl.from_arrow(events.select(["type"]))
+    return frame.filter(pl.col("type") == "select").height
+
+
+def choose_sft_source(config: BuildConfig, selects: int) -> tuple[BuildConfig, str]:
+    """The config with `sft.source` decided (auto: swipes when the logs have select events, else
+    selected) and one line saying which source SFT takes and why. Decided once over all the logs,
+    before any partition is built, so every partition takes the same kind of target."""
+    source = config.sft.source
+    if source == "auto":
+        source = "swipes" if selects else "selected"
+        config = config.model_copy(update={"sft": config.sft.model_copy(update={"source": source})})
+        if source == "swipes":
+            why = (f"{selects:,} answers were settled on after swiping; only they are targets "
+                   '(build.sft.source = "selected" takes every selected answer)')
+        else:
+            why = ("these logs have no swipes (no select event); every selected answer the quality filter kept "
+                   "is a target")
+        return config, f"sft: source auto -> {source} — {why}"
+    return config, f"sft: source {source} (build.sft.source)"
 
 
 def build_partition(frames: Frames, config: BuildConfig | None = None) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
     """The datasets of one partition of users: ({dataset: frame}, {skipped reason: count}).
 
-    RM frames carry a `split` column ("train"/"eval") that `build_datasets` writes to separate files.
+    RM frames carry a `split` column ("train"/"eval") that `build_datasets` writes to separate files,
+    and so do the RL prompts.
     """
     skipped: dict[str, int] = {}
     out: dict[str, pl.DataFrame] = {}
@@ -346,16 +423,46 @@ def build_partition(frames: Frames, config: BuildConfig | None = None) -> tuple[
             name, split = name.rsplit("/", 1)
             df = df.with_columns(split=pl.lit(split))
             df = pl.concat([out[name], df]) if name in out else df
+        elif name == "rl":
+            df = df.with_columns(split=pl.when(pl.col("_eval")).then(pl.lit("eval")).otherwise(pl.lit("train")))
         out[name] = df
     return out, skipped
+
+
+def _facts(frames: Frames, skipped: dict[str, int]) -> None:
+    """What `explain` needs to know about one partition's logs, added into `skipped` under `FACT`."""
+    turns, events = frames["turns"], frames["events"]
+    assistant = turns.filter(pl.col("role") == "assistant")
+    counts = {
+        "answers": assistant.filter(pl.col("selected")).height,
+        "alternatives": assistant.filter(pl.col("candidate_index") > 0).height,
+        "shown_alternatives": assistant.filter(pl.col("shown") & ~pl.col("selected")).height,
+        "user_turns": turns.filter((pl.col("role") == "user") & pl.col("selected")).height,
+        "labelled": frames["labels"].height,
+    }
+    by_type = dict(events.group_by("type").len().iter_rows()) if events.height else {}
+    for kind in ("select", "swipe", "vote", "report"):
+        counts[f"{kind}_events"] = int(by_type.get(kind, 0))
+    flags = frames["target_flags"]
+    for reason, n in (flags.group_by("reason").len().iter_rows() if flags.height else []):
+        counts[f"flagged:{reason}"] = int(n)
+    for k, v in counts.items():
+        skipped[FACT + k] = skipped.get(FACT + k, 0) + v
 
 
 def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int]) -> Iterator[tuple[str, pa.Table]]:
     """The datasets of one partition, one output at a time (so a writer can let go of each before
     the next): (name, Arrow table of its schema), RM sets as `rm/<signal>/train` and `.../eval`,
-    distillation prompts with a `_key` column (`DISTILL_SPILL`) for deduplication across partitions."""
+    distillation prompts with a `_key` column (`DISTILL_SPILL`) for deduplication across partitions,
+    RL prompts as `rl` with `_key` and `_eval` (`RL_SPILL`).
+
+    `sft.source = "auto"` must be decided over all the logs first (`choose_sft_source`); left
+    undecided, it is decided here, on these frames taken as the whole logs."""
+    if config.sft.enabled and config.sft.source == "auto":
+        config, _ = choose_sft_source(config, count_selects(frames))
     ctx = _Context(frames, config)
     turns, events = frames["turns"], frames["events"]
+    _facts(frames, skipped)
     flagged = frames["target_flags"].select("turn_id")
     skipped["malformed_conversations"] = skipped.get("malformed_conversations", 0) + ctx.malformed
     assistant = turns.filter(pl.col("role") == "assistant").select(
@@ -371,9 +478,10 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
     if config.sft.enabled:
         pool = chosen_swipes if config.sft.source == "swipes" else assistant.filter(pl.col("selected"))
         kept = pool.join(flagged, on="turn_id", how="anti")
-        skipped["sft:flagged_target"] = pool.height - kept.height
+        skipped["sft:flagged_target"] = skipped.get("sft:flagged_target", 0) + pool.height - kept.height
         rows = answers.join(kept.select("turn_id"), on="turn_id", how="semi", maintain_order="left")
-        skipped["sft:not_on_a_path"] = kept.height - rows.height  # parent missing, or a malformed conversation
+        # parent missing, or a malformed conversation
+        skipped["sft:not_on_a_path"] = skipped.get("sft:not_on_a_path", 0) + kept.height - rows.height
         swiped = pl.col("turn_id").is_in(selects["turn_id"].implode())
         yield "sft", ctx.materialize(rows.select(
             example_id=pl.lit("sft:") + pl.col("turn_id"), user_id="user_id", conversation_id="conversation_id",
@@ -387,7 +495,7 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
         pairs = _pairs(ctx, assistant, chosen_swipes, events, config.dpo)
         if config.dpo.enabled:
             dpo = pairs.join(flagged, left_on="chosen_turn_id", right_on="turn_id", how="anti")
-            skipped["dpo:flagged_chosen"] = pairs.height - dpo.height
+            skipped["dpo:flagged_chosen"] = skipped.get("dpo:flagged_chosen", 0) + pairs.height - dpo.height
             yield "dpo", ctx.materialize(dpo, PAIRS)
             del dpo
         if config.rm.enabled and "preference" in config.rm.signals:
@@ -401,27 +509,37 @@ def iter_partition(frames: Frames, config: BuildConfig, skipped: dict[str, int])
             frame = _scalar(signal, signals, frames, assistant, config.rm)
             censored_out = censored.get(LABEL_COLUMNS.get(signal), 0) if signal != "time_to_next" else 0
             if censored_out:
-                skipped[f"rm/{signal}:censored"] = censored_out
+                key = f"rm/{signal}:censored"
+                skipped[key] = skipped.get(key, 0) + censored_out
             yield from _splits(ctx, f"rm/{signal}", frame, SCALAR)
             del frame
         del signals
 
-    if config.distill.enabled:
+    if config.distill.enabled or config.rl.enabled:
         users = turns.filter((pl.col("role") == "user") & pl.col("selected")).select("turn_id", "conversation_id")
-        rows = users.join(ctx.index.select("turn_id", end=pl.col("idx") + 1), on="turn_id", how="inner",
-                          maintain_order="left")
-        rows = ctx.attach(rows.sort("turn_id"))
-        distill = rows.select(example_id=pl.lit("distill:") + pl.col("turn_id"), user_id="user_id",
-                              conversation_id="conversation_id", turn_id="turn_id", character_id="character_id",
-                              messages="messages", weight="weight")
-        if config.distill.dedup:  # the smallest example id of each distinct prompt stays
-            distill = distill.with_columns(_key=ctx.key(distill))
-            before = distill.height
-            distill = distill.unique("_key", keep="first", maintain_order=True)
-            skipped["distill:duplicate"] = before - distill.height
-        else:
-            distill = distill.with_columns(_key=pl.lit(None, pl.UInt64))
-        yield "distill", ctx.materialize(distill, DISTILL_SPILL)
+        at_user = users.join(ctx.index.select("turn_id", end=pl.col("idx") + 1), on="turn_id", how="inner",
+                             maintain_order="left").sort("turn_id")
+        prompts: pl.DataFrame | None = None
+        for name in ("distill", "rl"):
+            section = getattr(config, name)
+            if not section.enabled:
+                continue
+            window = config.rl.max_context_messages if name == "rl" else None
+            if prompts is None or window is not None:
+                prompts = ctx.attach(at_user, window=window)
+            split = ["_eval"] if name == "rl" else []
+            rows = prompts.select(*split, example_id=pl.lit(f"{name}:") + pl.col("turn_id"), user_id="user_id",
+                                  conversation_id="conversation_id", turn_id="turn_id", character_id="character_id",
+                                  messages="messages", weight="weight")
+            if section.dedup:  # the smallest example id of each distinct prompt stays
+                rows = rows.with_columns(_key=ctx.key(rows))
+                before = rows.height
+                rows = rows.unique("_key", keep="first", maintain_order=True)
+                skipped[f"{name}:duplicate"] = skipped.get(f"{name}:duplicate", 0) + before - rows.height
+            else:
+                rows = rows.with_columns(_key=pl.lit(None, pl.UInt64))
+            yield name, ctx.materialize(rows, RL_SPILL if name == "rl" else DISTILL_SPILL)
+            del rows
 
 
 def _pairs(ctx: _Context, assistant: pl.DataFrame, chosen: pl.DataFrame, events: pl.DataFrame,
@@ -528,17 +646,22 @@ def _splits(ctx: _Context, name: str, df: pl.DataFrame, schema: pa.Schema) -> It
 
 @dataclass
 class BuildReport:
-    """Rows (and distinct users) per output file, what was skipped and why, and the files."""
+    """Rows (and distinct users) per output file, what was skipped and why, facts about the logs,
+    the label range of each scalar set, one line per dataset that cannot train (`notes`), the files."""
 
     datasets: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    facts: dict[str, int] = field(default_factory=dict)
+    labels: dict[str, dict[str, float]] = field(default_factory=dict)  # per scalar file: rows, min, max
+    notes: list[dict[str, str]] = field(default_factory=list)  # dataset, kind, line (see `explain`)
     files: list[str] = field(default_factory=list)
     partitions: int = 1
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"datasets": self.datasets, "skipped": self.skipped, "files": self.files,
-                "partitions": self.partitions, "seconds": round(self.seconds, 3)}
+        return {"datasets": self.datasets, "skipped": self.skipped, "notes": self.notes, "facts": self.facts,
+                "labels": self.labels, "files": self.files, "partitions": self.partitions,
+                "seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
         lines = [f"{'dataset':<28} {'rows':>9} {'users':>7}"]
@@ -548,12 +671,22 @@ class BuildReport:
             lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v))
         return "\n".join(lines)
 
+    def lines(self, kinds: Iterable[str] | None = None) -> list[str]:
+        """The notes' lines (of these kinds only, if given)."""
+        wanted = None if kinds is None else set(kinds)
+        return [n["line"] for n in self.notes if wanted is None or n["kind"] in wanted]
+
 
 
 PARQUET: dict[str, Any] = {"compression": "zstd", "compression_level": 1, "row_group_size": 122_880}
 """How dataset files are written: zstd at level 1, row groups of 122,880 rows, min/max statistics
 on every column (pyarrow's default), no dictionary encoding (the columns are ids and texts, nearly
 all distinct: measured on the bench's datasets, files come out 3% smaller and writing 15% faster)."""
+
+
+JSONL_ALWAYS = ("rl/",)
+"""Datasets written as JSONL whatever `build.formats` says: the RL stage reads its prompts from
+JSONL (`env.prompts`), so a recipe can point at the built file as it is."""
 
 
 class _Sinks:
@@ -577,7 +710,9 @@ class _Sinks:
         self.backlog = backlog
 
     def files(self, name: str) -> list[Path]:
-        return [self.out_dir / f"{name}.{'parquet' if f == 'parquet' else 'jsonl'}" for f in self.formats]
+        formats = [*self.formats, *(["jsonl"] if name.startswith(JSONL_ALWAYS) and "jsonl" not in self.formats
+                                    else [])]
+        return [self.out_dir / f"{name}.{'parquet' if f == 'parquet' else 'jsonl'}" for f in formats]
 
     def open(self, name: str, schema: pa.Schema) -> None:
         for path in self.files(name):
@@ -652,7 +787,14 @@ def _outputs(config: BuildConfig) -> dict[str, pa.Schema]:
                 names[f"rm/{s}/{split}"] = PAIRS if s == "preference" else SCALAR
     if config.distill.enabled:
         names["distill"] = DISTILL
+    if config.rl.enabled:
+        for split in ("train", "eval"):
+            names[f"rl/{split}"] = RL
     return names
+
+
+PROMPT_SETS = ("distill", "rl")
+"""Prompt datasets, deduplicated and capped at the end over every partition (from a spill file)."""
 
 
 class DatasetWriter:
@@ -660,19 +802,22 @@ class DatasetWriter:
     with the `BuildReport`. `build_datasets` feeds it from `iter_partition` in this process; the Ray
     engine feeds it the pieces its tasks built.
 
-    Distillation prompts are deduplicated across partitions and capped at the end, from a spill
-    file (Arrow IPC: written and read back at disk speed), so that which prompt stays never
-    depends on how users were partitioned.
+    Prompt sets (distillation, RL) are deduplicated across partitions and capped at the end, from a
+    spill file each (Arrow IPC: written and read back at disk speed), so that which prompt stays
+    never depends on how users were partitioned.
+
+    `sft_choice`: the line `choose_sft_source` gave; `close` adds it, and a line for every dataset
+    that came out empty or with a constant label, to the report's notes (`explain`).
     """
 
-    def __init__(self, out_dir: str | Path, config: BuildConfig, partitions: int):
+    def __init__(self, out_dir: str | Path, config: BuildConfig, partitions: int, sft_choice: str | None = None):
         self.out_dir = Path(out_dir)
         self.config = config
+        self.sft_choice = sft_choice
         outputs = _outputs(config)
         self.report = BuildReport(datasets={name: {"rows": 0, "users": 0} for name in outputs}, partitions=partitions)
         self.sinks = _Sinks(self.out_dir, list(config.formats))
-        self.spill = self.out_dir / ".distill-spill.arrow"
-        self._spill: Any = None
+        self._spills: dict[str, Any] = {}
         try:
             for name, schema in outputs.items():
                 self.sinks.open(name, schema)
@@ -680,67 +825,96 @@ class DatasetWriter:
             self.sinks.abort(e)
             raise
 
+    def _spill_path(self, name: str) -> Path:
+        return self.out_dir / f".{name}-spill.arrow"
+
     def add(self, name: str, table: pa.Table) -> None:
         """One piece of dataset `name` (as `iter_partition` yields it)."""
-        if name == "distill":
-            order = (hash_strings(table.column("example_id"), "distill") if self.config.distill.max_prompts is not None
+        if name in PROMPT_SETS:
+            section = getattr(self.config, name)
+            order = (hash_strings(table.column("example_id"), name) if section.max_prompts is not None
                      else np.zeros(table.num_rows, dtype=np.uint64))
             table = table.append_column("_h", pa.array(order, pa.uint64()))
-            if self._spill is None:
+            if name not in self._spills:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                self._spill = pa.ipc.new_file(str(self.spill), table.schema)
-            self._spill.write_table(table)
+                self._spills[name] = pa.ipc.new_file(str(self._spill_path(name)), table.schema)
+            self._spills[name].write_table(table)
         else:
             self._emit(name, table)
 
     def add_skipped(self, skipped: Mapping[str, int]) -> None:
         for k, v in skipped.items():
-            self.report.skipped[k] = self.report.skipped.get(k, 0) + v
+            into = self.report.facts if k.startswith(FACT) else self.report.skipped
+            key = k.removeprefix(FACT)
+            into[key] = into.get(key, 0) + v
 
     def close(self) -> BuildReport:
         try:
-            if self._spill is not None:
-                self._spill.close()
-                self._spill = None
-                self._emit_distill()
+            for name in list(self._spills):
+                self._spills.pop(name).close()
+                self._emit_prompts(name)
         except BaseException as e:
             self.abort(e)
             raise
-        self.spill.unlink(missing_ok=True)
+        for name in PROMPT_SETS:
+            self._spill_path(name).unlink(missing_ok=True)
         self.report.files = [str(p) for p in self.sinks.close()]
+        self.report.notes = explain(self.report, self.config, self.sft_choice)
         return self.report
 
     def abort(self, exc: BaseException) -> None:
-        if self._spill is not None:
+        for spill in self._spills.values():
             with contextlib.suppress(Exception):
-                self._spill.close()
-        self.spill.unlink(missing_ok=True)
+                spill.close()
+        self._spills.clear()
+        for name in PROMPT_SETS:
+            self._spill_path(name).unlink(missing_ok=True)
         self.sinks.abort(exc)
 
-    def _emit(self, name: str, table: pa.Table) -> None:
+    def _emit(self, name: str, table: pa.Table, count_users: bool = True) -> None:
         self.sinks.write(name, table)
         entry = self.report.datasets[name]
         entry["rows"] += table.num_rows
         # Partitions split users, so each user counts in one piece only.
-        entry["users"] += pc.count_distinct(table.column("user_id")).as_py() if table.num_rows else 0
+        if count_users:
+            entry["users"] += pc.count_distinct(table.column("user_id")).as_py() if table.num_rows else 0
+        if "label" in table.column_names:
+            stats = self.report.labels.setdefault(name, {"rows": 0, "min": None, "max": None})
+            label = table.column("label")
+            stats["rows"] += table.num_rows - label.null_count
+            bounds = pc.min_max(label).as_py()
+            for k, pick in (("min", min), ("max", max)):
+                if bounds[k] is not None:
+                    stats[k] = bounds[k] if stats[k] is None else pick(stats[k], bounds[k])
 
-    def _emit_distill(self) -> None:
-        config = self.config.distill
+    def _emit_prompts(self, name: str) -> None:
+        section = getattr(self.config, name)
+        split = name == "rl"
         # Read, not memory-mapped: mapped pages would count as resident memory; one piece at a time.
-        with pa.OSFile(str(self.spill)) as source:
+        with pa.OSFile(str(self._spill_path(name))) as source:
             spilled = pa.ipc.open_file(source)
             n = spilled.num_record_batches
+            columns = ["example_id", "user_id", "_key", "_h", *(["_eval"] if split else [])]
             keys = pl.from_arrow(pa.Table.from_batches(
-                [spilled.get_batch(i).select(["example_id", "_key", "_h"]) for i in range(n)])).with_row_index("_row")
-            if config.dedup:
+                [spilled.get_batch(i).select(columns) for i in range(n)])).with_row_index("_row")
+            if section.dedup:
                 winners = keys.sort("example_id").unique("_key", keep="first")
-                self.add_skipped({"distill:duplicate": keys.height - winners.height})
+                self.add_skipped({f"{name}:duplicate": keys.height - winners.height})
             else:
                 winners = keys
-            if config.max_prompts is not None and winners.height > config.max_prompts:
-                self.report.skipped["distill:over_max_prompts"] = winners.height - config.max_prompts
-                winners = winners.sort("_h").head(config.max_prompts)
+            if section.max_prompts is not None:
+                # A cap per split for RL prompts: a small held-out split stays whole.
+                groups = winners.partition_by("_eval") if split and winners.height else [winners]
+                capped = [g.sort("_h").head(section.max_prompts) for g in groups]
+                over = winners.height - sum(g.height for g in capped)
+                if over:
+                    self.report.skipped[f"{name}:over_max_prompts"] = over
+                    winners = pl.concat(capped)
             everything = winners.height == keys.height
+            # Counted here: the spill's batches are not user partitions (a user's prompts may span two).
+            for out, users in (winners.group_by("_eval").agg(pl.col("user_id").n_unique()).iter_rows() if split
+                               else [(None, winners["user_id"].n_unique())]):
+                self.report.datasets[name if out is None else f"{name}/{'eval' if out else 'train'}"]["users"] = users
             keep = np.zeros(keys.height, dtype=bool)  # by position in the spill: no string lookups
             keep[winners["_row"].to_numpy()] = True
             del keys, winners
@@ -750,7 +924,161 @@ class DatasetWriter:
                 rows, start = keep[start:start + piece.num_rows], start + piece.num_rows
                 if not everything:
                     piece = piece.filter(pa.array(rows))
-                self._emit("distill", piece)
+                if split:
+                    held = piece.column("_eval")
+                    piece = piece.drop_columns(["_eval"])
+                    self._emit(f"{name}/train", piece.filter(pc.invert(held)), count_users=False)
+                    self._emit(f"{name}/eval", piece.filter(held), count_users=False)
+                else:
+                    self._emit(name, piece, count_users=False)
+
+
+# --- why a dataset cannot train ----------------------------------------------------------------
+
+_NO_SWIPES = "these logs have no swipes (no turn has more than one candidate)"
+
+
+def _rows(report: BuildReport, name: str) -> int:
+    return sum(report.datasets.get(f"{name}/{s}", {}).get("rows", 0) for s in ("train", "eval")) \
+        if name.startswith(("rm/", "rl")) else report.datasets.get(name, {}).get("rows", 0)
+
+
+def _fmt(value: float, signal: str) -> str:
+    if signal == "thumbs":
+        return f"{value:+g}"
+    return f"{value:g}"
+
+
+def _why_no_pairs(report: BuildReport, config: BuildConfig) -> str:
+    facts = report.facts
+    if not facts.get("alternatives", 0):
+        return _NO_SWIPES
+    if not facts.get("shown_alternatives", 0):
+        return f"none of the {facts['alternatives']:,} alternative answers was shown to the user"
+    if not facts.get("select_events", 0):
+        return (f"{facts['shown_alternatives']:,} shown alternatives, but no select event says which answer "
+                "the user settled on")
+    if config.dpo.require_swipe_event and not facts.get("swipe_events", 0):
+        return "build.dpo.require_swipe_event is on and no swipe event survived filtering"
+    return ("no answer the user settled on has a shown sibling with different text "
+            f"({facts['shown_alternatives']:,} shown alternatives, {facts['select_events']:,} select events)")
+
+
+def _why_no_scalar(signal: str, report: BuildReport) -> str:
+    facts = report.facts
+    if signal == "thumbs":
+        return "no thumbs in these logs (no +1/-1 vote on an answer in context)"
+    censored = report.skipped.get(f"rm/{signal}:censored", 0)
+    if signal in ("returned_1d", "returned_7d") and censored:
+        days = signal.removeprefix("returned_").removesuffix("d")
+        return f"all {censored:,} outcomes are censored (the logs end within {days} day(s) of every answer)"
+    if not facts.get("answers", 0):
+        return "these logs have no selected assistant answer"
+    return f"no label for any of the {facts['answers']:,} selected answers"
+
+
+def _why_constant(signal: str, value: float, report: BuildReport) -> str:
+    if signal == "safety" and value == 0:
+        return "no safety flags in these logs (no report event)"
+    if signal == "thumbs":
+        return f"only thumbs {'up' if value > 0 else 'down'} in these logs"
+    censored = report.skipped.get(f"rm/{signal}:censored", 0)
+    if signal in ("returned_1d", "returned_7d") and value == 1 and censored:
+        days = signal.removeprefix("returned_").removesuffix("d")
+        return (f"only returns are observed: the logs end less than {days} day(s) after the other {censored:,} "
+                "answers, whose outcomes are censored")
+    return "every answer has the same outcome"
+
+
+def explain(report: BuildReport, config: BuildConfig, sft_choice: str | None = None) -> list[dict[str, str]]:
+    """One line per dataset that came out empty, or whose label is constant (nothing for a head to
+    learn), with the reason read off the logs; plus the SFT source line. Each note is
+    {"dataset", "kind", "line"}, kind one of: choice, empty, constant, empty_train, empty_eval."""
+    notes: list[dict[str, str]] = []
+
+    def note(dataset: str, kind: str, line: str) -> None:
+        notes.append({"dataset": dataset, "kind": kind, "line": line})
+
+    facts = report.facts
+    if config.sft.enabled:
+        if sft_choice:
+            note("sft", "choice", sft_choice)
+        if not _rows(report, "sft"):
+            flagged = report.skipped.get("sft:flagged_target", 0)
+            if config.sft.source == "swipes" and not facts.get("select_events", 0):
+                why = ('build.sft.source = "swipes" but these logs have no swipes (no select event); '
+                       '"auto" or "selected" takes every selected answer')
+            elif flagged:
+                reasons = ", ".join(f"{k.removeprefix('flagged:')} {v:,}" for k, v in sorted(facts.items())
+                                    if k.startswith("flagged:") and v)
+                why = f"the quality filter flagged all {flagged:,} candidate answers ({reasons})"
+            elif not facts.get("answers", 0):
+                why = "these logs have no selected assistant answer"
+            else:
+                why = "no candidate answer sits on a well-formed conversation path"
+            note("sft", "empty", f"sft: 0 examples — {why}; SFT needs target answers")
+    pairs_wanted = [n for n, on in (("dpo", config.dpo.enabled),
+                                    ("rm/preference", config.rm.enabled and "preference" in config.rm.signals)) if on]
+    for name in pairs_wanted:
+        if _rows(report, name):
+            continue
+        flagged = report.skipped.get("dpo:flagged_chosen", 0)
+        why = (f"the quality filter flagged the chosen answer of all {flagged:,} pairs" if name == "dpo" and flagged
+               else _why_no_pairs(report, config))
+        needs = "DPO needs" if name == "dpo" else "the preference head needs"
+        tail = f"{needs} swiped or regenerated answers" if why == _NO_SWIPES else \
+            ("DPO has nothing to train on" if name == "dpo" else "the preference head will not train")
+        note(name, "empty", f"{name}: 0 pairs — {why}; {tail}")
+    if config.rm.enabled:
+        fraction = config.rm.eval_fraction
+        for signal in config.rm.signals:
+            name = f"rm/{signal}"
+            unit = "pairs" if signal == "preference" else "rows"
+            total = _rows(report, name)
+            if signal != "preference" and not total:
+                note(name, "empty", f"{name}: 0 rows — {_why_no_scalar(signal, report)}; the {signal} head will not "
+                                    "train")
+                continue
+            if not total:
+                continue  # preference: said above
+            train = report.datasets[f"{name}/train"]["rows"]
+            if not train:
+                note(name, "empty_train", f"{name}: 0 train {unit} — all {total:,} belong to held-out users "
+                                          f"(build.rm.eval_fraction = {fraction:g}); the {signal} head will not train")
+                continue
+            if signal != "preference":
+                stats = [report.labels.get(f"{name}/{s}", {}) for s in ("train", "eval")]
+                lows = [x["min"] for x in stats if x.get("min") is not None]
+                highs = [x["max"] for x in stats if x.get("max") is not None]
+                t = stats[0]
+                if lows and min(lows) == max(highs):
+                    n = sum(x.get("rows", 0) for x in stats)
+                    value = min(lows)
+                    note(name, "constant", f"{name}: label constant {_fmt(value, signal)} over {n:,} rows — "
+                                           f"{_why_constant(signal, value, report)}; the {signal} head will not train")
+                    continue
+                if t.get("min") is not None and t["min"] == t["max"]:
+                    note(name, "constant", f"{name}: label constant {_fmt(t['min'], signal)} over its {t['rows']:,} "
+                                           "train rows (the other values are all held-out users'); the "
+                                           f"{signal} head will not train")
+                    continue
+            if not report.datasets[f"{name}/eval"]["rows"]:
+                note(name, "empty_eval", f"{name}: 0 eval {unit} — no held-out user has one "
+                                         f"(build.rm.eval_fraction = {fraction:g}); the {signal} head cannot be "
+                                         "evaluated")
+    if config.distill.enabled and not _rows(report, "distill"):
+        note("distill", "empty", "distill: 0 prompts — no user message sits on a well-formed conversation path")
+    if config.rl.enabled:
+        if not _rows(report, "rl"):
+            note("rl", "empty", "rl: 0 prompts — no user message sits on a well-formed conversation path; "
+                                "RL has no prompts from these logs")
+        elif not report.datasets["rl/eval"]["rows"]:
+            note("rl", "empty_eval", f"rl: 0 eval prompts — no held-out user "
+                                     f"(build.rm.eval_fraction = {config.rm.eval_fraction:g})")
+        elif not report.datasets["rl/train"]["rows"]:
+            note("rl", "empty_train", "rl: 0 train prompts — every prompt belongs to a held-out user "
+                                      f"(build.rm.eval_fraction = {config.rm.eval_fraction:g})")
+    return notes
 
 
 def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path, config: BuildConfig | None = None,
@@ -758,6 +1086,7 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
     """Build every enabled dataset from filtered logs (tables, or a folder of them) into `out_dir`."""
     config = config or BuildConfig()
     t0 = time.perf_counter()
+    config, sft_choice = choose_sft_source(config, count_selects(filtered)) if config.sft.enabled else (config, None)
     if isinstance(filtered, (str, Path)) and partitions_in(filtered):
         # Written by the filter stage partition by partition: read (and hold) one at a time.
         folder, n = Path(filtered), partitions_in(filtered)
@@ -766,7 +1095,7 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
         tables = read_tables(filtered, FILTERED_SCHEMAS) if isinstance(filtered, (str, Path)) else filtered
         n = config.partitions
         parts = split_partitions(prepare(tables), n)
-    writer = DatasetWriter(out_dir, config, n)
+    writer = DatasetWriter(out_dir, config, n, sft_choice)
     try:
         for part in parts:
             for piece in bounded_partitions(part, config.events_per_partition):

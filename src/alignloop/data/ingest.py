@@ -8,7 +8,10 @@ Inputs, any mix of:
   - any other JSONL file: every line names its table, `{"table": "events", "event_id": ..., ...}`;
   - a Parquet file named `<table>.parquet`;
   - a folder in the schema's layout (`<table>.parquet` or `<table>.jsonl`; Parquet preferred when
-    both are there, as in `alignloop.data.io`); other files in it are ignored.
+    both are there, as in `alignloop.data.io`); other files in it are ignored;
+  - (`converted`) rows that an adapter made from a chat export (`alignloop.data.adapters`), each
+    tagged with the export's file and line, so their quarantine records point into the export; an
+    export record that made no rows counts as one conversation read and quarantined.
 
 Every row ends in exactly one of three places, per table: `ingested + quarantined + duplicates ==
 read`, always (blank lines are not rows; a line whose table cannot be told is counted under the
@@ -59,7 +62,7 @@ import re
 import time
 import typing
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -409,6 +412,45 @@ def _sources(inputs: list[Path]) -> list[_Source]:
         else:
             raise IngestError(f"no such file or folder: {path}")
     return found
+
+
+@dataclass
+class Converted:
+    """Log rows an adapter (`alignloop.data.adapters`) made from a file in another format, with the
+    line of that file each row came from: quarantine records then point into the file the user gave,
+    and are judged like any other row.
+
+    `rejected`: (line, kind, reason, raw) of records that made no rows at all (not JSON, not a
+    conversation); each counts as one conversation read and quarantined.
+    """
+
+    path: Path
+    tables: dict[str, pa.Table]
+    """log table -> rows, with its columns (nulls allowed: the checks catch them)"""
+    lines: dict[str, list[int]]
+    """log table -> the 1-based line (or row) of `path` each row came from"""
+    rejected: list[tuple[int, str, str, str]]
+    raw: Callable[[set[int]], dict[int, str]]
+    """the raw text of lines of `path`, for quarantine records"""
+
+
+def _read_converted(src: int, source: Converted, out: _Collector) -> None:
+    for line, kind, reason, raw in source.rejected:
+        out.read["conversations"] += 1
+        out.bad("conversations", src, source.path, line, kind, reason, raw)
+    for name, table in source.tables.items():
+        if not table.num_rows:
+            continue
+        out.read[name] += table.num_rows
+        lines = source.lines[name]
+        raws: dict[int, str] = {}
+
+        def raw_of(i: int, _row: dict[str, Any], lines: list[int] = lines, raws: dict[int, str] = raws) -> str:
+            if not raws:  # one pass over the file, not one per flagged row
+                raws.update(source.raw(set(lines)))
+            return raws.get(lines[i], "")
+
+        _add_checked(out, name, table, src, source.path, lines, raw_of)
 
 
 def input_files(inputs: list[Path]) -> list[Path]:
@@ -775,13 +817,14 @@ def _dangling_reason(column: str, target: str) -> pl.Expr:
 
 def ingest(inputs: list[Path], out_dir: Path, *, existing: Path | None = None,
            quarantine: Path | None = None, report_path: Path | None = None,
-           bounds: Plausible = Plausible()) -> IngestReport:
+           bounds: Plausible = Plausible(), converted: Sequence[Converted] = ()) -> IngestReport:
     """Validate `inputs` and write the good rows, with those of `existing`, as log tables into `out_dir`.
 
     `existing`: a log folder (e.g. an earlier `out_dir`, or `out_dir` itself) whose rows are kept,
     whose ids make re-ingested rows duplicates, and which references may point into.
     `quarantine` / `report_path`: where the bad rows and the counts go (default: in `out_dir`).
     `bounds`: what counts as plausible (the defaults suit real chat logs of today).
+    `converted`: rows adapters made from other formats, checked like the rows of `inputs`.
     """
     started = time.perf_counter()
     now = datetime.now(timezone.utc)
@@ -789,12 +832,15 @@ def ingest(inputs: list[Path], out_dir: Path, *, existing: Path | None = None,
     out_dir = Path(out_dir)
     quarantine = Path(quarantine) if quarantine is not None else out_dir / QUARANTINE
     report_path = Path(report_path) if report_path is not None else out_dir / REPORT
-    sources = _sources([Path(p) for p in inputs])
+    sources: list[_Source | Converted] = [*_sources([Path(p) for p in inputs]), *converted]
     old = _read_existing(existing)
 
     out = _Collector(bounds, now + bounds.future)
     for i, source in enumerate(sources):
-        (_read_jsonl if source.kind == "jsonl" else _read_parquet)(i, source, out)
+        if isinstance(source, Converted):
+            _read_converted(i, source, out)
+        else:
+            (_read_jsonl if source.kind == "jsonl" else _read_parquet)(i, source, out)
 
     new, duplicates, late = _resolve(out, old)
     records = out.quarantine + _late_records(late, sources)
@@ -861,7 +907,8 @@ def _read_existing(existing: Path | None) -> dict[str, pa.Table]:
     return read_tables(existing, LOG_SCHEMAS)
 
 
-def _late_records(late: list[tuple[str, pl.DataFrame, str]], sources: list[_Source]) -> list[dict[str, Any]]:
+def _late_records(late: list[tuple[str, pl.DataFrame, str]],
+                  sources: list[_Source | Converted]) -> list[dict[str, Any]]:
     """Quarantine records for rows that passed validation but failed later (raw text looked up again)."""
     records: list[dict[str, Any]] = []
     wanted: dict[int, set[int]] = {}
@@ -876,7 +923,9 @@ def _late_records(late: list[tuple[str, pl.DataFrame, str]], sources: list[_Sour
     return records
 
 
-def _raw_rows(source: _Source, lines: set[int]) -> dict[int, str]:
+def _raw_rows(source: _Source | Converted, lines: set[int]) -> dict[int, str]:
+    if isinstance(source, Converted):
+        return source.raw(lines)
     if source.kind == "jsonl":
         found = {}
         with open(source.path, "rb") as f:

@@ -59,6 +59,8 @@ from alignloop.data.builders import (
     DatasetWriter,
     bounded_partitions,
     build_datasets,
+    choose_sft_source,
+    count_selects,
     iter_partition,
 )
 from alignloop.data.filters import (
@@ -273,9 +275,10 @@ def build_datasets_ray(filtered: str | Path, config: BuildConfig | None = None, 
     n = partitions_in(folder)
     if n is None:
         raise ValueError(f"{folder}: not a partitioned folder of filtered logs (no partitions.json)")
+    config, sft_choice = choose_sft_source(config, count_selects(folder)) if config.sft.enabled else (config, None)
     with ray_session(), tempfile.TemporaryDirectory(prefix="alignloop-ray-build-", dir=work_dir) as tmp:
         results = _map_partitions(n, _build_task, folder=str(folder), work=tmp, config=config)
-        writer = DatasetWriter(out_dir, config, n)
+        writer = DatasetWriter(out_dir, config, n, sft_choice)
         try:
             for r in results:  # partition order, then the order each partition emitted
                 for name, path in r["pieces"]:

@@ -22,12 +22,17 @@ Each folder also holds metrics.jsonl and, once finished, manifest.json (see `ali
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import json
 import os
 import tempfile
 from pathlib import Path
 
+from rich.markup import escape
+
 from alignloop.data.adapters.chitchat import dataset_path, write_chitchat
+from alignloop.data.adapters.detect import convert, export_files, known_users, split_inputs
 from alignloop.data.builders import build_datasets
 from alignloop.data.config import LogsRecipe
 from alignloop.data.filters import DROPPED, auto_partitions, filter_precision_recall, funnel_plot, read_ground_truth
@@ -41,29 +46,31 @@ from alignloop.ui import console, say, status
 
 
 def run_ingest(inputs: list[Path], *, chitchat: bool = False, run: str | None = None, runs_dir: Path = Path("runs"),
-               fresh: bool = False) -> tuple[Stage, IngestReport]:
+               fresh: bool = False, format: str = "auto") -> tuple[Stage, IngestReport]:
     """The ingest stage: `inputs` (and with `chitchat` the chitchat dataset) into `runs/<run>/ingest/tables`.
 
     Never skipped: ingesting the same rows again adds nothing (`fresh` starts from empty tables).
+    `format`: how to read `inputs` (`alignloop.data.adapters.detect`: auto, logs, openai, sharegpt, table).
     Returns the finished stage and the ingest's counts.
     """
     if not inputs and not chitchat:
         raise AlignloopError("nothing to ingest: give input files or folders, or --chitchat")
-    sources = input_files(inputs)  # fails early, with one line, on a missing or unknown input
-    config: dict = {"inputs": [str(p) for p in inputs], "chitchat": chitchat, "fresh": fresh}
+    native, exports = split_inputs(inputs, format)  # fails early, with one line, on an unknown format
+    sources = [*input_files(native), *(f for path, _ in exports for f in export_files(path))]
+    config: dict = {"inputs": [str(p) for p in inputs], "chitchat": chitchat, "fresh": fresh, "format": format}
     with tempfile.TemporaryDirectory(prefix="alignloop-chitchat-") as tmp:
         if chitchat:
             sources.append(dataset_path())
             config["chitchat_version"] = importlib.metadata.version("chitchat-dataset")
             with status("converting the chitchat dataset"):
                 write_chitchat(Path(tmp) / "chitchat")
-            inputs = [*inputs, Path(tmp) / "chitchat"]
+            native = [*native, Path(tmp) / "chitchat"]
         stage = Stage(runs_dir, run or default_run_name(), "ingest", config, inputs=sources).start()
         tables = stage.path("tables")
         existing = tables if not fresh and any(tables.glob("*.parquet")) else None
-        with status(f"ingesting {len(inputs)} input(s)"):
-            report = ingest(inputs, tables, existing=existing, quarantine=stage.path(QUARANTINE),
-                            report_path=stage.path(REPORT))
+        with status(f"ingesting {len(native) + len(exports)} input(s)"):
+            report = ingest(native, tables, existing=existing, quarantine=stage.path(QUARANTINE),
+                            report_path=stage.path(REPORT), converted=convert(exports, known_users(existing)))
     summary = report.to_dict()
     stage.log_metrics(**{f"{name}_{k}": v for name, c in summary["counts"].items() for k, v in c.items()},
                       **{f"total_{k}": v for k, v in summary["total"].items()},
@@ -149,7 +156,7 @@ def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = F
     outputs = [*files, *dropped, png]
     for f in report.filters:
         stage.log_metrics(filter=f.name, unit=f.unit, input=f.input, kept=f.kept, dropped=f.dropped,
-                          weighted=f.weighted, seconds=f.seconds, reasons=f.reasons)
+                          weighted=f.weighted, seconds=f.seconds, reasons=f.reasons, out_of_scope=f.out_of_scope)
     pr = None
     if truth_dir is not None:
         pr = filter_precision_recall(report, read_ground_truth(truth_dir))
@@ -187,6 +194,8 @@ def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = Fa
     config = {"build": recipe.build.model_dump(mode="json")}
     stage = Stage(recipe.run.dir, run_name, "build", config, inputs=_table_files(tables))
     if stage.skip_if_complete(force):
+        with contextlib.suppress(OSError, ValueError):  # a build from before notes were kept has none
+            say_notes(json.loads(stage.path("build_report.json").read_text(encoding="utf-8")).get("notes", []))
         return stage
     with status(f"building datasets from {tables}" + (" on Ray" if engine == "ray" else "")):
         if engine == "ray":
@@ -199,12 +208,23 @@ def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = Fa
     atomic_write_json(stage.path("build_report.json"), report.to_dict())
     stage.finish([*report.files, stage.path("build_report.json")], extra={"datasets": report.datasets,
                                                                           "skipped": report.skipped,
+                                                                          "notes": report.notes,
                                                                           "engine": engine,
                                                                           "allocators": allocator_settings()})
     say(report.summary())
+    say_notes(report.notes)
     say(f"[green]build: {sum(d['rows'] for d in report.datasets.values()):,} examples[/] "
         f"in {report.seconds:.2f}s -> {stage.dir}")
     return stage
+
+
+def say_notes(notes: list[dict[str, str]]) -> None:
+    """The build's lines on the SFT source and on datasets it could not fill (`builders.explain`):
+    one line each however narrow the terminal, escaped (they quote recipe keys and values, which
+    rich would read as markup)."""
+    for note in notes:
+        line = escape(note["line"])
+        console.print(line if note["kind"] == "choice" else f"[yellow]{line}[/]", soft_wrap=True)
 
 
 def allocator_settings() -> dict[str, str | None]:

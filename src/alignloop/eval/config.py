@@ -120,11 +120,40 @@ class ABTestRecipe(Section):
 # --- offline evaluation (flywheel) -------------------------------------------------------------
 
 
+class JudgeEndpointSection(Section):
+    """An OpenAI-compatible chat-completions server as the rubric judge (vLLM, llama.cpp, a hosted API)."""
+
+    base_url: str = Field(description="e.g. http://localhost:8000/v1 (/v1/chat/completions is added as needed)")
+    model: str = Field(description="the model name the server expects")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key (never the key)")
+    timeout_s: float = Field(60.0, gt=0)
+    concurrency: int = Field(4, ge=1, description="requests in flight")
+    max_tokens: int = Field(16, ge=1, description="per answer; the judge is asked for one line `Score: N`")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value
+
+
 class OfflineEvalSection(Section):
     """Offline evaluation of the deployed and the new model on held-out users' prompts."""
 
     users: UsersSection = UsersSection(users=64)
     sampling: SamplingSection = SamplingSection(temperature=0.7, max_tokens=48)
     judge: bool = Field(False, description="rubric scores by an LLM judge (slow on CPU)")
-    judge_model: str | None = Field(None, description="the judge; default: the base model")
+    judge_model: str | None = Field(None, description="a local judge (zoo name or folder); default: the base model")
+    judge_endpoint: JudgeEndpointSection | None = Field(
+        None, description="judge through an OpenAI-compatible endpoint instead of a local model")
     judge_prompts: int = Field(16, ge=1, description="responses per model the judge grades")
+    judge_min_parse_rate: float = Field(
+        0.8, ge=0, le=1, description="below this share of answers holding a score the judge is reported unavailable "
+                                     "(parsed k of n), not as scores")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> OfflineEvalSection:
+        if self.judge_endpoint is not None and self.judge_model is not None:
+            raise ValueError("judge_model and judge_endpoint both name a judge: keep one")
+        return self

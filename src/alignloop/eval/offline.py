@@ -3,7 +3,10 @@
 Both models answer the same prompts (fresh simulated users, none of whom wrote the logs the new
 model was trained on) with the same sampling seeds, so their scores compare prompt by prompt:
 ground-truth engagement and quality from the writers' hidden taste, rule metrics, and, when asked,
-an LLM judge's rubric scores on the first `judge_prompts` answers.
+an LLM judge's rubric scores on the first `judge_prompts` answers (a local model or an
+OpenAI-compatible endpoint; `judge_status` holds its parse rate, and a judge that gave a score in
+fewer than `judge_min_parse_rate` of its answers is reported "judge unavailable: parsed k of n",
+with no scores).
 
 Output in runs/<run>/eval/: eval.json (what `run_offline_eval` returns), samples.json (the first
 20 prompts with both answers), metrics.jsonl, manifest.json.
@@ -22,7 +25,7 @@ from alignloop.engine.engine import Engine
 from alignloop.eval.config import OfflineEvalSection
 from alignloop.eval.groundtruth import score_texts
 from alignloop.eval.heldout import HeldoutPrompts, check_disjoint, heldout_prompts
-from alignloop.eval.judge import rubric_eval
+from alignloop.eval.judge import EndpointJudge, judge_report, rubric_eval
 from alignloop.eval.respond import answer
 from alignloop.eval.rules import rule_metrics
 from alignloop.eval.stats import paired
@@ -61,10 +64,17 @@ def run_offline_eval(section: OfflineEvalSection, run: RunSection, deployed: str
     # Same prompts, same sampling seeds: a paired comparison.
     out["new_vs_deployed"] = paired(engagement["deployed"], engagement["new"]).as_dict()
     if section.judge:
-        judge = Engine.from_name(section.judge_model or default_judge or deployed, seed=0, show_progress=False)
+        judge, label, max_tokens = _judge(section, default_judge or deployed)
         k = min(section.judge_prompts, len(prompts))
         for name, answers in texts.items():
-            out[name]["judge"] = rubric_eval(judge, prompts.messages[:k], answers[:k]).summary()
+            result = rubric_eval(judge, prompts.messages[:k], answers[:k], max_tokens=max_tokens)
+            status = judge_report(result, label, section.judge_min_parse_rate)
+            out[name]["judge_status"] = {key: v for key, v in status.items() if key != "scores"}
+            # Only a judge that mostly answered gets a "judge" entry: reports print its means as
+            # scores, and means of the few answers a weak judge got right are not scores.
+            if status["available"]:
+                out[name]["judge"] = status["scores"]
+            say(f"eval: {name} model: {status['message']}")
     samples = [{"messages": m, **{name: t[i] for name, t in texts.items()}}
                for i, m in enumerate(prompts.messages[:SAMPLES])]
     atomic_write_json(stage.path("samples.json"), samples)
@@ -73,6 +83,16 @@ def run_offline_eval(section: OfflineEvalSection, run: RunSection, deployed: str
     say(f"eval: ground-truth engagement deployed {out['deployed']['gt_engagement']:+.3f} -> "
         f"new {out['new']['gt_engagement']:+.3f} on {len(prompts)} held-out prompts")
     return out
+
+
+def _judge(section: OfflineEvalSection, default: str) -> tuple[Any, str, int]:
+    """(the judge, its name for reports, max tokens per answer)."""
+    ep = section.judge_endpoint
+    if ep is not None:
+        judge = EndpointJudge(ep.base_url, ep.model, ep.api_key_env, ep.timeout_s, ep.concurrency)
+        return judge, f"{ep.model} at {judge.url}", ep.max_tokens
+    model = section.judge_model or default
+    return Engine.from_name(model, seed=0, show_progress=False), f"{model} (local)", 16
 
 
 def _scores(texts: list[str], prompts: HeldoutPrompts) -> tuple[dict[str, Any], np.ndarray]:

@@ -87,7 +87,10 @@ def _build_section(b: dict, turn_dir: Path) -> Fragment:
     if not b.get("datasets"):
         return [], []
     rows = [[k, v.get("rows")] for k, v in b["datasets"].items()]
-    return ["<h3>Datasets</h3>" + _table(["dataset", "rows"], rows)], []
+    notes = b.get("notes") or []
+    said = "".join(f"<li>{html.escape(n['line'])}</li>" for n in notes)
+    return (["<h3>Datasets</h3>" + _table(["dataset", "rows"], rows) + (f"<ul>{said}</ul>" if said else "")],
+            [f"- build: {n['line']}" for n in notes])
 
 
 def _sft_section(sft: dict, turn_dir: Path) -> Fragment:

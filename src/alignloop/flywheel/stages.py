@@ -104,16 +104,37 @@ def filter_logs(turn: Turn, force: bool) -> dict:
 
 def build(turn: Turn, force: bool) -> dict:
     stage = run_build_stage(_logs_recipe(turn), force=force)
-    return {"datasets": _manifest(stage.dir).get("datasets")}
+    m = _manifest(stage.dir)
+    return {"datasets": m.get("datasets"), "notes": m.get("notes") or []}
 
 
 # --- training ----------------------------------------------------------------------------------
 
 
+STOPS = frozenset({"empty", "constant", "empty_train", "empty_eval"})
+"""Kinds of build notes (`alignloop.data.builders.explain`) that leave a trainer nothing to learn
+from, or (empty_eval) nothing to be evaluated on: the flywheel stops on them before training."""
+
+
+def _untrainable(turn: Turn, wanted: dict[str, frozenset[str]]) -> list[dict[str, str]]:
+    """The build's notes on the datasets in `wanted` (name -> the note kinds that matter for it):
+    minutes of training on an empty set, or on a label that never changes, would end in a model
+    that learnt nothing and no word why, so the stages stop on them first."""
+    notes = _manifest(turn.dir("build")).get("notes") or []
+    return [n for n in notes if n.get("kind") in wanted.get(n.get("dataset"), frozenset())]
+
+
+def _stop(turn: Turn, stage: str, notes: list[dict[str, str]], hint: str = "") -> None:
+    if notes:
+        raise AlignloopError(f"turn {turn.number} {stage}: " + "; ".join(n["line"] for n in notes)
+                             + (f" ({hint})" if hint else ""))
+
+
 def sft(turn: Turn, force: bool) -> dict:
-    """SFT of the deployed model on the answers users chose after swiping."""
+    """SFT of the deployed model on the answers users settled on (build.sft.source)."""
     recipe = turn.recipe
     data = turn.dir("build") / f"{recipe.sft.dataset}.parquet"
+    _stop(turn, "sft", _untrainable(turn, {recipe.sft.dataset: STOPS}))
     _require_examples(turn, data)
     sft_recipe = SFTRecipe(run=turn.run_section,
                            model=ModelSection(name=turn.model, dtype=recipe.flywheel.dtype),
@@ -141,6 +162,15 @@ def _require_examples(turn: Turn, data: Path) -> None:
 def reward_models(turn: Turn, force: bool) -> dict:
     """Reward-model heads on the turn's `build/rm` sets, then their held-out-user evaluation."""
     section = turn.recipe.rm
+    wanted: dict[str, frozenset[str]] = {}
+    for head in section.heads:
+        # The quality head's rows are the continue set's; its labels come from elsewhere.
+        name, kinds = ("rm/continue", STOPS - {"constant"}) if head == "quality" else (f"rm/{head}", STOPS)
+        wanted[name] = wanted.get(name, frozenset()) | kinds
+    blocked = _untrainable(turn, wanted)
+    _stop(turn, "rm", blocked, hint="leave those heads out of rm.heads to train the others"
+          + ('; without "safety", also set rm.combine.safety = "none"'
+             if any(n["dataset"] == "rm/safety" for n in blocked) else ""))
     recipe = RMRecipe(run=turn.run_section,
                       data=DataSection(build=str(turn.dir("build")), heads=section.heads,
                                        max_train_rows=section.max_train_rows, max_eval_rows=section.max_eval_rows),

@@ -28,6 +28,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from alignloop.errors import AlignloopError
+from alignloop.rewards.metrics import auc
 
 SIGN: dict[str, float] = {"time_to_next": -1.0}
 
@@ -110,3 +111,45 @@ def learn_weights(z: dict[str, np.ndarray], kpi: np.ndarray, sample_weight: np.n
     coef = fit.coef_[0]
     coef = coef / max(np.abs(coef).sum(), 1e-12)
     return {k: float(w) for k, w in zip(names, coef, strict=True)}
+
+
+@dataclass
+class WeightChoice:
+    """Learned and equal weights scored on held-out users, and the ones to serve."""
+
+    learned: dict[str, float]
+    equal: dict[str, float]
+    auc_learned: float
+    auc_equal: float
+    served: str  # "learned" or "equal"
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.learned if self.served == "learned" else self.equal
+
+    def warning(self, kpi: str) -> str | None:
+        if self.served == "learned":
+            return None
+        return (f"reward fit-weights: WARNING learned weights do not beat equal weights at predicting {kpi} on "
+                f"held-out users (AUC {self.auc_learned:.4f} vs {self.auc_equal:.4f}); keeping equal weights")
+
+
+def score_weights(z: dict[str, np.ndarray], weights: dict[str, float], kpi: np.ndarray) -> float:
+    """Held-out AUC of the weighted sum of normalised components against a binary KPI."""
+    total = sum((w * z[k] for k, w in weights.items()), np.zeros(len(kpi)))
+    return auc(kpi, total)
+
+
+def choose_weights(z_train: dict[str, np.ndarray], kpi_train: np.ndarray, z_eval: dict[str, np.ndarray],
+                   kpi_eval: np.ndarray, sample_weight: np.ndarray | None = None, c: float = 1.0) -> WeightChoice:
+    """Learn weights on training users, and keep them only if they beat equal weights on held-out ones.
+
+    A fit that does not generalise (a KPI the components barely predict, few users) can land on
+    weights worse than not fitting at all; then equal weights are served. A tie, or a held-out
+    AUC that cannot be computed, also keeps equal weights: the fit must earn its place.
+    """
+    learned = learn_weights(z_train, kpi_train, sample_weight, c)
+    equal = equal_weights(sorted(z_train))
+    a_learned, a_equal = score_weights(z_eval, learned, kpi_eval), score_weights(z_eval, equal, kpi_eval)
+    wins = bool(np.isfinite(a_learned) and (not np.isfinite(a_equal) or a_learned > a_equal))
+    return WeightChoice(learned, equal, a_learned, a_equal, "learned" if wins else "equal")

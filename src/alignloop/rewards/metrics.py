@@ -1,7 +1,10 @@
 """Metrics for reward heads on held-out users, and the baselines they must beat.
 
-binary: AUC, accuracy at 0.5, expected calibration error; baseline: the training base rate
-(accuracy of the majority class, AUC 0.5). regression: R^2 and Pearson; baseline: the training
+binary: AUC, accuracy at 0.5, balanced accuracy, expected calibration error, each beside its
+baseline: the held-out base rate and the majority class's accuracy (what always answering the
+training majority scores), AUC 0.5, balanced accuracy 0.5. On labels that are 96% positive an
+accuracy of 0.96 is the majority baseline, not skill: AUC and balanced accuracy are the numbers
+that do not reward guessing the majority. regression: R^2 and Pearson; baseline: the training
 mean (R^2 <= 0). preference: pair accuracy; baseline 0.5. time_to_next adds Harrell's concordance
 over all rows, so the censored ones count too.
 """
@@ -20,6 +23,15 @@ def auc(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
 
 def accuracy(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> float:
     return float(((p >= threshold) == (y >= 0.5)).mean())
+
+
+def balanced_accuracy(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean of the true-positive and true-negative rates at the threshold; nan with one class."""
+    pos = y >= 0.5
+    if pos.all() or not pos.any():
+        return float("nan")
+    hit = (p >= threshold) == pos
+    return float(0.5 * (hit[pos].mean() + hit[~pos].mean()))
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -63,10 +75,43 @@ def concordance(time: np.ndarray, censored: np.ndarray, risk_time: np.ndarray, m
 
 
 def binary_report(y: np.ndarray, p: np.ndarray, base_rate: float, bins: int = 10) -> dict[str, float]:
+    """`base_rate`: the training labels' positive share (the majority class and the constant
+    predictor's calibration come from training, as a served baseline's would)."""
     majority = float(base_rate >= 0.5)
-    return {"auc": auc(y, p), "accuracy": accuracy(y, p), "ece": ece(y, p, bins),
-            "baseline_auc": 0.5, "baseline_accuracy": float((y == majority).mean()),
-            "baseline_ece": ece(y, np.full_like(p, base_rate), bins), "positive_rate": float(y.mean()), "n": len(y)}
+    return {"auc": auc(y, p), "accuracy": accuracy(y, p), "balanced_accuracy": balanced_accuracy(y, p),
+            "ece": ece(y, p, bins), "baseline_auc": 0.5, "baseline_accuracy": float((y == majority).mean()),
+            "baseline_balanced_accuracy": 0.5, "baseline_ece": ece(y, np.full_like(p, base_rate), bins),
+            "positive_rate": float(y.mean()), "train_positive_rate": float(base_rate), "n": len(y)}
+
+
+BALANCED = (0.4, 0.6)
+"""Positive shares between which accuracy may be quoted against a published figure: outside them a
+majority-class guess already scores above 0.6, so an accuracy says more about the labels than the model."""
+
+
+def balanced_labels(positive_rate: float | None) -> bool:
+    return positive_rate is not None and BALANCED[0] <= positive_rate <= BALANCED[1]
+
+
+def shortcut_share(text_only: float, full: float, baseline: float, margin: float) -> tuple[float | None, str]:
+    """(share of the text+activity model's gain over the baseline that the text-only model keeps, "")
+    where that share is defined, else (None, why not).
+
+    Defined only when text+activity beats the baseline by at least `margin` (a smaller gain is noise,
+    and dividing by it gives shares like 2.8 or -53) and the share lands in [0, 1].
+    """
+    vals = (text_only, full, baseline)
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in vals):
+        return None, "undefined: a metric is missing"
+    gain, full_gain = text_only - baseline, full - baseline
+    if full_gain < margin:
+        return None, (f"undefined: text+activity gains {full_gain:+.3f} over the baseline, under the "
+                      f"{margin:.2f} margin, so there is no activity gain to share")
+    if gain < 0:
+        return None, f"undefined: text only is below the baseline ({gain:+.3f})"
+    if gain > full_gain:
+        return None, f"undefined: text only beats text+activity by {gain - full_gain:.3f} (activity adds nothing)"
+    return gain / full_gain, ""
 
 
 def regression_report(y: np.ndarray, pred: np.ndarray, train_mean: float) -> dict[str, float]:

@@ -99,5 +99,8 @@ def load_reward_fn(rm_dir: str | Path, config: CombineSection | None = None, wei
         path = rm_dir.parent / "reward" / WEIGHTS_FILE if choice == "learned" else Path(choice)
         if not path.is_file():
             raise AlignloopError(f"learned weights not found: {path} (run `alignloop reward fit-weights` first)")
-        w = json.loads(path.read_text())["learned"]
+        saved = json.loads(path.read_text())
+        # "weights": the fit when it beat equal weights on held-out users, else equal weights;
+        # files written before that check carry only "learned".
+        w = saved.get("weights", saved["learned"])
     return validated(CombinedReward(model, normalizer, w, config))

@@ -19,7 +19,7 @@ from alignloop.errors import AlignloopError
 from alignloop.recipes import recipe_to_dict
 from alignloop.rewards import metrics as M
 from alignloop.rewards.backbones import make_backbone
-from alignloop.rewards.combine import Normalizer, equal_weights, learn_weights
+from alignloop.rewards.combine import Normalizer, choose_weights, score_weights
 from alignloop.rewards.config import BINARY, RMRecipe
 from alignloop.rewards.data import HeadData, activity_features, activity_matrix, check_disjoint, dataset_path, load_head
 from alignloop.rewards.model import Features, RewardModel
@@ -191,6 +191,10 @@ def _run_rm_eval(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
         name, value, base = M.primary(h, r)
         r["primary"] = {"metric": name, "value": value, "baseline": base,
                         "beats_baseline": bool(value - base >= _margin(name))}
+        if r.get("shortcut"):
+            s = r["shortcut"]
+            kept, why = M.shortcut_share(s["text only"], s["text+activity"], base, _margin(name))
+            r["shortcut_share"] = {"value": kept, "undefined": why or None}
         stage.log_metrics(head=h, **{k: v for k, v in r.items() if isinstance(v, (int, float))})
     out = stage.path("eval.json")
     atomic_write_json(out, _jsonable(report))
@@ -258,6 +262,34 @@ def _f(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _binary_detail(r: dict[str, Any]) -> str:
+    return (f" | base rate {_f(r.get('positive_rate'))} accuracy {_f(r['accuracy'])} (majority "
+            f"{_f(r['baseline_accuracy'])}) balanced accuracy {_f(r.get('balanced_accuracy'))} (0.500) "
+            f"ece {_f(r['ece'])} (base rate {_f(r['baseline_ece'])})")
+
+
+def _headline(label: str, r: dict[str, Any], industry: str) -> str:
+    """One head's headline; the published accuracy is quoted only beside balanced labels, where
+    accuracy and the published figures (on balanced sets) mean the same thing."""
+    c = r.get("ceiling", {})
+    rate = r.get("positive_rate")
+    ceiling = f"; ceiling AUC {_f(c.get('auc'))} accuracy {_f(c.get('accuracy'))}" if c else ""
+    line = (f"rm-eval headline: {label} AUC {_f(r['auc'])} balanced accuracy {_f(r.get('balanced_accuracy'))} "
+            f"accuracy {_f(r['accuracy'])} (majority {_f(r['baseline_accuracy'])}, base rate {_f(rate)}{ceiling})")
+    if M.balanced_labels(rate):
+        return line + f"; industry accuracy {industry} on balanced labels"
+    return line + f"; no industry comparison: labels {_f(rate)} positive, not balanced"
+
+
+def shortcut_line(h: str, r: dict[str, Any], text_only: bool) -> str:
+    s, p = r["shortcut"], r["primary"]
+    kept, why = M.shortcut_share(s["text only"], s["text+activity"], p["baseline"], _margin(p["metric"]))
+    share = _f(kept) if kept is not None else why
+    return (f"rm-eval shortcut {h:<13} {p['metric']}: served ({'text only' if text_only else 'text+activity'}) "
+            f"{_f(p['value'])} | text only {_f(s['text only'])} | text+activity {_f(s['text+activity'])} "
+            f"| activity only {_f(s['activity only'])} | share surviving without activity {share}")
+
+
 def summary_lines(report: dict[str, Any], text_only: bool = True) -> list[str]:
     lines = []
     for h, r in report.items():
@@ -265,8 +297,7 @@ def summary_lines(report: dict[str, Any], text_only: bool = True) -> list[str]:
         c = r.get("ceiling", {})
         extra = ""
         if "auc" in r:
-            extra = (f" | accuracy {_f(r['accuracy'])} (majority {_f(r['baseline_accuracy'])}) "
-                     f"ece {_f(r['ece'])} (base rate {_f(r['baseline_ece'])})")
+            extra = _binary_detail(r)
         elif "r2" in r:
             extra = f" | r2 {_f(r['r2'])} pearson {_f(r['pearson'])}"
         ceil = ""
@@ -275,28 +306,16 @@ def summary_lines(report: dict[str, Any], text_only: bool = True) -> list[str]:
         lines.append(f"rm-eval {h:<13} {p['metric']} {_f(p['value'])} vs baseline {_f(p['baseline'])} "
                      f"[{'beats' if p['beats_baseline'] else 'DOES NOT beat'}]{extra}{ceil}")
     if "continue" in report:
-        r = report["continue"]
-        lines.append(f"rm-eval headline: continue accuracy {_f(r['accuracy'])} (ceiling "
-                     f"{_f(r.get('ceiling', {}).get('accuracy'))}, industry ~0.75)")
+        lines.append(_headline("continue", report["continue"], "~0.75"))
     if "returned_7d" in report:
-        r = report["returned_7d"]
-        lines.append(f"rm-eval headline: return-7d AUC {_f(r['auc'])} accuracy {_f(r['accuracy'])} (ceiling AUC "
-                     f"{_f(r.get('ceiling', {}).get('auc'))} accuracy {_f(r.get('ceiling', {}).get('accuracy'))}; "
-                     f"industry ~0.84)")
+        lines.append(_headline("return-7d", report["returned_7d"], "~0.84"))
     if "turns_after" in report:
         r = report["turns_after"]
         lines.append(f"rm-eval headline: future-turns r2 {_f(r['r2'])} pearson {_f(r['pearson'])} "
                      f"(ceiling pearson {_f(r.get('ceiling', {}).get('pearson'))}; industry ~0.56)")
     for h, r in report.items():
-        s = r.get("shortcut")
-        if s:
-            p = r["primary"]
-            gain = s["text only"] - p["baseline"]
-            full = s["text+activity"] - p["baseline"]
-            kept = gain / full if full > 1e-9 else float("nan")
-            lines.append(f"rm-eval shortcut {h:<13} {p['metric']}: served ({'text only' if text_only else 'text+activity'}) "
-                         f"{_f(p['value'])} | text only {_f(s['text only'])} | text+activity {_f(s['text+activity'])} "
-                         f"| activity only {_f(s['activity only'])} | share surviving without activity {_f(kept)}")
+        if r.get("shortcut"):
+            lines.append(shortcut_line(h, r, text_only))
     return lines
 
 
@@ -331,19 +350,21 @@ def _run_fit_weights(recipe: RMRecipe, run: str | None, force: bool) -> Stage:
     with progress() as bar:
         z_t = normalizer(model.predict(model.features(train, bar).x, act_t, names=components))
         z_e = normalizer(model.predict(model.features(evals, bar).x, act_e, names=components))
-    learned = learn_weights(z_t, train.label, train.weight)
-    candidates = {"learned": learned, "equal": equal_weights(components),
+    choice = choose_weights(z_t, train.label, z_e, evals.label, train.weight)
+    candidates = {"learned": choice.learned, "equal": choice.equal,
                   "recipe": {k: w for k, w in recipe.combine.weights.items() if k in components}}
-    scores = {}
-    for name, w in candidates.items():
-        s = sum(w.get(k, 0.0) * z_e[k] for k in components)
-        scores[name] = M.auc(evals.label, s)
-        stage.log_metrics(weights=name, kpi=kpi, auc=scores[name])
+    scores = {name: score_weights(z_e, w, evals.label) for name, w in candidates.items()}
+    for name, value in scores.items():
+        stage.log_metrics(weights=name, kpi=kpi, auc=value)
     out = stage.path(WEIGHTS_FILE)
-    atomic_write_json(out, {"kpi": kpi, **candidates, "heldout_auc": _jsonable(scores),
-                            "train_rows": len(train), "eval_rows": len(evals)})
+    # `weights` is what `combine.use = "learned"` serves: the fit, or equal weights when it lost.
+    atomic_write_json(out, {"kpi": kpi, **candidates, "heldout_auc": _jsonable(scores), "served": choice.served,
+                            "weights": choice.weights, "train_rows": len(train), "eval_rows": len(evals)})
     print(f"reward fit-weights: KPI {kpi} on held-out users ({len(evals)} rows): AUC learned {_f(scores['learned'])} "
           f"vs equal {_f(scores['equal'])} vs recipe {_f(scores['recipe'])}")
-    print("reward fit-weights: learned weights " + ", ".join(f"{k} {v:+.3f}" for k, v in learned.items()))
-    stage.finish([out])
+    print("reward fit-weights: learned weights " + ", ".join(f"{k} {v:+.3f}" for k, v in choice.learned.items()))
+    warning = choice.warning(kpi)
+    if warning:
+        print(warning)
+    stage.finish([out], extra={"weights_served": choice.served, "warning": warning})
     return stage

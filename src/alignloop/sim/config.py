@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from datetime import date
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from alignloop.recipes import Section
 from alignloop.sections import RunSection
@@ -50,6 +51,35 @@ class ResponderSection(Section):
         return "template-v1" if self.kind == "template" else f"engine:{self.engine.model}"
 
 
+@dataclass(frozen=True)
+class Difficulty:
+    """What makes a world harder to clean than the default one (all 0: the default world)."""
+
+    mimic_bots: float = 0.0
+    partial_skimmers: float = 0.0
+    distracted_readers: float = 0.0
+    low_effort_people: float = 0.0
+    label_noise: float = 0.0
+
+    @property
+    def on(self) -> bool:
+        return any(v > 0 for v in asdict(self).values())
+
+    @property
+    def mixed_reading(self) -> bool:
+        """Some users read some answers and glance at others (a draw per answer decides which)."""
+        return (self.mimic_bots > 0 or self.partial_skimmers > 0 or self.distracted_readers > 0
+                or self.low_effort_people > 0)
+
+
+HARD = Difficulty(mimic_bots=0.5, partial_skimmers=0.6, distracted_readers=0.1, low_effort_people=0.1,
+                  label_noise=0.1)
+"""`hard = true`: half the bots pass as people, most skimmers read some answers, a tenth of the
+people skim some, another tenth write stock phrases and skim, a tenth of the thumbs point the wrong way."""
+
+DIFFICULTY_KEYS = ("hard", *(f.name for f in fields(Difficulty)))
+
+
 class SimConfig(Section):
     """A simulated world: who is in it, for how long, and how the product behaves."""
 
@@ -69,12 +99,43 @@ class SimConfig(Section):
     history: int = Field(3, ge=0, description="earlier responses a repetition is checked against")
     block_users: int = Field(8192, ge=1, description="users simulated together (part of the seed's meaning)")
     responder: ResponderSection = ResponderSection()
+    # A harder world (off by default): users the log filters cannot cleanly separate, and noisy labels.
+    # Filters are tuned on the default world, where bots and skimmers are easy to tell from people;
+    # these knobs measure how they hold up when they are not. Each knob left unset is 0, or its
+    # value in the `hard` preset when hard = true.
+    hard: bool = Field(False, description="the hard preset: mimic_bots 0.5, partial_skimmers 0.6, distracted_readers "
+                                          "0.1, low_effort_people 0.1, label_noise 0.1 (each knob overrides it)")
+    mimic_bots: float | None = Field(None, ge=0, le=1, description="share of bots that pass as people: varied "
+                                     "messages, human reply times (with their spread), dwelling on answers as if read")
+    partial_skimmers: float | None = Field(None, ge=0, le=1, description="share of skimmers who read some answers "
+                                           "(each a random 20-80% of them) and glance at the rest")
+    distracted_readers: float | None = Field(None, ge=0, le=1, description="share of people who glance at some "
+                                             "answers (each a random 10-70% of them) and read the rest")
+    low_effort_people: float | None = Field(None, ge=0, le=1, description="share of people who answer with a stock "
+                                            "phrase ('Okay.') in 60% of their messages and glance at 30-80% of answers")
+    label_noise: float | None = Field(None, ge=0, le=1, description="share of thumbs that point the wrong way")
 
     @model_validator(mode="after")
     def _fractions(self) -> SimConfig:
         if self.bot_fraction + self.skimmer_fraction > 1:
             raise ValueError("bot_fraction + skimmer_fraction must be at most 1")
         return self
+
+    def difficulty(self) -> Difficulty:
+        base = HARD if self.hard else Difficulty()
+        return Difficulty(**{f.name: getattr(base, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+                             for f in fields(Difficulty)})
+
+    @model_serializer(mode="wrap")
+    def _same_default_world(self, handler: Any) -> dict[str, Any]:
+        # The world's id (`world_tag`), every id in its logs and the stages' skip keys hash this
+        # dump: a world with no difficulty dumps as it did before the knobs existed, so its logs,
+        # splits and numbers stay the same.
+        data = handler(self)
+        if not self.difficulty().on:
+            for key in DIFFICULTY_KEYS:
+                data.pop(key, None)
+        return data
 
 
 class OutputSection(Section):

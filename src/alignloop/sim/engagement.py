@@ -249,14 +249,15 @@ def vote_probabilities(e: np.ndarray, vote_rate: np.ndarray, kind: np.ndarray) -
 
 
 def reading_seconds(n_words: np.ndarray, e: np.ndarray, read_speed: np.ndarray, kind: np.ndarray,
-                    noise: np.ndarray) -> np.ndarray:
+                    noise: np.ndarray, reads: np.ndarray | None = None) -> np.ndarray:
     """Seconds spent on a response: length-driven, longer when engaging; ~0 for skimmers and bots.
 
-    `noise`: standard normal, one per response.
+    `noise`: standard normal, one per response. `reads` (hard worlds): which responses are read
+    rather than glanced at, whatever the kind (default: people read, skimmers and bots glance).
     """
     reader = np.asarray(n_words) / read_speed * (0.6 + 0.8 * quality(e)) * np.exp(0.3 * noise) + 0.4
     glance = np.where(kind == SKIMMER, 0.25, 0.05) * np.exp(0.5 * noise)
-    return np.where(kind == NORMAL, reader, glance)
+    return np.where(kind == NORMAL if reads is None else reads, reader, glance)
 
 
 def continue_probability(e: np.ndarray, patience: np.ndarray, kind: np.ndarray) -> np.ndarray:
@@ -267,15 +268,20 @@ def continue_probability(e: np.ndarray, patience: np.ndarray, kind: np.ndarray) 
 
 
 def seconds_to_next_message(e: np.ndarray, message_words: np.ndarray, kind: np.ndarray, noise: np.ndarray,
-                            uniform: np.ndarray) -> np.ndarray:
+                            uniform: np.ndarray, mimic: np.ndarray | None = None) -> np.ndarray:
     """Thinking plus typing time before the user's next message; slower after a dull response.
 
-    `noise`: standard normal; `uniform`: uniform on [0, 1); one of each per response.
+    `noise`: standard normal; `uniform`: uniform on [0, 1); one of each per response. `mimic`
+    (hard worlds): bots that wait like a person would, with a person's spread; they read nothing,
+    so their wait does not depend on the response.
     """
+    if mimic is not None:
+        e = np.where(mimic, 0.0, e)
     think = np.exp(np.log(4.0 + 10.0 * (1.0 - quality(e))) + 0.5 * noise)
     typing = np.asarray(message_words) / 0.8
     human = think + typing
-    return np.where(kind == BOT, 1.0 + 2.0 * uniform, human)
+    bot = kind == BOT if mimic is None else (kind == BOT) & ~mimic
+    return np.where(bot, 1.0 + 2.0 * uniform, human)
 
 
 def new_conversation_probability(session_quality: np.ndarray, patience: np.ndarray, kind: np.ndarray) -> np.ndarray:

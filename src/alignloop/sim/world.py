@@ -24,7 +24,7 @@ visits is planned at once, so lanes of different users' days run side by side.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, time, timezone
 from typing import Any
 
@@ -36,7 +36,7 @@ from alignloop.runs import config_hash
 from alignloop.sim import engagement as eg
 from alignloop.sim.config import SimConfig
 from alignloop.sim.lexicon import PIECES, TOPIC_NAMES, TOPICS, UNSAFE
-from alignloop.sim.messages import bot_scripts, content_ids, write_messages
+from alignloop.sim.messages import bot_scripts, content_ids, uniform_ints, write_messages
 from alignloop.sim.responder import WIDTH, Context, Responder, Responses, make_responder
 from alignloop.sim.traits import (
     BOT,
@@ -55,6 +55,7 @@ DAY_S = 86_400.0
 EVENT = {name: code for code, name in enumerate(EVENT_TYPES)}
 USER, ASSISTANT = "user", "assistant"
 EDIT_RATE = 0.08  # readers who trim an answer far longer than they like
+LOW_EFFORT_STOCK = 0.6  # share of a low-effort person's messages that are a stock phrase
 
 
 def world_tag(config: SimConfig) -> str:
@@ -100,7 +101,7 @@ def describe_world(config: SimConfig) -> dict[str, Any]:
         ],
         "engagement_weights": {f.name: getattr(eg.WEIGHTS, f.name) for f in fields(eg.WEIGHTS)},
         "kinds": list(KINDS),
-    }
+    } | ({"difficulty": asdict(config.difficulty())} if config.difficulty().on else {})
 
 
 def _arrow(texts: pa.Array | list[str]) -> pa.Array:
@@ -268,6 +269,8 @@ class _Block:
             self.rng, first, n, config.days, config.bot_fraction, config.skimmer_fraction,
             config.activity_median, config.activity_sigma)
         self.scripts = bot_scripts(self.rng, self.pop)
+        self.hard = config.difficulty()
+        self.mimic, self.low_effort, self.read_share = self._hard_traits()
         self.cursor = np.zeros(n, dtype=np.int64)
         self.characters = CHARACTERS[: config.characters]
         self.char_cum = np.cumsum(character_weights(self.characters, self.pop.topics), axis=1)
@@ -281,6 +284,30 @@ class _Block:
         self.event_text: dict[int, str] = {}
         self.cands = _Columns()
         self.day_rates = _Columns()
+
+    def _hard_traits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bots passing as people, low-effort people, each user's share of answers read) of a hard world.
+
+        Drawn after everything a default world draws, and only for knobs that are on, so a default
+        world's random stream, and so its logs, are unchanged.
+        """
+        pop, rng, d, n = self.pop, self.rng, self.hard, self.pop.n
+        mimic = np.zeros(n, dtype=bool)
+        read_share = np.where(pop.kind == NORMAL, 1.0, 0.0)
+        if d.mimic_bots > 0:
+            mimic = (pop.kind == BOT) & (rng.random(n) < d.mimic_bots)
+            read_share[mimic] = 1.0
+        if d.partial_skimmers > 0:
+            partial = (pop.kind == SKIMMER) & (rng.random(n) < d.partial_skimmers)
+            read_share = np.where(partial, rng.uniform(0.2, 0.8, n), read_share)
+        if d.distracted_readers > 0:
+            distracted = (pop.kind == NORMAL) & (rng.random(n) < d.distracted_readers)
+            read_share = np.where(distracted, 1.0 - rng.uniform(0.1, 0.7, n), read_share)
+        low_effort = np.zeros(n, dtype=bool)
+        if d.low_effort_people > 0:
+            low_effort = (pop.kind == NORMAL) & (rng.random(n) < d.low_effort_people)
+            read_share = np.where(low_effort, 1.0 - rng.uniform(0.3, 0.8, n), read_share)
+        return mimic, low_effort, read_share
 
     def _ids(self, kind: str, n: int) -> np.ndarray:
         start = self.counts[kind]
@@ -395,11 +422,16 @@ class _Block:
         pop, n = self.pop, a.size
         user, t = ln.user[a], ln.t[a]
         msg = write_messages(self.rng, pop, user)
-        bots = np.flatnonzero(pop.kind[user] == BOT)
+        bots = np.flatnonzero((pop.kind[user] == BOT) & ~self.mimic[user])
         if bots.size:
             b = user[bots]
             msg[bots] = self.scripts[b, self.cursor[b] % self.scripts.shape[1]]
             self.cursor[b] += 1
+        if self.hard.low_effort_people > 0:
+            # People who often just say "Okay.": their messages repeat like a bot's script does.
+            stock = np.flatnonzero(self.low_effort[user] & (self.rng.random(n) < LOW_EFFORT_STOCK))
+            msg[stock] = -1
+            msg[stock, 1] = PIECES.first("user_plain") + uniform_ints(self.rng, PIECES.count("user_plain"), stock.size)
         msg_texts = PIECES.render(msg)
         user_turn = self._ids("turns", n)
         self.turns.add(id=user_turn, conv=ln.conv[a], parent=ln.parent[a], role=np.zeros(n, np.int8),
@@ -460,7 +492,14 @@ class _Block:
         words = np.zeros((n, c))
         words[offer.er, offer.ej] = offer.feats.n_words[offer.fidx]
         e0 = np.nan_to_num(e)
-        reading = eg.reading_seconds(words, e0, pop.read_speed[user, None], kind[:, None], rng.standard_normal((n, c)))
+        noise = rng.standard_normal((n, c))
+        if self.hard.mixed_reading:
+            # A bot passing as a person dwells as long as a person would on an answer it does not read.
+            dwell = np.where(self.mimic[user, None], 0.0, e0)
+            reads = rng.random((n, c)) < self.read_share[user, None]
+            reading = eg.reading_seconds(words, dwell, pop.read_speed[user, None], kind[:, None], noise, reads)
+        else:
+            reading = eg.reading_seconds(words, e0, pop.read_speed[user, None], kind[:, None], noise)
         reading = np.where(seen, reading, 0.0)
         shown_at = ln.t[a] + eg.LATENCY_S
         read_end = shown_at[:, None] + np.cumsum(reading, axis=1) + eg.SWIPE_S * cols[None, :]
@@ -526,6 +565,8 @@ class _Block:
         up, down = eg.vote_probabilities(view.e_sel, pop.vote_rate[user], kind)
         u = rng.random(n)
         vote = np.where(u < up, 1.0, np.where(u < up + down, -1.0, 0.0))
+        if self.hard.label_noise > 0:
+            vote = np.where(rng.random(n) < self.hard.label_noise, -vote, vote)
         voted = np.flatnonzero(vote != 0)
         self._event("vote", a[voted], ln, sel_turn[voted], vote[voted], view.settled[voted] + 1.0)
         done = view.settled + np.where(vote != 0, 1.0, 0.0)
@@ -580,7 +621,8 @@ class _Block:
         kind = offer.kind
         p_continue = eg.continue_probability(view.e_sel, pop.patience[offer.user], kind)
         cont = (rng.random(n) < p_continue) & (ln.exch[a] < cfg.max_turns)
-        wait = eg.seconds_to_next_message(view.e_sel, msg_words, kind, rng.standard_normal(n), rng.random(n))
+        wait = eg.seconds_to_next_message(view.e_sel, msg_words, kind, rng.standard_normal(n), rng.random(n),
+                                          self.mimic[offer.user] if self.hard.mimic_bots > 0 else None)
         ln.t[a] = np.where(cont, done + wait, done)
         leave = a[~cont]
         if leave.size:

@@ -5,7 +5,8 @@ Each filter decides about one kind of item and says why it drops each one:
     quality       targets           empty, truncated, unsafe (a small lexicon), repetitive (a sentence
                                     said twice, or most of it said in the previous turns): such turns
                                     stay in the logs as context and as rejected answers, but are never
-                                    a training target (table `target_flags`)
+                                    a training target (table `target_flags`); each rule judges only
+                                    the authors it applies to (truncated: models, not people)
     bots          users             bot-like: replays the same messages, replies faster or more
                                     regularly than a person types, picks without reading
     min_reading   users             skimmers: most of their reads take ~0 seconds, so their picks,
@@ -83,9 +84,12 @@ from alignloop.data.filters.quality import (
     DEFAULT_UNSAFE,
     EDGE_CHARS,
     ENDS_WELL,
+    HUMAN_SOURCES,
+    RULES,
     SENTENCE_BREAK,
     QualityConfig,
     QualityFilter,
+    RuleScope,
 )
 from alignloop.data.filters.repeats import RepeatConfig, RepeatFilter
 from alignloop.data.filters.report import (
@@ -118,14 +122,14 @@ from alignloop.data.filters.user_cap import UserCapConfig, UserCapFilter
 
 __all__ = [
     "DEFAULT_ORDER", "DEFAULT_TOPICS", "DEFAULT_UNSAFE", "DROPPED", "EDGE_CHARS", "ENDS_WELL", "FILTERED_SCHEMAS",
-    "FILTERS", "FILTER_SCHEMAS", "PREFERENCE_EVENTS", "SENTENCE_BREAK", "TABLE_ORDER", "TARGET_FLAGS",
-    "TRUTH_COLUMNS", "WEIGHTS", "BotConfig", "BotFilter", "DiskStore", "DiversityConfig", "DiversityFilter",
-    "Filter", "FilterConfig", "FilterName", "FilterReport", "Frames", "FunnelReport", "MemoryStore",
-    "MinReadingConfig", "MinReadingFilter", "Pass", "PassOutput", "QualityConfig", "QualityFilter", "RepeatConfig",
-    "RepeatFilter", "Tallies", "UserCapConfig", "UserCapFilter", "arrow_table", "auto_partitions",
-    "check_decisions", "concat_partitions", "conv_user", "drive", "drop_conversations", "drop_users",
-    "dropped_rows", "empty_frame", "fast_words", "filter_precision_recall", "filter_report", "funnel_plot",
-    "load_raw_partition", "load_state", "make_filters", "no_decisions", "own", "plan_passes", "prepare",
-    "read_ground_truth", "read_stats", "rows", "run_filters", "run_filters_on_disk", "run_pass", "save_state",
-    "share_caps", "split_partitions", "to_arrow",
+    "FILTERS", "FILTER_SCHEMAS", "HUMAN_SOURCES", "PREFERENCE_EVENTS", "RULES", "SENTENCE_BREAK", "TABLE_ORDER",
+    "TARGET_FLAGS", "TRUTH_COLUMNS", "WEIGHTS", "BotConfig", "BotFilter", "DiskStore", "DiversityConfig",
+    "DiversityFilter", "Filter", "FilterConfig", "FilterName", "FilterReport", "Frames", "FunnelReport",
+    "MemoryStore", "MinReadingConfig", "MinReadingFilter", "Pass", "PassOutput", "QualityConfig", "QualityFilter",
+    "RepeatConfig", "RepeatFilter", "RuleScope", "Tallies", "UserCapConfig", "UserCapFilter", "arrow_table",
+    "auto_partitions", "check_decisions", "concat_partitions", "conv_user", "drive", "drop_conversations",
+    "drop_users", "dropped_rows", "empty_frame", "fast_words", "filter_precision_recall", "filter_report",
+    "funnel_plot", "load_raw_partition", "load_state", "make_filters", "no_decisions", "own", "plan_passes",
+    "prepare", "read_ground_truth", "read_stats", "rows", "run_filters", "run_filters_on_disk", "run_pass",
+    "save_state", "share_caps", "split_partitions", "to_arrow",
 ]

@@ -153,6 +153,11 @@ class Filter(ABC):
     def signature(self, frames: Frames) -> pl.DataFrame:
         """What resolve needs from one user partition."""
 
+    def out_of_scope(self, frames: Frames) -> dict[str, int]:
+        """Per rule: items of one partition the rule left unjudged because it does not apply to them
+        (the funnel reports them, so a rule blind to most of the logs shows it). None by default."""
+        return {}
+
     @abstractmethod
     def resolve(self, signature: pl.DataFrame) -> pl.DataFrame:
         """Decisions: id, user_id, reason[, weight] -- one row per item dropped (or down-weighted)."""

@@ -1,5 +1,14 @@
 """The quality filter: selected assistant turns unfit to imitate (empty, truncated, unsafe,
-repetitive) are flagged as non-targets; they stay in the logs as context and rejected answers."""
+repetitive) are flagged as non-targets; they stay in the logs as context and rejected answers.
+
+Each rule judges only the answers it can judge (`applies_to`): "truncated" means a model's answer
+was cut at its token limit, a failure people do not have. A person's message that ends without a
+full stop ("ok cool", "haha") is how people chat, so by default the rule leaves people's answers
+alone. Who wrote an answer comes from its conversation's `model_version`: one starting with a
+`human_sources` prefix (adapters of human conversations write "human:<dataset>") was written by a
+person; anything else by a model. The turns a rule left alone are counted in the funnel
+(`out_of_scope`), so a rule that cannot see most of the logs says so.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,8 @@ import re
 
 import numpy as np
 import polars as pl
+from typing import Any, Literal
+
 from pydantic import Field
 
 from alignloop.data.filters.base import Filter, Frames, conv_user
@@ -20,6 +31,22 @@ DEFAULT_UNSAFE = [
 EDGE_CHARS = " \t\n\"'*,;:()[]~-"
 SENTENCE_BREAK = r"[.!?]+|\*[^*\n]{1,40}\*"  # sentence ends, and *gestures* between sentences
 ENDS_WELL = r"[.!?…\"'”’)\]*~>]$|[\p{So}\p{Sk}]$"
+RULES: tuple[str, ...] = ("empty", "truncated", "unsafe", "repetitive", "repeats_earlier_turn")
+"""The rules, in the order they are tried: an answer carries the first reason that fires."""
+HUMAN_SOURCES = ["human:"]
+
+Author = Literal["all", "model", "human"]
+
+
+class RuleScope(Section):
+    """`[filter.quality.applies_to]`: whose answers each rule judges: "model" (model_version not a
+    human source), "human", or "all"."""
+
+    empty: Author = "all"
+    truncated: Author = Field("model", description="a cut at the token limit is a model's failure, not a person's")
+    unsafe: Author = "all"
+    repetitive: Author = "all"
+    repeats_earlier_turn: Author = "all"
 
 
 class QualityConfig(Section):
@@ -36,7 +63,9 @@ class QualityConfig(Section):
     max_repeat_across: float = Field(0.5, ge=0, le=1,
                                      description="share of its sentences that may come from the previous turns")
     history: int = Field(3, ge=0, description="previous selected assistant turns to compare with")
-
+    human_sources: list[str] = Field(default_factory=lambda: list(HUMAN_SOURCES),
+                                     description="model_version prefixes that mark answers written by people")
+    applies_to: RuleScope = RuleScope()
 
 
 class QualityFilter(Filter):
@@ -53,11 +82,43 @@ class QualityFilter(Filter):
         """Only selected assistant turns can be training targets, so only they are judged."""
         return frames["turns"].filter((pl.col("role") == "assistant") & pl.col("selected"))
 
+    def _with_human(self, frames: Frames, df: pl.DataFrame) -> pl.DataFrame:
+        """`df` (with conversation_id) plus `human`: whether people wrote its assistant turns (see
+        the module doc). Logs with no human conversation (a simulated world) skip the join."""
+        prefixes = [p for p in self.config.human_sources if p]
+        if prefixes:
+            human = pl.any_horizontal([pl.col("model_version").str.starts_with(p) for p in prefixes])
+            convs = frames["conversations"].select("conversation_id", human=human).filter(pl.col("human"))
+            if convs.height:
+                return df.with_columns(human=pl.col("conversation_id").is_in(convs["conversation_id"].implode()))
+        return df.with_columns(human=pl.lit(False))
+
+    def _in_scope(self, rule: str) -> pl.Expr:
+        scope = getattr(self.config.applies_to, rule)
+        return pl.lit(True) if scope == "all" else ~pl.col("human") if scope == "model" else pl.col("human")
+
+    def _active(self) -> list[str]:
+        """The rules that can fire with this config (a switched-off rule has no scope to report)."""
+        c: QualityConfig = self.config
+        off = {"empty": c.min_chars == 0, "truncated": not c.check_truncated,
+               "unsafe": not any(w.strip() for w in c.unsafe_words), "repeats_earlier_turn": c.history == 0}
+        return [r for r in RULES if not off.get(r, False)]
+
+    def out_of_scope(self, frames: Frames) -> dict[str, int]:
+        """Per rule: the targets it left unjudged, their author being outside its `applies_to`."""
+        rules = [r for r in self._active() if getattr(self.config.applies_to, r) != "all"]
+        if not rules:
+            return {}
+        a = self._with_human(frames, self._targets(frames).select("conversation_id"))
+        counts = a.select(**{r: (~self._in_scope(r)).sum() for r in rules}).row(0, named=True)
+        return {r: int(n) for r, n in counts.items()}
+
     def signature(self, frames: Frames) -> pl.DataFrame:
         c: QualityConfig = self.config
-        a = (self._targets(frames)
-             .select("turn_id", "conversation_id", "position", stripped=pl.col("text").str.strip_chars())
-             .with_columns(lower=pl.col("stripped").str.to_lowercase()))
+        targets = (self._targets(frames)
+                   .select("turn_id", "conversation_id", "position", stripped=pl.col("text").str.strip_chars())
+                   .with_columns(lower=pl.col("stripped").str.to_lowercase()))
+        a = self._with_human(frames, targets)
         a = a.with_columns(
             empty=pl.col("stripped").str.len_chars() < c.min_chars,
             ends_well=pl.col("stripped").str.contains(c.end_pattern),
@@ -65,12 +126,13 @@ class QualityFilter(Filter):
         )
         within, across = self._repetition(a, c)
         a = a.with_columns(within=pl.Series(within), across=pl.Series(across))
-        reason = (pl.when(pl.col("empty")).then(pl.lit("empty"))
-                  .when(pl.lit(c.check_truncated) & ~pl.col("ends_well")).then(pl.lit("truncated"))
-                  .when(pl.col("n_unsafe") > c.max_unsafe).then(pl.lit("unsafe"))
-                  .when(pl.col("within") > c.max_repeat_within).then(pl.lit("repetitive"))
-                  .when(pl.col("across") > c.max_repeat_across).then(pl.lit("repeats_earlier_turn"))
-                  .otherwise(None))
+        fires = {"empty": pl.col("empty"), "truncated": pl.lit(c.check_truncated) & ~pl.col("ends_well"),
+                 "unsafe": pl.col("n_unsafe") > c.max_unsafe, "repetitive": pl.col("within") > c.max_repeat_within,
+                 "repeats_earlier_turn": pl.col("across") > c.max_repeat_across}
+        chain: Any = pl
+        for rule in RULES:
+            chain = chain.when(fires[rule] & self._in_scope(rule)).then(pl.lit(rule))
+        reason = chain.otherwise(None)
         flagged = a.select("turn_id", "conversation_id", reason=reason).filter(pl.col("reason").is_not_null())
         return (flagged.join(conv_user(frames), on="conversation_id", how="left")
                 .select(id="turn_id", user_id="user_id", reason="reason", conversation_id="conversation_id"))

@@ -25,6 +25,7 @@ class FilterReport:
     reasons: dict[str, int] = field(default_factory=dict)
     rows_before: dict[str, int] = field(default_factory=dict)
     rows_after: dict[str, int] = field(default_factory=dict)
+    out_of_scope: dict[str, int] = field(default_factory=dict)  # per rule: items it does not apply to
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,20 +58,24 @@ class FunnelReport:
         for f in self.filters:
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(f.reasons.items(), key=lambda kv: -kv[1]))
             extra = f" (down-weighted {f.weighted})" if f.weighted else ""
+            if any(f.out_of_scope.values()):
+                extra += "; out of scope: " + ", ".join(f"{k} {v}" for k, v in f.out_of_scope.items() if v)
             lines.append(f"{f.name:<12} {f.unit:<14} {f.input:>9} {f.kept:>9} {f.dropped:>8}  {reasons}{extra}")
         return "\n".join(lines)
 
 
 
 def filter_report(flt: Filter, n_items: int, decisions: pl.DataFrame, before: dict[str, int],
-                   after: dict[str, int], seconds: float) -> FilterReport:
+                   after: dict[str, int], seconds: float, out_of_scope: dict[str, int] | None = None
+                   ) -> FilterReport:
     weighted = flt.name == "user_cap" and flt.config.mode == "weight"
     n_dec = decisions.select(pl.col("id").n_unique()).item() if decisions.height else 0
     reasons = dict(decisions.group_by("reason").len().sort("reason").iter_rows()) if decisions.height else {}
     dropped = 0 if weighted else n_dec
     return FilterReport(name=flt.name, unit=flt.unit, input=n_items, kept=n_items - dropped,
                         dropped=dropped, weighted=n_dec if weighted else 0, reasons=reasons,
-                        rows_before=before, rows_after=after, seconds=round(seconds, 4))
+                        rows_before=before, rows_after=after, out_of_scope=dict(out_of_scope or {}),
+                        seconds=round(seconds, 4))
 
 
 def dropped_rows(flt: Filter, decisions: pl.DataFrame) -> pl.DataFrame:

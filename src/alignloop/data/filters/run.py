@@ -104,6 +104,7 @@ class PassOutput:
     decisions: dict[str, pl.DataFrame] = field(default_factory=dict)  # local filters
     items: dict[str, pl.DataFrame] = field(default_factory=dict)  # local (if kept) and global filters
     signatures: dict[str, pl.DataFrame] = field(default_factory=dict)  # global filters
+    out_of_scope: dict[str, dict[str, int]] = field(default_factory=dict)  # per filter, per rule
 
 
 def run_pass(frames: Frames, step: Pass, pending: Sequence[tuple[Filter, pl.DataFrame]], keep_inputs: bool,
@@ -121,6 +122,7 @@ def run_pass(frames: Frames, step: Pass, pending: Sequence[tuple[Filter, pl.Data
         start = time.perf_counter()
         out.before[flt.name] = rows(frames)
         items = flt.items(frames)
+        out.out_of_scope[flt.name] = flt.out_of_scope(frames)
         decisions = flt.resolve(flt.signature(frames))
         check_decisions(flt, items, decisions)
         frames = flt.apply(frames, decisions)
@@ -135,6 +137,7 @@ def run_pass(frames: Frames, step: Pass, pending: Sequence[tuple[Filter, pl.Data
         if n == 0:
             out.before[flt.name] = rows(frames)
         out.items[flt.name] = own(flt.items(frames))  # trimmed in `resolve`, once earlier decisions are known
+        out.out_of_scope[flt.name] = flt.out_of_scope(frames)
         out.signatures[flt.name] = own(flt.signature(frames))
         out.seconds[flt.name] = time.perf_counter() - start
     return frames, out
@@ -149,6 +152,7 @@ class _Tally:
     decisions: list[pl.DataFrame] = field(default_factory=list)
     before: dict[str, int] = field(default_factory=dict)
     after: dict[str, int] = field(default_factory=dict)
+    out_of_scope: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -173,6 +177,8 @@ class Tallies:
             _add(self.tally[name].after, counts)
         for name, s in out.seconds.items():
             self.tally[name].seconds += s
+        for name, counts in out.out_of_scope.items():
+            _add(self.tally[name].out_of_scope, counts)
         for flt in step.local:
             t = self.tally[flt.name]
             t.n_items += out.n_items[flt.name]
@@ -217,7 +223,8 @@ class Tallies:
         for flt in self.filters:
             t = self.tally[flt.name]
             decisions = pl.concat(t.decisions) if t.decisions else no_decisions()
-            report.filters.append(filter_report(flt, t.n_items, decisions, t.before, t.after, t.seconds))
+            report.filters.append(filter_report(flt, t.n_items, decisions, t.before, t.after, t.seconds,
+                                                t.out_of_scope))
             dropped.append(dropped_rows(flt, decisions))
             if self.keep_inputs:
                 report.inputs[flt.name] = (pl.concat(t.items) if t.items
