@@ -219,3 +219,15 @@ def test_the_roofline_times_every_linear_layer_of_the_model(tiny):
     result = ceiling()
     assert result["useful"] == result["computed"] == 10 and result["seconds"] > 0
     assert ceiling.facts()["rows"] == 5 and ceiling.facts()["dtype"] == "float32"
+
+
+def test_the_engine_profile_accounts_for_the_whole_step():
+    from alignloop.bench.engine_profile import run_profile
+
+    line = run_profile(model="tiny-llama", dtype="float32", n_prompts=3, max_tokens=5, threads=1)
+    parts = line["parts_s"]
+    # every part of the step is named, and together they are the profiled wall time
+    assert {"gemm", "attention", "kv_write", "python"} <= set(parts)
+    assert sum(parts.values()) == pytest.approx(line["wall_s"], abs=0.01 + 0.01 * line["wall_s"])
+    assert line["tokens"] == 3 * 5 and line["decode_steps"] == 4  # the first token is prefill's
+    assert line["gemm_ceiling_step_ms"] > 0 and line["top_ops"]

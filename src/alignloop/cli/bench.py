@@ -88,6 +88,22 @@ def bench_generate(
         sweep_tokens=sweep_tokens, timed_paths=timed_paths, vllm=vllm))
 
 
+@app.command("engine-profile")
+def bench_engine_profile(
+    model: ModelOpt = "smollm2-135m",
+    dtype: Annotated[str, typer.Option(help="The engine's dtype (auto: its default for this CPU).")] = "auto",
+    threads: ThreadsOpt = None,
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """Where a decode step of our engine spends its time (GEMMs, attention, cache writes, norms, sampling,
+    Python), beside the GEMM roofline's step; no peer, the line says why `bench generate` is not faster."""
+    from alignloop.bench.engine_profile import run_profile
+
+    _record_bench("engine-profile", {"model": model, "dtype": dtype, "threads": threads}, run, runs_dir,
+                  lambda: run_profile(model=model, dtype=dtype, threads=threads))
+
+
 @app.command("template")
 def bench_template(
     rounds: RoundsOpt = 3,

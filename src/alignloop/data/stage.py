@@ -53,15 +53,9 @@ def run_ingest(inputs: list[Path], *, chitchat: bool = False, run: str | None = 
     `format`: how to read `inputs` (`alignloop.data.adapters.detect`: auto, logs, openai, sharegpt, table).
     Returns the finished stage and the ingest's counts.
     """
-    if not inputs and not chitchat:
-        raise AlignloopError("nothing to ingest: give input files or folders, or --chitchat")
-    native, exports = split_inputs(inputs, format)  # fails early, with one line, on an unknown format
-    sources = [*input_files(native), *(f for path, _ in exports for f in export_files(path))]
-    config: dict = {"inputs": [str(p) for p in inputs], "chitchat": chitchat, "fresh": fresh, "format": format}
+    native, exports, sources, config = _ingest_plan(inputs, chitchat, fresh, format)
     with tempfile.TemporaryDirectory(prefix="alignloop-chitchat-") as tmp:
         if chitchat:
-            sources.append(dataset_path())
-            config["chitchat_version"] = importlib.metadata.version("chitchat-dataset")
             with status("converting the chitchat dataset"):
                 write_chitchat(Path(tmp) / "chitchat")
             native = [*native, Path(tmp) / "chitchat"]
@@ -86,6 +80,33 @@ def run_ingest(inputs: list[Path], *, chitchat: bool = False, run: str | None = 
             f"({report.quarantine_total:,} from every ingest of this run)")
     say(f"{report.total.read:,} rows in {report.seconds:.2f}s ({report.rows_per_second:,.0f} rows/s)")
     return stage, report
+
+
+def _ingest_plan(inputs: list[Path], chitchat: bool, fresh: bool, format: str
+                 ) -> tuple[list[Path], list, list[Path], dict]:
+    """(native inputs, exports, every source file, the stage's config) of an ingest."""
+    if not inputs and not chitchat:
+        raise AlignloopError("nothing to ingest: give input files or folders, or --chitchat")
+    native, exports = split_inputs(inputs, format)  # fails early, with one line, on an unknown format
+    sources = [*input_files(native), *(f for path, _ in exports for f in export_files(path))]
+    config: dict = {"inputs": [str(p) for p in inputs], "chitchat": chitchat, "fresh": fresh, "format": format}
+    if chitchat:
+        sources.append(dataset_path())
+        config["chitchat_version"] = importlib.metadata.version("chitchat-dataset")
+    return native, exports, sources, config
+
+
+def run_ingest_stage(inputs: list[Path], *, chitchat: bool = False, run: str, runs_dir: Path = Path("runs"),
+                     format: str = "auto", force: bool = False) -> Stage:
+    """Ingest as a stage of a pipeline (the flywheel): fresh tables from exactly these sources, and
+    skipped when the same sources were ingested the same way already, so that a re-run or a resumed
+    run neither converts everything again nor adds an ingest on top of the last one."""
+    _, _, sources, config = _ingest_plan(inputs, chitchat, True, format)
+    stage = Stage(runs_dir, run, "ingest", config, inputs=sources)
+    if not force and stage.is_complete():
+        say(f"[green]ingest: up to date[/] ({stage.dir}), skipped")
+        return stage
+    return run_ingest(inputs, chitchat=chitchat, run=run, runs_dir=runs_dir, fresh=True, format=format)[0]
 
 
 def check_engine(engine: str) -> None:

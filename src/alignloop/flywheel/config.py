@@ -21,8 +21,11 @@ from alignloop.sections import RunSection
 from alignloop.sim.config import EngineResponderSection, SimConfig
 from alignloop.train.config import SFTTrainSection
 
-STAGES: tuple[str, ...] = ("simulate", "filter", "build", "sft", "rm", "rl", "eval", "abtest", "report")
-"""The loop's stages, in order (`report` runs once, after the last turn)."""
+STAGES: tuple[str, ...] = ("simulate", "ingest", "filter", "build", "sft", "rm", "rl", "eval", "abtest", "report")
+"""The loop's stages, in order (`report` runs once, after the last turn). A turn's logs come from
+`simulate` or `ingest` (`[logs] source`), never both."""
+
+SOURCES: tuple[str, ...] = ("simulate", "ingest")
 
 
 class FlywheelSection(Section):
@@ -31,6 +34,32 @@ class FlywheelSection(Section):
         default_factory=list, description="optional stages to leave out (without rl, the new model is SFT's)")
     base_model: str = Field("smollm2-135m", description="the deployed model before the first turn")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+class LogsSection(Section):
+    """Where turn 1's logs come from: the simulated world (`[world]`), or real logs ingested from files
+    or the chitchat dataset. Real logs have no simulated users behind them, so the stages that need
+    them (the A/B test, ground-truth scoring) are left out with their reason (`not_run`)."""
+
+    source: Literal["simulate", "ingest"] = Field(
+        "simulate", description="simulate: the [world] section's simulated users; ingest: real logs (inputs, chitchat)")
+    inputs: list[str] = Field(default_factory=list, description="ingest: log folders, JSONL/Parquet tables or chat "
+                                                                 "exports (OpenAI, ShareGPT), as `alignloop logs ingest`")
+    chitchat: bool = Field(False, description="ingest: also the chitchat-dataset package's conversations")
+    format: Literal["auto", "logs", "openai", "sharegpt", "table"] = Field(
+        "auto", description="ingest: how to read inputs (auto: told by content)")
+
+    @model_validator(mode="after")
+    def _inputs_need_ingest(self) -> LogsSection:
+        if self.source == "ingest" and not (self.inputs or self.chitchat):
+            raise ValueError('logs.source = "ingest" needs logs.inputs or logs.chitchat = true')
+        if self.source == "simulate" and (self.inputs or self.chitchat):
+            raise ValueError('logs.inputs and logs.chitchat are read only with logs.source = "ingest"')
+        return self
+
+    @property
+    def real(self) -> bool:
+        return self.source == "ingest"
 
 
 class NextWorldSection(Section):
@@ -91,6 +120,7 @@ class ABStageSection(Section):
 class FlywheelRecipe(Section):
     run: RunSection = RunSection()
     flywheel: FlywheelSection = FlywheelSection()
+    logs: LogsSection = LogsSection()
     world: SimConfig = SimConfig()
     next_world: NextWorldSection = NextWorldSection()
     filter: FilterSection = FilterSection()
@@ -111,4 +141,24 @@ class FlywheelRecipe(Section):
         if self.rl.users_seed in (self.world.seed, self.eval.users.seed):
             raise ValueError("rl.users_seed must differ from world.seed and eval.users.seed "
                              "(RL prompts come from users nobody evaluates on)")
+        if self.logs.real and self.flywheel.turns > 1:
+            # Turn n+1's logs are users talking to turn n's model; real users are not here to do that.
+            raise ValueError('flywheel.turns must be 1 with logs.source = "ingest": turn 2 would need users '
+                             "talking to turn 1's model, and ingested logs have none")
         return self
+
+
+def not_run(recipe: FlywheelRecipe) -> dict[str, str]:
+    """What a turn leaves out because of where its logs come from: name -> the reason, one line each
+    (printed and reported, so nothing is missing without a word)."""
+    if not recipe.logs.real:
+        return {}
+    return {
+        "simulate": 'the logs are real (logs.source = "ingest")',
+        "abtest": "no A/B test: it needs users to show both models to, and ingested logs are a record of past "
+                  "users, not people to run an experiment on (a real A/B test needs live traffic)",
+        "rl ground-truth watch": "no reward-hacking watch against ground truth: real logs carry no hidden taste to "
+                                 "score RL's answers with; RL's reward is the learned one only",
+        "eval ground truth": "no ground-truth engagement in the offline eval: nobody's true taste is known; "
+                             "measured instead: the learned reward and rule metrics on held-out users' prompts",
+    }

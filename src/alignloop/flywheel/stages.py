@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow.parquet as pq
 
+from alignloop.data.builders import split_of
 from alignloop.data.config import LogsRecipe
-from alignloop.data.stage import run_build_stage, run_filter_stage
+from alignloop.data.stage import run_build_stage, run_filter_stage, run_ingest_stage
 from alignloop.errors import AlignloopError
 from alignloop.eval.abtest_stage import run_abtest
 from alignloop.eval.config import ABTestRecipe
-from alignloop.eval.offline import run_offline_eval
+from alignloop.eval.offline import run_logs_eval, run_offline_eval
 from alignloop.eval.rl_hook import heldout_groundtruth
 from alignloop.flywheel.config import FlywheelRecipe
 from alignloop.rewards.config import DataSection, RMRecipe
@@ -31,6 +33,7 @@ from alignloop.rewards.stage import run_rm_eval, run_rm_train, summary_lines
 from alignloop.rl.config import RLRecipe
 from alignloop.rl.reward_env import RewardModelEnvSection
 from alignloop.rl.stage import run_rl
+from alignloop.runs import atomic_path
 from alignloop.sections import ModelSection, RunSection
 from alignloop.sim.config import OutputSection, ResponderSection, SimConfig, SimulateRecipe
 from alignloop.sim.stage import run_simulate
@@ -91,8 +94,22 @@ def _world(turn: Turn) -> SimConfig:
                                     "max_turns": nxt.max_turns, "responder": responder})
 
 
+def ingest(turn: Turn, force: bool) -> dict:
+    """Real logs (`[logs] source = "ingest"`): the recipe's inputs and/or the chitchat dataset, fresh tables."""
+    logs = turn.recipe.logs
+    stage = run_ingest_stage([Path(p) for p in logs.inputs], chitchat=logs.chitchat, run=turn.run_name,
+                             runs_dir=Path(turn.recipe.run.dir), format=logs.format, force=force)
+    m = _manifest(stage.dir)
+    return {"counts": m.get("counts"), "rows": m.get("rows_after"), "quarantine_total": m.get("quarantine_total"),
+            "sources": {"inputs": list(logs.inputs), "chitchat": logs.chitchat}}
+
+
 def _logs_recipe(turn: Turn) -> LogsRecipe:
-    return LogsRecipe(run=turn.run_section, filter=turn.recipe.filter, build=turn.recipe.build)
+    filters = turn.recipe.filter
+    if turn.recipe.logs.real and filters.source == "auto":
+        # Only what this turn ingested: never a simulated world that happens to share the run folder.
+        filters = filters.model_copy(update={"source": "ingest"})
+    return LogsRecipe(run=turn.run_section, filter=filters, build=turn.recipe.build)
 
 
 def filter_logs(turn: Turn, force: bool) -> dict:
@@ -136,6 +153,8 @@ def sft(turn: Turn, force: bool) -> dict:
     data = turn.dir("build") / f"{recipe.sft.dataset}.parquet"
     _stop(turn, "sft", _untrainable(turn, {recipe.sft.dataset: STOPS}))
     _require_examples(turn, data)
+    if recipe.logs.real:
+        data = _train_users_only(turn, data)
     sft_recipe = SFTRecipe(run=turn.run_section,
                            model=ModelSection(name=turn.model, dtype=recipe.flywheel.dtype),
                            data=SFTDataSection(path=data), train=recipe.sft.train)
@@ -144,6 +163,26 @@ def sft(turn: Turn, force: bool) -> dict:
     m = _manifest(stage.dir)
     return {"model": turn.model, "train": m.get("train"), "data": m.get("data"),
             "metrics": str(stage.path("metrics.jsonl"))}
+
+
+TRAIN_USERS_SFT = "sft.train-users.parquet"
+
+
+def _train_users_only(turn: Turn, data: Path) -> Path:
+    """The SFT set without the held-out users (the reward models' eval split, whose prompts the offline
+    eval asks): the build's SFT set holds every user's answers, and a model fine-tuned on a held-out
+    user's own conversations would be scored on prompts it has seen answered. Simulated turns need no
+    such cut: their eval users are fresh simulated people."""
+    rm = turn.recipe.build.rm
+    rows = pl.read_parquet(data)
+    kept = rows.filter(split_of(rows["user_id"], rm.eval_fraction, rm.salt) == "train")
+    out = turn.dir("build") / TRAIN_USERS_SFT
+    if not kept.height:
+        raise AlignloopError(f"turn {turn.number} sft: every one of {rows.height:,} SFT examples belongs to a held-out "
+                             f"user (build.rm.eval_fraction = {rm.eval_fraction:g}); none is left to train on")
+    with atomic_path(out) as tmp:
+        kept.write_parquet(tmp)
+    return out
 
 
 def _require_examples(turn: Turn, data: Path) -> None:
@@ -171,9 +210,12 @@ def reward_models(turn: Turn, force: bool) -> dict:
     _stop(turn, "rm", blocked, hint="leave those heads out of rm.heads to train the others"
           + ('; without "safety", also set rm.combine.safety = "none"'
              if any(n["dataset"] == "rm/safety" for n in blocked) else ""))
+    # Real logs: no simulator ceiling, even if a simulated world's truth sits in the run folder.
+    truth = "none" if turn.recipe.logs.real else "auto"
     recipe = RMRecipe(run=turn.run_section,
                       data=DataSection(build=str(turn.dir("build")), heads=section.heads,
-                                       max_train_rows=section.max_train_rows, max_eval_rows=section.max_eval_rows),
+                                       max_train_rows=section.max_train_rows, max_eval_rows=section.max_eval_rows,
+                                       ground_truth=truth),
                       backbone=section.backbone, train=section.train, eval=section.eval, combine=section.combine)
     trained = run_rm_train(recipe, force=force)
     evaluated = run_rm_eval(recipe, force=force)
@@ -188,6 +230,8 @@ def rl(turn: Turn, force: bool) -> dict:
     (evaluation only: it is passed in from here, never seen by the reward or the loss)."""
     recipe, section = turn.recipe, turn.recipe.rl
     reward = str(turn.dir("rm")) if section.reward == "learned" else section.reward
+    if recipe.logs.real:
+        return _rl_on_logs(turn, reward, force)
     env = RewardModelEnvSection(reward=reward, groundtruth=True, users=section.users,
                                 users_seed=section.users_seed)
     rl_recipe = RLRecipe(run=turn.run_section, model=ModelSection(name=turn.model, dtype=recipe.flywheel.dtype),
@@ -201,15 +245,49 @@ def rl(turn: Turn, force: bool) -> dict:
             "reward_hacking": verdict}
 
 
+def _rl_on_logs(turn: Turn, reward: str, force: bool) -> dict:
+    """RL on the built prompts of the reward models' train users (build/rl/train.jsonl); nothing to
+    watch it with, since real logs hold no ground truth (said in the report, `not_run`)."""
+    recipe, section = turn.recipe, turn.recipe.rl
+    _stop(turn, "rl", _untrainable(turn, {"rl": frozenset({"empty", "empty_train"})}))
+    prompts = turn.dir("build") / "rl" / "train.jsonl"
+    env = RewardModelEnvSection(reward=reward, prompts=str(prompts), groundtruth=False)
+    rl_recipe = RLRecipe(run=turn.run_section, model=ModelSection(name=turn.model, dtype=recipe.flywheel.dtype),
+                         env=env, sampling=section.sampling, rl=section.rl)
+    stage = run_rl(rl_recipe, force=force)
+    turn.model = str(stage.path("model"))
+    return {"model": turn.model, "metrics": str(stage.path("metrics.jsonl")), "reward": section.reward,
+            "prompts": str(prompts), "reward_hacking": {}}
+
+
 # --- evaluation --------------------------------------------------------------------------------
 
 
 def evaluate(turn: Turn, force: bool) -> dict:
     """Deployed vs new model on held-out users' prompts: ground truth, rule metrics, judge (optional)."""
     recipe = turn.recipe
+    if recipe.logs.real:
+        return _evaluate_on_logs(turn, force)
     return run_offline_eval(recipe.eval, turn.run_section, turn.deployed, turn.model, force,
                             exclude=[turn.dir("simulate") / "logs"], dtype=recipe.flywheel.dtype,
                             default_judge=recipe.flywheel.base_model)
+
+
+def _evaluate_on_logs(turn: Turn, force: bool) -> dict:
+    """The base, SFT and RL models on held-out real users' prompts (build/rl/eval.jsonl): the learned
+    reward, rule metrics and the judge; checked first that none of those users trained anything."""
+    recipe = turn.recipe
+    _stop(turn, "eval", _untrainable(turn, {"rl": frozenset({"empty", "empty_eval"})}))
+    models = {"base": turn.deployed}
+    for name in ("sft", "rl"):
+        if name in turn.summaries:
+            models[name] = turn.summaries[name]["model"]
+    training = [p for p in (turn.dir("build") / TRAIN_USERS_SFT, turn.dir("build") / "rl" / "train.jsonl",
+                            *(turn.dir("build") / "rm").glob("*/train.parquet")) if p.is_file()]
+    reward = turn.dir("rm") if "rm" in turn.summaries else None
+    return run_logs_eval(recipe.eval, turn.run_section, models, turn.dir("build") / "rl" / "eval.jsonl", force,
+                         reward=reward, exclude=training, dtype=recipe.flywheel.dtype,
+                         default_judge=recipe.flywheel.base_model)
 
 
 def abtest(turn: Turn, force: bool) -> dict:
@@ -224,6 +302,7 @@ StageFn = Callable[[Turn, bool], dict]
 
 TURN_STAGES: dict[str, StageFn] = {
     "simulate": simulate,
+    "ingest": ingest,
     "filter": filter_logs,
     "build": build,
     "sft": sft,
