@@ -10,7 +10,8 @@ which would flatter us); group-normalised advantages (mean and std of each promp
 (DAPO) aggregation, clip 0.2 both ways, no KL term (beta 0, so no reference model), one iteration
 per batch; all 64 completions generated at once, then trained 16 per forward/backward (4 gradient
 accumulations, `MICRO_BATCH`) into one AdamW step, lr 1e-5 constant, gradients clipped at 1.0.
-fp32 weights and no autocast on both sides (on CPUs without AMX, bf16 matmuls are not faster), no
+fp32 weights and no autocast on both sides by default (`--dtype bfloat16`: bf16 weights, fp32
+adapters and bf16 autocast on both; measure which wins on the CPU at hand), no
 gradient checkpointing on either.
 
 Metric: seconds per step (lower is better; the ratio is TRL's over ours), i.e. generation +

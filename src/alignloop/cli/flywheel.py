@@ -18,7 +18,8 @@ def flywheel(
     from_: Annotated[str | None, typer.Option("--from", help="Re-run this stage and every later one.")] = None,
     turns: Annotated[int | None, typer.Option(min=1, help="Turns of the loop (overrides flywheel.turns).")] = None,
 ) -> None:
-    """The whole loop: simulate logs -> filter -> build -> SFT -> RM -> RL -> eval -> A/B -> report."""
+    """The whole loop: simulate logs -> filter -> build -> SFT -> RM -> RL -> eval -> A/B -> report.
+    With [logs] source = "ingest", real logs instead of simulated ones, and no A/B test."""
     from alignloop.flywheel.config import FlywheelRecipe
     from alignloop.flywheel.stage import run_flywheel
 

@@ -139,9 +139,12 @@ class JudgeEndpointSection(Section):
 
 
 class OfflineEvalSection(Section):
-    """Offline evaluation of the deployed and the new model on held-out users' prompts."""
+    """Offline evaluation of the deployed and the new model on held-out users' prompts (simulated
+    users', or with real logs the held-out split's own prompts)."""
 
     users: UsersSection = UsersSection(users=64)
+    max_prompts: int = Field(64, ge=1, description="real logs (flywheel logs.source = \"ingest\"): held-out users' "
+                                                   "prompts asked (build/rl/eval.jsonl), a stable sample")
     sampling: SamplingSection = SamplingSection(temperature=0.7, max_tokens=48)
     judge: bool = Field(False, description="rubric scores by an LLM judge (slow on CPU)")
     judge_model: str | None = Field(None, description="a local judge (zoo name or folder); default: the base model")

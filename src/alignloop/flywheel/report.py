@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from alignloop.eval.abtest import verdict_lines
+from alignloop.eval.offline import logs_eval_lines
 from alignloop.flywheel.config import STAGES
 from alignloop.runs import atomic_path, atomic_write_text
 
@@ -72,6 +73,17 @@ Fragment = tuple[list[str], list[str]]
 """(html parts, markdown lines) of one section of the report."""
 
 
+def _ingest_section(i: dict, turn_dir: Path) -> Fragment:
+    counts = i.get("counts") or {}
+    rows = [[t, c.get("read"), c.get("ingested"), c.get("quarantined"), c.get("duplicates")] for t, c in counts.items()]
+    src = i.get("sources") or {}
+    what = ", ".join([*src.get("inputs", []), *(["the chitchat dataset"] if src.get("chitchat") else [])])
+    line = f"ingested real logs from {what}: " + ", ".join(
+        f"{c.get('ingested', 0):,} {t}" for t, c in counts.items()) + f"; {i.get('quarantine_total') or 0:,} quarantined"
+    return (["<h3>Ingest (real logs)</h3>" + _table(["table", "read", "ingested", "quarantined", "duplicates"], rows)
+             + f"<p>{html.escape(line)}</p>"], [f"- {line}"])
+
+
 def _filter_section(f: dict, turn_dir: Path) -> Fragment:
     parts = ["<h3>Filter funnel</h3>" + img(f.get("funnel_png"))]
     pr = f.get("precision_recall") or {}
@@ -109,6 +121,8 @@ def _rm_section(rm: dict, turn_dir: Path) -> Fragment:
 
 
 def _rl_section(rl: dict, turn_dir: Path) -> Fragment:
+    if rl.get("prompts"):
+        return _rl_logs_section(rl, turn_dir)
     reward = rl.get("reward", "learned")
     title = "RL: learned reward vs ground truth" if reward == "learned" else f"RL: {reward} vs ground truth"
     plot = plot_training_curves(Path(rl["metrics"]), turn_dir / "rl_curves.png", title,
@@ -119,7 +133,55 @@ def _rl_section(rl: dict, turn_dir: Path) -> Fragment:
     return [part], [f"- RL reward-hacking watch: {json.dumps(verdict)}"]
 
 
+def _rl_logs_section(rl: dict, turn_dir: Path) -> Fragment:
+    """RL on real logs' prompts: its reward curve alone (there is no ground truth to draw beside it)."""
+    title = f"RL: {rl.get('reward', 'learned')} reward on train users' prompts"
+    plot = plot_training_curves(Path(rl["metrics"]), turn_dir / "rl_curves.png", title, keys=("reward",))
+    line = rl_reward_line(rl)
+    return ([f"<h3>{html.escape(title)}</h3>" + (img(plot) if plot else "") + f"<p>{html.escape(line)}</p>"],
+            [f"- {line}"])
+
+
+def rl_reward_line(rl: dict) -> str:
+    """RL's reward at its first and last step (on its training prompts)."""
+    steps = [r for r in _read_jsonl(Path(rl["metrics"])) if isinstance(r.get("reward"), (int, float))]
+    if not steps:
+        return "RL: no steps logged"
+    first, last = steps[0], steps[-1]
+    return (f"RL: {rl.get('reward', 'learned')} reward {first['reward']:+.3f} at step {first['step']} -> "
+            f"{last['reward']:+.3f} at step {last['step']} (mean over the step's samples, train users' prompts)")
+
+
+def _logs_eval_section(e: dict, turn_dir: Path) -> Fragment:
+    """Offline eval on real logs: learned reward, pairwise comparisons, rules and judge, per model."""
+    names = [k for k in e["models"] if k in e]
+    rows = []
+    if all("reward" in e[m] for m in names):
+        rows.append(["learned reward (per-user mean)", *[e[m]["reward"]["mean"] for m in names]])
+        rows.append(["95% CI", *[f"[{e[m]['reward']['lo']:+.3f}, {e[m]['reward']['hi']:+.3f}]" for m in names]])
+        comps = sorted(set().union(*(e[m]["reward"]["components"] for m in names)))
+        rows += [[f"reward model {k.removeprefix('raw/')}", *[e[m]["reward"]["components"].get(k) for m in names]]
+                 for k in comps]
+    rules = sorted(set().union(*(e[m]["rules"] for m in names)) - {"n"})
+    rows += [[f"rule: {k}", *[e[m]["rules"].get(k) for m in names]] for k in rules]
+    if all("judge" in e[m] for m in names):
+        dims = sorted(e[names[0]]["judge"])
+        rows += [[f"judge: {d}", *[e[m]["judge"][d]["mean"] for m in names]] for d in dims]
+    parts = [f"<h3>Offline evaluation ({e['prompts']} held-out prompts of {e['users']} real users)</h3>"
+             + _table(["metric", *[f"{m}" for m in names]], rows)]
+    pairs = e.get("pairs") or {}
+    if pairs:
+        parts.append(_table(["learned reward", "diff", "95% CI", "p", "higher on"],
+                            [[k.replace("_vs_", " - "), d["diff_mean"], f"[{d['diff_lo']:+.3f}, {d['diff_hi']:+.3f}]",
+                              d["p_value"], f"{d['win_rate']:.0%}"] for k, d in pairs.items()]))
+    lines = logs_eval_lines(e)
+    parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+    return parts, [f"- offline eval: {line}" for line in lines]
+
+
 def _eval_section(e: dict, turn_dir: Path) -> Fragment:
+    if e.get("kind") == "logs":
+        return _logs_eval_section(e, turn_dir)
     names = [k for k in ("deployed", "new") if k in e]
     rows = [[k, *[e[m][k] for m in names]] for k in ("gt_engagement", "gt_quality")]
     rules = sorted(set().union(*(e[m]["rules"] for m in names)) - {"n"})
@@ -163,18 +225,51 @@ def _decision(text: str, launch: bool, reasons: list[str]) -> str:
 
 
 SECTIONS: dict[str, Callable[[dict, Path], Fragment]] = {
-    "filter": _filter_section, "build": _build_section, "sft": _sft_section, "rm": _rm_section,
+    "ingest": _ingest_section, "filter": _filter_section, "build": _build_section, "sft": _sft_section, "rm": _rm_section,
     "rl": _rl_section, "eval": _eval_section, "abtest": _abtest_section,
 }
 """A turn's sections in report order: stage name -> its fragment from the stage's summary."""
 
 
-def _turn_sections(turn: dict, folder: Path) -> Fragment:
+NO_AB_WHY = ("an A/B test needs users to show both models to, and ground truth needs their hidden taste; "
+             "ingested logs are a record of past users, with neither")
+NO_AB_NO_TRUTH = (f"There is no A/B test and no ground truth for real logs: {NO_AB_WHY}. What was measured instead: "
+                  "the reward models on held-out users' signals, RL's learned reward, and on held-out users' prompts "
+                  "the learned reward, rule metrics and the judge. The learned reward is the one RL climbed: a gain "
+                  "in it on new users' prompts says RL's gain carried over to them, not that people would like the "
+                  "answers.")
+
+
+def measured_lines(turn: dict, not_run: dict[str, str]) -> list[str]:
+    """A turn without an A/B test (real logs): what it measured, each on one line, then what did not
+    run and why (printed after the flywheel)."""
+    s = turn["summaries"]
+    lines = [f"no A/B test and no ground truth for real logs: {NO_AB_WHY}", *_rm_lines(s)]
+    if "rl" in s:
+        lines.append(rl_reward_line(s["rl"]))
+    if "eval" in s and s["eval"].get("kind") == "logs":
+        lines += [f"eval: {line}" for line in logs_eval_lines(s["eval"])]
+    return lines + [f"not run: {name}: {why}" for name, why in not_run.items()]
+
+
+def _rm_lines(summaries: dict) -> list[str]:
+    return [line for line in summaries.get("rm", {}).get("lines", []) if line.startswith("rm-eval ")]
+
+
+def _turn_sections(turn: dict, folder: Path, not_run: dict[str, str] | None = None) -> Fragment:
     """(html parts, markdown lines) for one turn."""
     n = turn["turn"]
     parts = [f"<h2>Turn {n}</h2><p>deployed: <code>{html.escape(turn['deployed'])}</code> &rarr; "
              f"new: <code>{html.escape(turn['model'])}</code></p>"]
     md = [f"## Turn {n}", "", f"- deployed: `{turn['deployed']}`, new: `{turn['model']}`"]
+    if not_run:
+        # The numbers themselves are in the sections below; this says what they stand in for.
+        heads = [line for line in _rm_lines(turn["summaries"]) if not line.startswith("rm-eval headline")]
+        said = [*[f"reward model on held-out users: {line}" for line in heads],
+                *[f"not run: {name}: {why}" for name, why in not_run.items()]]
+        parts.append("<h3>What this turn measured</h3>" + f"<p>{html.escape(NO_AB_NO_TRUTH)}</p><ul>"
+                     + "".join(f"<li>{html.escape(line)}</li>" for line in said) + "</ul>")
+        md += [f"- {NO_AB_NO_TRUTH}", *[f"- {line}" for line in said]]
     for name, section in SECTIONS.items():
         if name in turn["summaries"]:
             p, m = section(turn["summaries"][name], folder / f"turn-{n}")
@@ -205,7 +300,7 @@ def write_report(state: dict, folder: Path) -> dict[str, Path]:
     md += [f"- turns: {len(state['turns'])}; deployed at the end: `{state['deployed_at_end']}`",
            "- stage seconds: " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in state["timings"]), ""]
     for turn in state["turns"]:
-        p, m = _turn_sections(turn, folder)
+        p, m = _turn_sections(turn, folder, state.get("not_run"))
         parts += p
         md += m + [""]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>alignloop {html.escape(state['run'])}</title>"

@@ -8,6 +8,9 @@ the same command picks up in the stage it was killed in, and nothing finished is
 A turn deploys its model for the next turn only if its A/B test said launch on observable KPIs (and
 no reward hacking was caught); otherwise the next turn starts again from the model that stayed
 deployed. The ground-truth verdict is printed and reported beside that decision, never an input to it.
+
+On real logs (`[logs] source = "ingest"`) there is no A/B test and no ground truth (`not_run` says
+why): the turn ends with what was measured instead, and nothing is launched by the loop itself.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from rich.table import Table
 
 from alignloop.errors import AlignloopError
 from alignloop.eval.abtest import verdict_lines
-from alignloop.flywheel.config import STAGES, FlywheelRecipe
-from alignloop.flywheel.report import write_report
+from alignloop.flywheel.config import SOURCES, STAGES, FlywheelRecipe, not_run
+from alignloop.flywheel.report import measured_lines, write_report
 from alignloop.flywheel.stages import TURN_STAGES, Turn
 from alignloop.runs import atomic_write_json, default_run_name
 from alignloop.ui import console, say
 
 
 def planned_stages(recipe: FlywheelRecipe) -> list[str]:
-    """The stages one turn runs, in order."""
-    return [s for s in STAGES if s in TURN_STAGES and s not in recipe.flywheel.skip]
+    """The stages one turn runs, in order: its logs' source, never the other one, and none that
+    `not_run` leaves out."""
+    other = [s for s in SOURCES if s != recipe.logs.source]
+    left_out = set(not_run(recipe)) | set(other) | set(recipe.flywheel.skip)
+    return [s for s in STAGES if s in TURN_STAGES and s not in left_out]
 
 
 def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str | None = None) -> dict:
@@ -38,6 +44,9 @@ def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str
         raise AlignloopError(f"--from {from_stage}: not a stage of this flywheel; stages: {', '.join(stages)}, report")
     started = time.perf_counter()
     deployed = recipe.flywheel.base_model
+    left_out = not_run(recipe)
+    for name, why in left_out.items():
+        say(f"[yellow]not run: {name}[/]: {why}")
     forcing = False
     timings: list[dict] = []
     turns: list[dict] = []
@@ -50,13 +59,14 @@ def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str
             turn.summaries[name] = TURN_STAGES[name](turn, forcing)
             timings.append({"turn": number, "stage": name, "seconds": round(time.perf_counter() - clock, 2),
                             "forced": forcing})
-        launched, why = launch_decision(turn.summaries)
+        launched, why = launch_decision(turn.summaries, no_abtest=left_out.get("abtest"))
         turns.append({"turn": number, "deployed": deployed, "model": turn.model, "launched": launched, "why": why,
                       "summaries": turn.summaries})
         if launched:
             deployed = turn.model
     state = {"run": run, "recipe": recipe.model_dump(mode="json"), "stages": stages, "turns": turns,
-             "timings": timings, "deployed_at_end": deployed}
+             "timings": timings, "deployed_at_end": deployed, "logs_source": recipe.logs.source,
+             "not_run": left_out}
     folder = Path(recipe.run.dir) / run
     clock = time.perf_counter()
     state["report"] = {k: str(v) for k, v in write_report(state, folder).items()}
@@ -68,10 +78,13 @@ def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str
     return state
 
 
-def launch_decision(summaries: dict) -> tuple[bool, list[str]]:
+def launch_decision(summaries: dict, no_abtest: str | None = None) -> tuple[bool, list[str]]:
     """(launch?, reasons): the A/B test's decision on observable KPIs decides (safety gate first, then
     the primary metric and guardrails; its ground-truth check is only reported), and a model whose RL
-    reward the ground-truth watch caught being hacked is not launched either."""
+    reward the ground-truth watch caught being hacked is not launched either. A turn with no A/B test
+    (`no_abtest`: why) launches nothing: offline numbers alone never deploy a model here."""
+    if no_abtest is not None and "abtest" not in summaries:
+        return False, [f"{no_abtest}; the offline numbers are for people to decide on"]
     decision = summaries.get("abtest", {}).get("decision", {})
     launch = bool(decision.get("launch"))
     why = ["A/B: " + ("launch" if launch else "no launch")
@@ -94,4 +107,7 @@ def print_timings(state: dict) -> None:
         if "abtest" in t["summaries"]:
             for line in verdict_lines(t["summaries"]["abtest"]):
                 console.print(f"  A/B {line}", markup=False, highlight=False)
+        else:
+            for line in measured_lines(t, state.get("not_run", {})):
+                console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {state['report'].get('html')}")

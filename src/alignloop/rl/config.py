@@ -67,7 +67,8 @@ class RLSection(Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     lora: LoraSection | None = LoraSection()
-    bf16: bool = Field(False, description="bf16 autocast in the trainer; on CPUs without AMX fp32 is faster")
+    bf16: bool = Field(False, description="bf16 autocast in the trainer (faster where the CPU multiplies bf16 "
+                       "natively, AMX or AVX512-BF16: measure with `alignloop bench grpo --dtype`)")
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     micro_batch: int = Field(16, ge=1, description="sequences per forward/backward")
     share_prefix: bool = Field(True, description="score a prompt's group in one row, the prompt computed once")
