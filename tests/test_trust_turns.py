@@ -27,8 +27,8 @@ def test_two_turns_on_the_smoke_recipe(tmp_path, monkeypatch):
                      "abtest.world.users=8", "abtest.world.days=1")
     real = fw_stage.launch_decision
 
-    def launch(summaries):  # the tiny models' A/B is a coin toss: turn 1's model is launched either way
-        _, why = real(summaries)
+    def launch(summaries, **kwargs):  # the tiny models' A/B is a coin toss: turn 1's model is launched either way
+        _, why = real(summaries, **kwargs)
         return True, [*why, "launched by the test"]
 
     monkeypatch.setattr(fw_stage, "launch_decision", launch)
