@@ -169,8 +169,8 @@ def test_bad_records_are_quarantined_with_reasons(tmp_path):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}
     bad = {
         "tool role": {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]},
-        "assistant first": {"messages": [{"role": "assistant", "content": "Welcome!"},
-                                         {"role": "user", "content": "hi"}]},
+        "voted greeting": {"messages": [{"role": "assistant", "content": "Welcome!", "thumbs": "up"},
+                                        {"role": "user", "content": "hi"}]},
         "two users": {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
         "late system": {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
         "image": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -182,7 +182,7 @@ def test_bad_records_are_quarantined_with_reasons(tmp_path):
         "bad index": {"messages": [{"role": "user", "content": "a"},
                                    {"role": "assistant", "content": "b", "alternatives": ["c"], "selected_index": 2}]},
     }
-    words = {"tool role": "messages.1.role", "assistant first": "expected a user message",
+    words = {"tool role": "messages.1.role", "voted greeting": "a greeting",
              "two users": "messages.1: expected an assistant", "late system": "system message after",
              "image": "only text parts", "user vote": "only assistant messages", "disagree": "disagree",
              "no messages": "messages", "bad time": "created_at", "bad index": "selected_index 2"}
@@ -459,3 +459,17 @@ def test_ingest_command_reads_exports(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((runs / "r3" / "ingest" / "ingest_report.json").read_text())
     assert report["counts"]["conversations"]["quarantined"] == 2  # an empty conversation, and not ShareGPT
+
+
+def test_a_greeting_joins_the_system_prompt(tmp_path):
+    chat = {"id": "g", "messages": [{"role": "system", "content": "You are Ada."},
+                                    {"role": "assistant", "content": "Welcome, traveller!"},
+                                    {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}
+    src = tmp_path / "export.jsonl"
+    src.write_text(json.dumps(chat) + "\n")
+    report, tables = run([src], tmp_path / "out", fmt="openai")
+    assert report.total.quarantined == 0
+    (conversation,) = tables["conversations"].to_pylist()
+    assert conversation["system_prompt"] == "You are Ada.\n\nYou opened this conversation with:\nWelcome, traveller!"
+    turns = sorted(tables["turns"].to_pylist(), key=lambda t: t["position"])
+    assert [(t["role"], t["text"], t["position"]) for t in turns] == [("user", "hi", 0), ("assistant", "hey", 1)]

@@ -20,7 +20,10 @@ How a `Chat` becomes log rows (the same for every format):
     record's content (so re-ingesting the same export gives the same ids: duplicates, not new rows).
     `character_id` = "ex-ch-" + sha256 of the system prompt (conversations sharing a system prompt
     share a character), `character_name` "assistant", `system_prompt` the leading system messages
-    joined by blank lines ("" if none), `model_version` the export's model name or "unknown".
+    joined by blank lines ("" if none), `model_version` the export's model name or "unknown". A
+    conversation that opens with an assistant message (a character's greeting) keeps it as the last
+    paragraph of the system prompt, "You opened this conversation with:\n<greeting>", since the
+    turns start with the user; a greeting with alternatives or feedback is quarantined.
   - turns: a chain user, assistant, user, ... (the builders read nothing else); turn ids
     "<conversation_id>-<position>-<candidate>". An assistant message with alternatives becomes
     sibling candidates of one parent: candidate indices in the order they were shown, the message's
@@ -228,6 +231,13 @@ def check_chain(messages: Sequence[Message], where: str = "messages") -> None:
         i += 1
     if i == len(messages):
         raise RecordError("no user or assistant message")
+    if messages[i].role == "assistant" and i + 1 < len(messages):
+        # A greeting: character chats open with the character's first message. It becomes part of
+        # the character's system prompt (`greeting_prompt`); feedback on it would have no turn to sit on.
+        if messages[i].alternatives or messages[i].vote is not None:
+            raise RecordError(f"{where}.{i}: the opening assistant message (a greeting) has alternatives or "
+                              "feedback, which the log schema cannot keep (its turns start with the user)")
+        i += 1
     for j, m in enumerate(messages[i:], start=i):
         expected = "user" if (j - i) % 2 == 0 else "assistant"
         if m.role != expected:
@@ -246,6 +256,9 @@ def chat_rows(chat: Chat, conversation_id: str, user_id: str) -> tuple[dict[str,
     leading = [m.text for m in chat.messages if m.role == "system"]
     system = [*chat.system, *leading]
     body = chat.messages[len(leading):]
+    if body and body[0].role == "assistant":
+        system.append(greeting_prompt(body[0].text))
+        body = body[1:]
     first = next((m.at for m in body if m.at is not None), None)
     start = chat.started_at or first or DEFAULT_START
     cid, sid = conversation_id, f"{conversation_id}-s"
@@ -290,6 +303,11 @@ def chat_rows(chat: Chat, conversation_id: str, user_id: str) -> tuple[dict[str,
         "character_id": "ex-ch-" + digest(SALT, prompt), "character_name": CHARACTER_NAME, "system_prompt": prompt,
         "model_version": chat.model or DEFAULT_MODEL, "started_at": start})
     return rows, start
+
+
+def greeting_prompt(text: str) -> str:
+    """How an opening assistant message (a character's greeting) enters the system prompt."""
+    return f"You opened this conversation with:\n{text}"
 
 
 def _turn(tid: str, cid: str, parent: str | None, role: str, text: str, position: int, candidate: int,
