@@ -231,3 +231,4 @@ def test_the_engine_profile_accounts_for_the_whole_step():
     assert sum(parts.values()) == pytest.approx(line["wall_s"], abs=0.01 + 0.01 * line["wall_s"])
     assert line["tokens"] == 3 * 5 and line["decode_steps"] == 4  # the first token is prefill's
     assert line["gemm_ceiling_step_ms"] > 0 and line["top_ops"]
+    assert parts["sampling"] > 0  # the logits' softmax is told apart by its [rows, vocab] shape

@@ -8,11 +8,12 @@ intra-op threads, that is the wall time the step waits for the op) into what a d
 made of:
 
     gemm        the linear layers and the LM head (MKL / oneDNN linear ops, mm, addmm)
-    attention   the two batched matmuls per layer, their softmax, the copies of the strided
-                cache slices into contiguous buffers, the mask and scale
+    attention   the batched matmuls, their softmax, the copies of the strided cache slices into
+                contiguous buffers, the mask and scale (and prefill's fused attention)
     kv_write    each layer's new keys/values into the cache (index_copy_)
     norm_rope   RMSNorm, rotary embedding (mul, cat, add of rotations), SiLU and the residual adds
-    sampling    softmax/top-p over the vocabulary, random numbers, argmax, sorting of a few rows
+    sampling    every op on [rows, vocab] tensors but the LM head (the logits' fp32 copy, softmax,
+                top-p), random numbers, argmax
     other_ops   every other operator (embedding, indexing, conversions, small tensors)
     python      the rest of the wall time: the scheduler, Python between ops, the profiler's own cost
 
@@ -46,7 +47,7 @@ PARTS: dict[str, str] = {
     "aten::mm": "gemm", "aten::addmm": "gemm", "aten::matmul": "gemm",
     "aten::bmm": "attention", "aten::_softmax": "attention", "aten::softmax": "attention",
     "aten::copy_": "attention", "aten::add": "attention", "aten::masked_fill_": "attention",
-    "aten::index_copy_": "kv_write",
+    "aten::index_copy_": "kv_write", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
     "aten::rms_norm": "norm_rope", "aten::_fused_rms_norm": "norm_rope", "aten::mul": "norm_rope",
     "aten::mul_": "norm_rope", "aten::cat": "norm_rope", "aten::silu": "norm_rope", "aten::add_": "norm_rope",
     "aten::silu_": "norm_rope",
@@ -68,7 +69,7 @@ def run_profile(model: str = "smollm2-135m", dtype: str = "auto", n_prompts: int
         side()  # warm-up: packing, first-touch of the cache, oneDNN's kernel choice
         plain = side()
         say(f"engine-profile: {plain['useful'] / plain['seconds']:.1f} tok/s unprofiled; profiling one run")
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             began = time.perf_counter()
             profiled = side()
             wall = time.perf_counter() - began
@@ -77,12 +78,14 @@ def run_profile(model: str = "smollm2-135m", dtype: str = "auto", n_prompts: int
 
     parts: dict[str, float] = defaultdict(float)
     ops: list[tuple[str, float, int]] = []
-    for event in prof.key_averages():
+    vocab = side.engine.lm.arch.vocab
+    for event in prof.key_averages(group_by_input_shape=True):
         seconds = event.self_cpu_time_total / 1e6
         if seconds <= 0:
             continue
-        parts[PARTS.get(event.key, "other_ops")] += seconds
-        ops.append((event.key, seconds, event.count))
+        part = part_of(event.key, event.input_shapes, vocab)
+        parts[part] += seconds
+        ops.append((f"{event.key} {_shapes(event.input_shapes)}", seconds, event.count))
     parts["python"] = max(wall - sum(parts.values()), 0.0)
     steps = int(side.engine.stats["decode_steps"])
     tokens = profiled["useful"]
@@ -99,6 +102,24 @@ def run_profile(model: str = "smollm2-135m", dtype: str = "auto", n_prompts: int
         "machine": machine_facts(n_threads),
     }
     return line
+
+
+def part_of(op: str, shapes: list, vocab: int) -> str:
+    """The part of a decode step an operator call belongs to. The LM head is a GEMM; every other op
+    on a [rows, vocab] tensor (the logits' conversion, softmax, top-p) is sampling."""
+    part = PARTS.get(op, "other_ops")
+    dims = [s for s in shapes or [] if isinstance(s, list) and s]
+    if part != "gemm" and any(s[-1] == vocab for s in dims):
+        return "sampling"
+    if op in ("aten::copy_", "aten::add"):
+        # copies of cache slices and the score mask are 3-4-d (rows, heads, positions, ...); on
+        # [rows, hidden] a copy is a dtype conversion and an add a residual
+        return "attention" if dims and len(dims[0]) >= 3 else ("other_ops" if op == "aten::copy_" else "norm_rope")
+    return part
+
+
+def _shapes(shapes: list) -> str:
+    return ",".join("x".join(map(str, s)) for s in shapes or [] if isinstance(s, list) and s)
 
 
 def _timed_step(ceiling: GemmRoofline) -> float:
