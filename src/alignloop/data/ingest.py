@@ -478,6 +478,18 @@ class _Collector:
         self.chunks[name].append(table.append_column(_LINE, pa.array(lines, pa.int64())))
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes, bytes]]:
+    """(line number, raw bytes, stripped line) of every non-blank line of a JSONL file; a UTF-8
+    byte-order mark before the first line is dropped (editors on Windows write one)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if line:
+                yield number, raw, line
+
+
 def _read_jsonl(src: int, source: _Source, out: _Collector) -> None:
     name = source.table
     validate = (_ONE_TABLE[name] if name else _MIXED).validator.validate_json  # no per-call wrapper
@@ -498,35 +510,29 @@ def _read_jsonl(src: int, source: _Source, out: _Collector) -> None:
                 rows[t], lines[t], numbers[t] = [], [], []
         pending = 0
 
-    with open(source.path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if number == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if not line:
-                continue
-            try:
-                row = validate(line, strict=True)
-            except ValidationError as e:
-                kind, reason = _error_reason(e, tagged=name is None)
-                table = name or _tag_of(e, line)
-                if not raw.endswith(b"\n") and kind in (BAD_JSON, INVALID):
-                    kind, reason = TRUNCATED, f"last line cut off (no final newline): {reason}"
-                out.read[table] += 1
-                out.bad(table, src, source.path, number, kind, reason, raw.decode("utf-8", "replace").rstrip("\r\n"))
-                continue
-            t = name or row["table"]
-            if len(_KEY.findall(line)) != len(row) and (twice := _duplicate_key(line)):
-                out.read[t] += 1
-                out.bad(t, src, source.path, number, DUPLICATE_KEY, f"key '{twice}' appears more than once "
-                        "(JSON keeps the last one)", raw.decode("utf-8", "replace").rstrip("\r\n"))
-                continue
-            rows[t].append(row)
-            lines[t].append(line)
-            numbers[t].append(number)
-            pending += 1
-            if pending >= CHUNK_ROWS:
-                flush()
+    for number, raw, line in jsonl_lines(source.path):
+        try:
+            row = validate(line, strict=True)
+        except ValidationError as e:
+            kind, reason = _error_reason(e, tagged=name is None)
+            table = name or _tag_of(e, line)
+            if not raw.endswith(b"\n") and kind in (BAD_JSON, INVALID):
+                kind, reason = TRUNCATED, f"last line cut off (no final newline): {reason}"
+            out.read[table] += 1
+            out.bad(table, src, source.path, number, kind, reason, raw.decode("utf-8", "replace").rstrip("\r\n"))
+            continue
+        t = name or row["table"]
+        if len(_KEY.findall(line)) != len(row) and (twice := _duplicate_key(line)):
+            out.read[t] += 1
+            out.bad(t, src, source.path, number, DUPLICATE_KEY, f"key '{twice}' appears more than once "
+                    "(JSON keeps the last one)", raw.decode("utf-8", "replace").rstrip("\r\n"))
+            continue
+        rows[t].append(row)
+        lines[t].append(line)
+        numbers[t].append(number)
+        pending += 1
+        if pending >= CHUNK_ROWS:
+            flush()
     flush()
 
 

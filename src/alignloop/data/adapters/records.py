@@ -54,7 +54,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import ValidationError
 
-from alignloop.data.ingest import BAD_JSON, INVALID, TRUNCATED, Converted, IngestError
+from alignloop.data.ingest import BAD_JSON, INVALID, TRUNCATED, Converted, IngestError, jsonl_lines
 from alignloop.data.schema import LOG_SCHEMAS, utc
 
 SALT = "alignloop-export"
@@ -149,22 +149,16 @@ def parse_file(path: Path, fmt: str, records: Iterable[Record], parse: Callable[
 
 def jsonl_records(path: Path) -> Iterator[Record]:
     """The records of a JSONL file, one per non-blank line (a UTF-8 BOM is allowed, as in ingest)."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if number == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if not line:
-                continue
-            try:
-                yield Record(number, json.loads(line))
-            except ValueError as e:
-                text = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if raw.endswith(b"\n"):
-                    yield Record(number, kind=BAD_JSON, reason=f"not JSON: {e}", raw=text)
-                else:
-                    yield Record(number, kind=TRUNCATED, reason=f"last line cut off (no final newline): not JSON: {e}",
-                                 raw=text)
+    for number, raw, line in jsonl_lines(path):
+        try:
+            yield Record(number, json.loads(line))
+        except ValueError as e:
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if raw.endswith(b"\n"):
+                yield Record(number, kind=BAD_JSON, reason=f"not JSON: {e}", raw=text)
+            else:
+                yield Record(number, kind=TRUNCATED, reason=f"last line cut off (no final newline): not JSON: {e}",
+                             raw=text)
 
 
 def jsonl_raw(path: Path) -> Callable[[set[int]], dict[int, str]]:
