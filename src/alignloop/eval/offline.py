@@ -180,7 +180,8 @@ def run_logs_eval(section: OfflineEvalSection, run: RunSection, models: dict[str
     atomic_write_json(stage.path("eval.json"), out)
     stage.finish([stage.path("eval.json"), stage.path("samples.json")])
     for line in logs_eval_lines(out):
-        say(f"eval: {line}")
+        if not line.startswith("judge, "):  # said per model as the judge finished
+            say(f"eval: {line}")
     return out
 
 
