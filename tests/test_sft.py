@@ -236,3 +236,26 @@ def test_parquet_rows_read_like_jsonl(tmp_path):
     assert [c.weight for c in from_parquet] == [c.weight for c in from_jsonl]
     assert from_parquet[1].messages == from_jsonl[1].messages  # no "name": None left behind
     assert from_parquet[0].messages[0]["name"] == "alice"
+
+
+def test_max_conversations_draws_a_seeded_subset_in_file_order():
+    from alignloop.train.sft_data import draw_conversations
+
+    convs = [Conversation(CONVERSATIONS[i % 3], 1.0, f"t:{i}") for i in range(50)]
+    drawn = draw_conversations(convs, 10, seed=3)
+    assert len(drawn) == 10 and drawn == draw_conversations(convs, 10, seed=3)
+    assert [c.where for c in drawn] == sorted((c.where for c in drawn), key=lambda w: int(w[2:]))
+    assert drawn != draw_conversations(convs, 10, seed=4)
+    assert draw_conversations(convs, None, 0) is convs and draw_conversations(convs, 50, 0) is convs
+
+
+def test_a_capped_run_tokenizes_only_what_it_draws(tmp_path):
+    from alignloop.cli.train import app as train_app
+
+    args = ["sft", str(TINY_RECIPE), "--set", f"run.dir={tmp_path}", "--set", "train.steps=2",
+            "--set", "train.max_seq_len=128", "--set", "train.max_conversations=12"]
+    result = CliRunner().invoke(train_app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "sft-tiny" / "sft" / "manifest.json").read_text())
+    assert manifest["data"]["kept"] == 12
+    assert "12 of 36 conversations" in result.output.replace("\n", " ")

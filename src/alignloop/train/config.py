@@ -101,6 +101,8 @@ class SFTTrainSection(TrainSection):
     packing: bool = Field(True, description="several conversations per row, isolated from each other")
     last_turn_only: bool = Field(False, description="loss on the final assistant turn only")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="conversations held out for eval loss")
+    max_conversations: int | None = Field(None, ge=1, description="train on at most this many conversations, "
+                                          "a seeded draw made before tokenizing (a short run on a big log)")
 
 
 class SFTRecipe(Section):

@@ -15,6 +15,7 @@ Nothing is ever cut silently:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,15 @@ class TokenizeCounts:
 def read_conversations(path: str | Path) -> list[Conversation]:
     """All rows of a JSONL or Parquet messages file; a malformed row is an AlignloopError."""
     return [_conversation(where, row) for where, row in read_rows(path, "conversations")]
+
+
+def draw_conversations(conversations: list[Conversation], cap: int | None, seed: int) -> list[Conversation]:
+    """At most `cap` conversations, drawn at random (seeded), in file order; all of them without a cap.
+    The draw comes before tokenizing, which on a big log costs more than a short run's training."""
+    if cap is None or len(conversations) <= cap:
+        return conversations
+    keep = sorted(random.Random(seed).sample(range(len(conversations)), cap))
+    return [conversations[i] for i in keep]
 
 
 def _conversation(where: str, row: Any) -> Conversation:

@@ -33,7 +33,7 @@ from alignloop.train.dpo_data import limit_pairs, read_pairs, split_pairs, token
 from alignloop.train.logprobs import TokenLogprobs
 from alignloop.train.loop import StepCallback, evaluate, pick_device
 from alignloop.train.sft import SFTObjective, packed_batches
-from alignloop.train.sft_data import read_conversations, split, tokenize
+from alignloop.train.sft_data import draw_conversations, read_conversations, split, tokenize
 from alignloop.ui import say
 
 
@@ -46,8 +46,11 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
         return stage
     model, tokenizer = session.load_base_model(recipe.model)
     check_fits_context(model, cfg.max_seq_len)
-    examples, counts = tokenize(tokenizer, read_conversations(recipe.data.path), cfg.max_seq_len,
-                                cfg.last_turn_only)
+    conversations = read_conversations(recipe.data.path)
+    drawn = draw_conversations(conversations, cfg.max_conversations, cfg.seed)
+    if len(drawn) < len(conversations):
+        say(f"sft: {len(drawn)} of {len(conversations)} conversations, a seeded draw (train.max_conversations)")
+    examples, counts = tokenize(tokenizer, drawn, cfg.max_seq_len, cfg.last_turn_only)
     train_examples, eval_examples = split(examples, cfg.eval_fraction, cfg.seed, cfg.micro_batch)
     batches, eval_batches = packed_batches(train_examples, eval_examples, cfg, tokenizer.pad_token_id or 0)
     say(f"sft: {len(train_examples)} train / {len(eval_examples)} eval conversations, "
