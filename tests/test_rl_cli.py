@@ -68,3 +68,26 @@ def test_env_reward_accepts_an_rm_train_folder(tmp_path, monkeypatch):
     (tmp_path / "rm").mkdir()
     assert load_reward(str(tmp_path)) == "reward-fn" and load_reward(str(tmp_path / "rm")) == "reward-fn"
     assert calls == [tmp_path / "rm", tmp_path / "rm"]
+
+
+def test_a_changed_starting_model_reruns_rl(tmp_path):
+    """The flywheel retrains SFT into the same folder; RL from it must not be found up to date."""
+    import torch
+
+    from alignloop.models import load_model
+
+    model, tokenizer = load_model("tiny", dtype="float32", seed=0)
+    folder = tmp_path / "start"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    runner = CliRunner()
+    args = ["rl", "grpo", "recipes/grpo_tiny.toml", "--set", f"run.dir={tmp_path}", "--set", "rl.steps=1",
+            "--set", f"model.name={folder}"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert "up to date" in runner.invoke(app, args).output
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(folder)  # a new SFT model in the same place
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert "up to date" not in rerun.output

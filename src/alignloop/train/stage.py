@@ -41,7 +41,8 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
             callbacks: Sequence[StepCallback] = ()) -> Stage:
     """Supervised fine-tuning: write runs/<run>/sft/ (see `alignloop.train.sft`), return the stage."""
     cfg = recipe.train
-    stage, done = session.open_stage(recipe, "sft", run, force, inputs=[recipe.data.path])
+    stage, done = session.open_stage(recipe, "sft", run, force,
+                                     inputs=[recipe.data.path, *local_model_files(recipe.model.name)])
     if done:
         return stage
     model, tokenizer = session.load_base_model(recipe.model)
