@@ -142,6 +142,14 @@ class TemplateResponder:
         shift = uniform_ints(rng, WORDS_PER_TOPIC, n)[row[overflow]] + plain_rank[overflow]
         word[overflow] = topic[row[overflow]] * WORDS_PER_TOPIC + shift % WORDS_PER_TOPIC
         slot = word >= 0
+        # Past 16 slot sentences the templates come round again: sentence k + 16 shares sentence k's
+        # template, so it must not share its word too (the next word of the topic instead), or the
+        # answer repeats a sentence that `repeat_within` never asked for.
+        slot_at = np.flatnonzero(slot)
+        wrapped = np.flatnonzero(_rank_in_row(slot, starts, row)[slot_at] >= n_slot)
+        again, first = slot_at[wrapped], slot_at[wrapped - n_slot]
+        same = again[word[again] == word[first]]
+        word[same] = word[same] // WORDS_PER_TOPIC * WORDS_PER_TOPIC + (word[same] % WORDS_PER_TOPIC + 1) % WORDS_PER_TOPIC
         slot_template = np.argsort(rng.random((n, n_slot)), axis=1)
         plain_template = np.argsort(rng.random((n, n_plain)), axis=1)
         body = np.where(
