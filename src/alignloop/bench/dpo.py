@@ -76,6 +76,7 @@ from alignloop.bench.training import (
     load_average,
     run_against_trl,
     step_rounds,
+    tokens_per_step,
     trl_config,
     trl_version,
 )
@@ -324,9 +325,7 @@ def _run(model: str, rounds: int, steps: int, dtype: str, n_pairs: int, load: fl
         ref["seconds"] = round(ref["seconds"], 1)
     with_ref = {side: one_epoch_rate(s["median"], reference[side]["pair_tokens_per_s"])
                 for side, s in (("ours", ours_sum), ("peer", peer_sum))}
-    per_step = {side: {"useful": round(sum(r["useful"] for r in rs) / sum(r["steps"] for r in rs)),
-                       "computed": round(sum(r["computed"] for r in rs) / sum(r["steps"] for r in rs))}
-                for side, rs in results.items()}
+    per_step = tokens_per_step(results)
     return headline(
         "dpo", ours_sum, peer_sum, "trained pair tokens/s",
         ours_config=f"alignloop: reference precomputed; {PAIRS_PER_STEP} pairs per step packed in one row, "

@@ -29,7 +29,6 @@ import time
 from collections import defaultdict
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from alignloop.bench.generate import MAX_BATCH, Ours, eos_ids, workload

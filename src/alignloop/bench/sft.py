@@ -77,6 +77,7 @@ from alignloop.bench.training import (
     load_average,
     run_against_trl,
     step_rounds,
+    tokens_per_step,
     enum_value,
     trl_config,
     trl_version,
@@ -267,9 +268,7 @@ def _run(model: str, rounds: int, steps: int, dtype: str, n_conversations: int, 
         same_work = same_examples(ours.examples(), peer.examples())
         rows = {"ours": ours.rows(), "peer": peer.rows()}
 
-    per_step = {side: {"useful": round(sum(r["useful"] for r in rs) / sum(r["steps"] for r in rs)),
-                       "computed": round(sum(r["computed"] for r in rs) / sum(r["steps"] for r in rs))}
-                for side, rs in results.items()}
+    per_step = tokens_per_step(results)
     epoch = {side: {"rows": len(r), "tokens": sum(map(sum, r)),
                     "tokens_per_step": round(sum(map(sum, r)) / -(-len(r) // BATCH))} for side, r in rows.items()}
     return headline(

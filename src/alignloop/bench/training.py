@@ -123,6 +123,15 @@ def step_rounds(run: Callable[[Side, int], None], name: str, steps: int) -> Call
     return one_round
 
 
+def tokens_per_step(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """Each side's useful and computed tokens per optimizer step, over all its timed rounds."""
+    def per_step(rounds: list[dict[str, Any]], key: str) -> int:
+        return round(sum(r[key] for r in rounds) / sum(r["steps"] for r in rounds))
+
+    return {side: {"useful": per_step(rs, "useful"), "computed": per_step(rs, "computed")}
+            for side, rs in results.items()}
+
+
 class OurSide:
     """Our side of a training bench: the model with `LORA` adapters, trained by our loop in rounds.
 

@@ -24,7 +24,6 @@ from functools import partial
 from typing import Any
 
 from alignloop.errors import AlignloopError
-from alignloop.models.fingerprint import local_model_files
 from alignloop.rl.async_rollouts import AsyncRollouts
 from alignloop.rl.backend import Roles, start_roles
 from alignloop.rl.config import RLRecipe, RLSection
@@ -54,10 +53,7 @@ def run_rl(recipe: RLRecipe, run: str | None = None, force: bool = False,
     this environment instead of building the recipe's. `backend`: "local" or "ray".
     """
     cfg = recipe.rl
-    # The starting model's files count as inputs: a flywheel that retrains SFT into the same folder
-    # must not find a stale RL stage "up to date".
-    stage, done = session.open_stage(recipe, f"rl-{cfg.algorithm}", run, force,
-                                     inputs=[*recipe.env.inputs(), *local_model_files(recipe.model.name)])
+    stage, done = session.open_stage(recipe, f"rl-{cfg.algorithm}", run, force, inputs=recipe.env.inputs())
     if done:
         return stage
     watch = HackingWatch(groundtruth) if groundtruth is not None else None

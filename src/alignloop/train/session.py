@@ -41,6 +41,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from alignloop.models import load_model
+from alignloop.models.fingerprint import local_model_files
 from alignloop.recipes import recipe_to_dict
 from alignloop.runs import Stage, default_run_name
 from alignloop.sections import ModelSection
@@ -62,10 +63,14 @@ def open_stage(recipe: Any, name: str, run: str | None = None, force: bool = Fal
 
     Joins the torchrun process group if there is one; every process gets one run name (rank 0's:
     a timestamp could differ between processes by a second) and rank 0's verdict on skipping.
-    Not up to date: the stage is started (rank 0). `inputs`: files whose change reruns the stage.
+    Not up to date: the stage is started (rank 0). `inputs`: files whose change reruns the stage;
+    the starting model's files are added here when it is a folder (e.g. the SFT stage's model/ that
+    DPO or RL start from), so retraining it in place reruns every stage built on it.
     """
     ctx = dist.init_from_env()
     run = dist.broadcast_object(run or recipe.run.name or default_run_name())
+    model = getattr(recipe, "model", None)
+    inputs = [*inputs, *(local_model_files(model.name) if model is not None else [])]
     stage = Stage(recipe.run.dir, run, name, recipe_to_dict(recipe), inputs=inputs)
     return stage, stage.skip_if_complete(force, main=ctx.is_main, agree=dist.broadcast_object)
 

@@ -41,8 +41,7 @@ def run_sft(recipe: SFTRecipe, run: str | None = None, force: bool = False,
             callbacks: Sequence[StepCallback] = ()) -> Stage:
     """Supervised fine-tuning: write runs/<run>/sft/ (see `alignloop.train.sft`), return the stage."""
     cfg = recipe.train
-    stage, done = session.open_stage(recipe, "sft", run, force,
-                                     inputs=[recipe.data.path, *local_model_files(recipe.model.name)])
+    stage, done = session.open_stage(recipe, "sft", run, force, inputs=[recipe.data.path])
     if done:
         return stage
     model, tokenizer = session.load_base_model(recipe.model)
@@ -75,9 +74,7 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
     The manifest's `baseline` holds the starting model's held-out numbers, for comparison.
     """
     cfg = recipe.train
-    # A model given as a folder (e.g. the SFT stage's model/) is an input: retraining it reruns DPO.
-    stage, done = session.open_stage(recipe, "dpo", run, force,
-                                     inputs=[recipe.data.path, *local_model_files(recipe.model.name)])
+    stage, done = session.open_stage(recipe, "dpo", run, force, inputs=[recipe.data.path])
     if done:
         return stage
     model, tokenizer = session.load_base_model(recipe.model)
@@ -132,10 +129,9 @@ def run_distill(recipe: DistillRecipe, run: str | None = None, force: bool = Fal
         if dcfg.level == "logit":
             check_same_tokenizer(student_tokenizer, load_tokenizer(recipe.teacher.name), recipe.model.name,
                                  recipe.teacher.name)
-    # Models given as folders are inputs: retraining the teacher or the student's start reruns the stage.
+    # A teacher given as a folder is an input too: retraining it reruns the stage.
     stage, done = session.open_stage(recipe, "distill", run, force,
-                                     inputs=[recipe.data.path, *local_model_files(recipe.model.name),
-                                             *local_model_files(recipe.teacher.name)])
+                                     inputs=[recipe.data.path, *local_model_files(recipe.teacher.name)])
     if done:
         return stage
     teacher = Teacher(recipe.teacher)
