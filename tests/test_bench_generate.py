@@ -99,9 +99,26 @@ class FakeVllm:
         return {"vllm": "fake", "dtype": self.dtype}
 
 
+class FakeLlamaCpp(FakeVllm):
+    def __init__(self, dtype, threads, n_seq, n_ctx):
+        self.dtype = dtype
+        assert n_seq == 3 and n_ctx >= 3 * 4
+
+    def run(self, prompt_ids, max_tokens, seeds, temperature, top_p, ignore_eos=False):
+        assert all(isinstance(t, int) for p in prompt_ids for t in p)  # the same token ids as ours
+        result = super().run(prompt_ids, max_tokens, seeds, temperature, top_p, ignore_eos)
+        return {**result, "seconds": result["seconds"] * (0.5 if self.dtype == "q4_1" else 2.0)}
+
+    def facts(self):
+        return {"llama_cpp_python": "fake", "dtype": self.dtype}
+
+
 @pytest.fixture
 def fake_peers(monkeypatch):
-    from alignloop.bench import vllm_peer
+    from alignloop.bench import llamacpp_peer, vllm_peer
+
+    monkeypatch.setattr(llamacpp_peer, "available", lambda: None)
+    monkeypatch.setattr(llamacpp_peer, "LlamaCppPeer", FakeLlamaCpp)
 
     def side(path, model, tokenizer, work, batch):
         dtype = str(model.dtype).removeprefix("torch.")
@@ -172,6 +189,26 @@ def test_the_line_compares_the_same_dtype_and_gives_the_best_of_each_beside_it(f
     fixed = line["fixed_length"]
     assert line["configs"]["ours bfloat16 fixed-length"]["useful"] == 3 * 4
     assert fixed["peer_config"] == "vllm bfloat16 fixed-length" and fixed["peer"] == pytest.approx(12.0)
+
+
+def test_llamacpp_runs_beside_the_headline_in_our_dtype_and_its_own_q4(fake_peers, monkeypatch):
+    from alignloop.bench import llamacpp_peer
+
+    calls, seen = fake_peers
+    line = run_tiny(paths=("generate",))
+    assert line["llama_cpp"] == {dt: "not measured: llama.cpp runs the smollm2-135m GGUF only, not tiny"
+                                 for dt in ("bfloat16", "q4_1")}
+    monkeypatch.setattr(llamacpp_peer, "MODEL", "tiny")
+    line = run_tiny(paths=("generate",))
+    assert {"llama.cpp bfloat16", "llama.cpp bfloat16 fixed-length", "llama.cpp q4_1"} <= set(seen["names"])
+    assert line["peer_config"] == "vllm bfloat16"  # llama.cpp is beside the headline, never it
+    same, q4 = line["llama_cpp"]["bfloat16"], line["llama_cpp"]["q4_1"]
+    assert same["tok_s"]["median"] == pytest.approx(6 / 1.6, rel=0.01)
+    assert same["ratio"] == pytest.approx(line["ours"] / same["tok_s"]["median"], abs=0.01)
+    assert same["fixed_length"]["tok_s"] == pytest.approx(12 / 2.0, rel=0.01)
+    assert "4-bit" in q4["note"] and "fixed_length" not in q4
+    assert line["llama_cpp"]["facts"]["llama_cpp_python"] == "fake"
+    assert "not measured: --no-llamacpp" == run_tiny(paths=("generate",), llamacpp=False)["llama_cpp"]
 
 
 def test_the_roofline_is_measured_in_the_headline_dtype(fake_peers):

@@ -84,7 +84,7 @@ def test_the_worker_gets_vllms_cpu_settings_and_answers_runs(fake):
         assert peer.run(chats, 4, [1, 2], 1.0, 1.0)["useful"] == 8  # still up after an error
         with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
             peer.run(chats, 4, [1], 1.0, 1.0)
-        proc = peer._proc
+        proc = peer._worker._proc
     assert proc.poll() == 0  # quit on the way out
 
 

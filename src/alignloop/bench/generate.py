@@ -266,6 +266,33 @@ class Vllm:
         return result
 
 
+class LlamaCpp:
+    """One `LlamaCppPeer.run` of the work (the same token ids as ours); timed by the worker."""
+
+    def __init__(self, peer, work: Workload):
+        self.peer, self.work = peer, work
+
+    def __call__(self) -> dict[str, Any]:
+        w = self.work
+        return self.peer.run(w.prompt_ids, w.max_tokens, w.seeds, TEMPERATURE, TOP_P, ignore_eos=w.ignore_eos)
+
+
+def start_llamacpp(model: str, dtype: str, threads: int, work: Workload, stack: contextlib.ExitStack):
+    """The llama.cpp peer in `dtype`, or the reason it is not measured (a one-line string)."""
+    from alignloop.bench import llamacpp_peer
+
+    if model != llamacpp_peer.MODEL:
+        return f"not measured: llama.cpp runs the {llamacpp_peer.MODEL} GGUF only, not {model}"
+    if (reason := llamacpp_peer.available()) is not None:
+        return f"not measured: {reason}"
+    n_ctx = sum(len(p) + work.max_tokens for p in work.prompt_ids)
+    try:
+        return stack.enter_context(llamacpp_peer.LlamaCppPeer(dtype, threads, n_seq=len(work.prompt_ids),
+                                                              n_ctx=n_ctx))
+    except Exception as exc:  # noqa: BLE001 - a peer that fails to start is reported, the bench goes on
+        return f"not measured: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
 def start_vllm(model: str, dtype: str, threads: int, stack: contextlib.ExitStack):
     """The vLLM peer, or the reason it is not measured (a one-line string)."""
     try:
@@ -310,7 +337,8 @@ def config_name(path: str, dtype: str, batch: int) -> str:
 def run_bench(model: str = "smollm2-135m", n_prompts: int = 64, max_tokens: int = 128, rounds: int = 3,
               threads: int | None = None, dtype: str = "auto", peer_batches: Sequence[int] = (16, 64),
               peer_dtypes: Sequence[str] = ("bfloat16", "float32"), paths: Sequence[str] = PATHS,
-              sweep_tokens: int = 32, timed_paths: str = "best", vllm: bool = True) -> dict[str, Any]:
+              sweep_tokens: int = 32, timed_paths: str = "best", vllm: bool = True,
+              llamacpp: bool = True) -> dict[str, Any]:
     """Run every side in alternating rounds and return the bench's JSON line (see the module docstring)."""
     _check_settings(dtype, peer_dtypes, paths, timed_paths)
     with fixed_threads(threads) as n_threads, contextlib.ExitStack() as stack:
@@ -337,11 +365,20 @@ def run_bench(model: str = "smollm2-135m", n_prompts: int = 64, max_tokens: int 
         if not isinstance(vllm_status, str):
             configs[names.vllm] = Vllm(vllm_status, work)
             configs[names.vllm_fixed] = Vllm(vllm_status, work.fixed_length())
+        llama_status: dict[str, Any] = {}
+        for llama_dtype in (ours_dtype, "q4_1") if llamacpp else ():
+            peer = start_llamacpp(model, llama_dtype, n_threads, work, stack)
+            llama_status[llama_dtype] = peer
+            if not isinstance(peer, str):
+                configs[names.llamacpp(llama_dtype)] = LlamaCpp(peer, work)
+                if llama_dtype == ours_dtype:
+                    configs[names.llamacpp(llama_dtype) + " fixed-length"] = LlamaCpp(peer, work.fixed_length())
         ceiling = GemmRoofline(Arch.from_config(fp32_model.config), ours_dtype, min(MAX_BATCH, len(work.chats)))
         configs[names.ceiling] = ceiling
 
         results = alternate_rounds(configs, rounds=rounds, warmup=True, label="generate")
         line = _line(names, results, hf_timed, vllm_status, ceiling)
+        line["llama_cpp"] = _llamacpp_line(names, results, llama_status) if llamacpp else "not measured: --no-llamacpp"
         line["sweep"] = {"new_tokens": min(sweep_tokens, max_tokens), "tok_s": swept}
         line["workload"] = {"model": model, "prompts": len(work.chats), "max_tokens": max_tokens,
                             "temperature": TEMPERATURE, "top_p": TOP_P, "top_k": "off", "seed": SEED}
@@ -373,6 +410,10 @@ class Names:
         return f"vllm {self.dtype} fixed-length"
 
     ceiling = "gemm ceiling"
+
+    @staticmethod
+    def llamacpp(dtype: str) -> str:
+        return f"llama.cpp {dtype}"
 
 
 class Transformers:
@@ -446,6 +487,28 @@ def _line(names: Names, results: dict[str, list[dict[str, Any]]], hf_timed: dict
     line["ceiling"] = {"tok_s": ceiling_tok_s, **ceiling.facts(),
                        "what": "a decode step's GEMMs alone (no attention, norms, sampling), same dtype"}
     line["configs"] = {n: {**s, **_tokens(results[n])} for n, s in summaries.items() if n != names.ceiling}
+    return line
+
+
+def _llamacpp_line(names: Names, results: dict[str, list[dict[str, Any]]], status: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp beside the headline: ours over it in our dtype (and fixed-length), and its Q4_1 best case."""
+    ours = summary(results[names.ours])
+    line: dict[str, Any] = {}
+    for dtype, peer in status.items():
+        name = names.llamacpp(dtype)
+        if isinstance(peer, str):
+            line[dtype] = peer
+            continue
+        entry = {"tok_s": summary(results[name]), "ratio": ratio(ours, summary(results[name])), **_tokens(results[name])}
+        if (fixed := name + " fixed-length") in results:
+            entry["fixed_length"] = {"tok_s": summary(results[fixed])["median"],
+                                     "ratio": ratio(summary(results[names.ours_fixed]), summary(results[fixed]))}
+        if dtype == "q4_1":
+            entry["note"] = "the shipped 4-bit GGUF: llama.cpp's own best case, a 4-bit-rounded model, never the headline"
+        line[dtype] = entry
+    first = next((p for p in status.values() if not isinstance(p, str)), None)
+    if first is not None:
+        line["facts"] = first.facts()
     return line
 
 

@@ -37,14 +37,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from alignloop.bench.peer_process import WorkerProcess, peers_python, peers_venv
 from alignloop.errors import AlignloopError
 
-REPO = Path(__file__).resolve().parents[3]
 WORKER = Path(__file__).with_name("vllm_worker.py")
 KV_CACHE_GIB = 2
 # Loading, torch.compile and vLLM's warm-up took 4-6 min on 2 busy cores (vLLM 0.32 fails to
@@ -53,15 +51,6 @@ KV_CACHE_GIB = 2
 START_TIMEOUT_S = 1200
 TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
                   "/usr/lib/libtcmalloc_minimal.so.4")
-
-
-def peers_venv() -> Path:
-    """Where `make peers` puts the environment (ALIGNLOOP_PEERS_VENV overrides)."""
-    return Path(os.environ.get("ALIGNLOOP_PEERS_VENV") or REPO / ".venv-peers")
-
-
-def peers_python() -> Path:
-    return peers_venv() / "bin" / "python"
 
 
 def available() -> str | None:
@@ -126,27 +115,18 @@ class VllmPeer:
         self.settings = {"model": model, "dtype": dtype, "threads": threads, "max_num_seqs": max_num_seqs}
         config = {"model": str(model_folder(model)), "dtype": dtype, "max_num_seqs": max_num_seqs}
         env = worker_env(threads)
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="alignloop-vllm-peer-", suffix=".log", delete=False)
-        self._proc = subprocess.Popen(worker_command(config), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._log, env=env, text=True, bufsize=1)
-        try:
-            ready = self._receive(START_TIMEOUT_S, "start")
-        except BaseException:
-            self.close()
-            raise
-        self._facts = {**ready.get("facts", {}), "settings": self.settings,
+        self._worker = WorkerProcess("vLLM", worker_command(config), env, START_TIMEOUT_S)
+        self._facts = {**self._worker.ready.get("facts", {}), "settings": self.settings,
                        "thread_binding": env["VLLM_CPU_OMP_THREADS_BIND"], "ld_preload": env["LD_PRELOAD"],
                        "accounting": "vLLM stops each sequence at EOS: computed == useful unless ignore_eos"}
 
-    # ---- the interface ----------------------------------------------------------------------------
     def run(self, prompts: list[list[dict]], max_tokens: int, seeds: list[int], temperature: float,
             top_p: float, ignore_eos: bool = False) -> dict:
         """Generate for every chat once; {"useful", "computed", "seconds", "eos_rate"} timed by the worker."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        self._send({"cmd": "run", "prompts": prompts, "max_tokens": max_tokens, "seeds": seeds,
-                    "temperature": temperature, "top_p": top_p, "ignore_eos": ignore_eos})
-        return self._receive(None, "run")
+        return self._worker.request({"cmd": "run", "prompts": prompts, "max_tokens": max_tokens, "seeds": seeds,
+                                     "temperature": temperature, "top_p": top_p, "ignore_eos": ignore_eos})
 
     def facts(self) -> dict:
         """vLLM's version and the settings it runs with (env vars, thread binding, KV cache space)."""
@@ -154,61 +134,10 @@ class VllmPeer:
 
     def close(self) -> None:
         """Ask the worker to quit (it shuts vLLM's engine process down), or end it after a minute."""
-        if self._proc.poll() is None:
-            try:
-                assert self._proc.stdin is not None
-                self._proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self._proc.stdin.close()
-                self._proc.wait(timeout=60)
-            except (OSError, ValueError, subprocess.TimeoutExpired):
-                self._proc.kill()
-                self._proc.wait()
-        if not self._log.closed:
-            self._log.close()
-            Path(self._log.name).unlink(missing_ok=True)
+        self._worker.close()
 
     def __enter__(self) -> VllmPeer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- the pipe ---------------------------------------------------------------------------------
-    def _send(self, obj: dict) -> None:
-        assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(json.dumps(obj) + "\n")
-            self._proc.stdin.flush()
-        except BrokenPipeError:
-            raise self._died("run") from None
-
-    def _receive(self, timeout: float | None, what: str) -> dict:
-        assert self._proc.stdout is not None
-        if timeout is not None:
-            import selectors
-
-            with selectors.DefaultSelector() as sel:
-                sel.register(self._proc.stdout, selectors.EVENT_READ)
-                if not sel.select(timeout):
-                    self._proc.kill()
-                    self._proc.wait()
-                    raise AlignloopError(f"vLLM peer: no answer to {what} within {timeout:.0f} s; "
-                                         f"its log ends: {self._log_tail()}")
-        line = self._proc.stdout.readline()
-        if not line:
-            raise self._died(what)
-        reply = json.loads(line)
-        if "error" in reply:
-            raise AlignloopError(f"vLLM peer: {what} failed: {reply['error']}")
-        return reply
-
-    def _died(self, what: str) -> AlignloopError:
-        self._proc.wait()
-        return AlignloopError(f"vLLM peer: the worker ended during {what} (exit {self._proc.returncode}); "
-                              f"its log ends: {self._log_tail()}")
-
-    def _log_tail(self, lines: int = 5) -> str:
-        self._log.flush()
-        text = Path(self._log.name).read_text(errors="replace").strip().splitlines()
-        return " | ".join(text[-lines:]) or "(empty)"
-

@@ -72,20 +72,22 @@ def bench_generate(
                                                   "in our dtype) or `each` (every path's fastest; slower).")]
     = "best",
     vllm: Annotated[bool, typer.Option(help="Measure vLLM on CPU (needs `make peers`).")] = True,
+    llamacpp: Annotated[bool, typer.Option(help="Measure llama.cpp, batched (needs `make peers`).")] = True,
     run: RunOpt = None,
     runs_dir: RunsDirOpt = Path("runs"),
 ) -> None:
-    """RL rollout workload: sampled chat completions, ours vs vLLM on CPU and transformers' generate paths."""
+    """RL rollout workload: sampled chat completions, ours vs vLLM on CPU, llama.cpp and transformers' generate paths."""
     from alignloop.bench.generate import run_bench
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     config = {"model": model, "prompts": prompts, "max_tokens": max_tokens, "rounds": rounds, "threads": threads,
               "dtype": dtype, "peer_batches": peer_batches, "peer_dtypes": peer_dtypes, "paths": paths,
-              "sweep_tokens": sweep_tokens, "timed_paths": timed_paths, "vllm": vllm}
+              "sweep_tokens": sweep_tokens, "timed_paths": timed_paths, "vllm": vllm,
+              "llamacpp": llamacpp}
     _record_bench("generate", config, run, runs_dir, lambda: run_bench(
         model=model, n_prompts=prompts, max_tokens=max_tokens, rounds=rounds, threads=threads, dtype=dtype,
         peer_batches=[int(b) for b in split(peer_batches)], peer_dtypes=split(peer_dtypes), paths=split(paths),
-        sweep_tokens=sweep_tokens, timed_paths=timed_paths, vllm=vllm))
+        sweep_tokens=sweep_tokens, timed_paths=timed_paths, vllm=vllm, llamacpp=llamacpp))
 
 
 @app.command("engine-profile")
