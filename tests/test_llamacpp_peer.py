@@ -72,7 +72,7 @@ def test_a_real_batched_run_stops_at_eos_or_max_tokens():
     chats = [[{"role": "user", "content": text}] for text in ("Say hi.", "Name a colour.", "Count to three.")]
     ids = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
            for c in chats]
-    with llamacpp_peer.LlamaCppPeer("bfloat16", threads=1, n_seq=3, n_ctx=sum(len(p) + 8 for p in ids)) as peer:
+    with llamacpp_peer.LlamaCppPeer("bfloat16", threads=1, n_seq=3, n_ctx=3 * (max(len(p) for p in ids) + 8)) as peer:
         out = peer.run(ids, max_tokens=8, seeds=[1, 2, 3], temperature=1.0, top_p=0.95)
         assert 3 <= out["useful"] == out["computed"] <= 24 and out["seconds"] > 0
         fixed = peer.run(ids, max_tokens=8, seeds=[1, 2, 3], temperature=1.0, top_p=0.95, ignore_eos=True)

@@ -285,7 +285,8 @@ def start_llamacpp(model: str, dtype: str, threads: int, work: Workload, stack: 
         return f"not measured: llama.cpp runs the {llamacpp_peer.MODEL} GGUF only, not {model}"
     if (reason := llamacpp_peer.available()) is not None:
         return f"not measured: {reason}"
-    n_ctx = sum(len(p) + work.max_tokens for p in work.prompt_ids)
+    # Each sequence its own cache of the longest prompt + max_tokens (llama.cpp splits n_ctx evenly).
+    n_ctx = len(work.prompt_ids) * (max(len(p) for p in work.prompt_ids) + work.max_tokens)
     try:
         return stack.enter_context(llamacpp_peer.LlamaCppPeer(dtype, threads, n_seq=len(work.prompt_ids),
                                                               n_ctx=n_ctx))

@@ -14,9 +14,10 @@ tokenizer unchanged); the Q4_1 file itself is llama.cpp's own best case and is t
 
 llama.cpp's settings, as its docs describe them for CPU throughput: threads = the bench's
 `--threads` (llama.cpp's guidance: the number of physical cores), `n_seq_max` = the batch (64
-sequences), a unified KV cache (`kv_unified`, what llama-server uses for parallel slots), context
-= every sequence's prompt + new tokens at once, `n_batch` large enough that the whole prefill is one
-call, flash attention and everything else at llama.cpp's defaults.
+sequences), each sequence its own slice of the KV cache (`kv_unified` off: 4.4x faster than a
+unified cache on this workload with EOS ignored, see the worker), context = 64 x (the longest
+prompt + new tokens), `n_batch` large enough that the whole prefill is one call, flash attention and
+everything else at llama.cpp's defaults.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class LlamaCppPeer:
             raise AlignloopError(f"llama.cpp peer: {reason}")
         model, source = gguf_file(dtype)
         config = {"model": str(model), "convert_from": str(source) if source else None, "dtype": dtype,
-                  "threads": threads, "n_seq": n_seq, "n_ctx": n_ctx, "n_batch": n_ctx}
+                  "threads": threads, "n_seq": n_seq, "n_ctx": n_ctx, "n_batch": n_ctx, "kv_unified": False}
         env = dict(os.environ)
         env.pop("PYTHONPATH", None)  # the main venv's paths must not leak into the peers' interpreter
         self._worker = WorkerProcess("llama.cpp", [str(peers_python()), str(WORKER), json.dumps(config)],

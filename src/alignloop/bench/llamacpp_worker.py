@@ -11,7 +11,10 @@ protocol of `vllm_worker.py`:
     in       {"cmd": "quit"}
 
 Batched the way llama.cpp's own `examples/batched` and its server's parallel slots run: every
-sequence has its own `seq_id` in one unified KV cache, all prompts go through one `llama_decode`
+sequence has its own `seq_id` and its own part of the KV cache (`kv_unified` off: n_ctx split
+evenly; measured on this workload, 64 sequences x 128 new tokens, bf16, 2 threads: 271 tok/s split
+vs 61 unified with EOS ignored, 159 vs 150 with EOS, since a unified cache makes every token attend
+over all 64 sequences' cache under a mask), all prompts go through one `llama_decode`
 (split into micro-batches of `n_ubatch` by llama.cpp), then one decode per step carries one token
 of every live sequence; a sequence leaves the batch at its first end-of-generation token. Each
 sequence samples with its own chain (top-p, temperature, seeded distribution), as llama.cpp's
@@ -92,7 +95,7 @@ class Generator:
         cparams.n_batch = config["n_batch"]
         cparams.n_seq_max = config["n_seq"]
         cparams.n_threads = cparams.n_threads_batch = config["threads"]
-        cparams.kv_unified = True  # one cache shared by every sequence, as llama-server's parallel slots use
+        cparams.kv_unified = config.get("kv_unified", False)
         cparams.no_perf = True
         self.ctx = lc.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -161,7 +164,7 @@ class Generator:
         system = lc.llama_print_system_info().decode(errors="replace").strip()
         return {"llama_cpp_python": lc.__version__, "system_info": system,
                 "settings": {k: self.config[k] for k in ("threads", "n_seq", "n_ctx", "n_batch")},
-                "kv_unified": True, "flash_attn": "auto (llama.cpp's default)"}
+                "kv_unified": self.config.get("kv_unified", False), "flash_attn": "auto (llama.cpp's default)"}
 
 
 def main() -> None:
