@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from alignloop.errors import AlignloopError
-from alignloop.models import gguf_convert
+from alignloop.models import deepseek, gguf_convert
 from alignloop.ui import status
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -41,6 +41,14 @@ TINY_PRESETS: dict[str, TinyPreset] = {
     "tiny-llama": TinyPreset("llama", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),
     # Qwen2 differs from Llama in the biases on q/k/v: the engine must handle both.
     "tiny-qwen2": TinyPreset("qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192),
+    # DeepSeek-V3-style (MLA, MoE with aux-loss-free balancing, MTP): alignloop.models.deepseek's own model,
+    # not transformers' (the bias update, balance loss, routing replay and MTP live there).
+    **{name: TinyPreset("deepseek_v3", hidden=p["hidden_size"], layers=p["num_hidden_layers"],
+                        heads=p["num_attention_heads"], kv_heads=p["num_attention_heads"],
+                        intermediate=p["intermediate_size"],
+                        extra=tuple((k, v) for k, v in p.items() if k not in (
+                            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")))
+       for name, p in deepseek.PRESETS.items()},
 }
 ALIASES = {"tiny": "tiny-llama"}
 
@@ -154,13 +162,25 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", seed: int = 0)
         # Fork the RNG so a tiny model's weights depend on `seed` alone, not on what ran before.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+            if where.architecture == "deepseek_v3":
+                model = deepseek.DeepseekForCausalLM(config).to(torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
         hf_logging.disable_progress_bar()  # a spinner says it once, instead of a bar per load
         try:
             with status(f"Loading {name} ..."):
-                model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+                model = _from_pretrained(where, torch_dtype)
         finally:
             hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
+
+
+def _from_pretrained(folder: Path, dtype: torch.dtype):
+    """transformers' class for the checkpoint, except folders our DeepSeek model saved (config.json
+    `architectures: ["DeepseekForCausalLM"]`), which reload as that model (MTP and router state included)."""
+    config = AutoConfig.from_pretrained(folder)
+    if "DeepseekForCausalLM" in (getattr(config, "architectures", None) or []):
+        return deepseek.DeepseekForCausalLM.from_pretrained(folder, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
