@@ -106,6 +106,33 @@ def bench_engine_profile(
                   lambda: run_profile(model=model, dtype=dtype, threads=threads))
 
 
+@app.command("mla-decode")
+def bench_mla_decode(
+    model: Annotated[str, typer.Option(help="DeepSeek zoo preset.")] = "small-deepseek",
+    batch: Annotated[int, typer.Option(min=1, help="Rows decoded together, both sides.")] = 16,
+    prompt_len: Annotated[int, typer.Option(min=1, help="Longest prompt (random tokens; 75-100% of it).")] = 128,
+    steps: Annotated[int, typer.Option(min=1, help="Timed decode steps per round.")] = 64,
+    mtp_tokens: Annotated[int, typer.Option(min=1, help="Tokens per row in the MTP vs plain greedy runs.")] = 64,
+    checkpoint: Annotated[str | None, typer.Option(help="A trained DeepSeek checkpoint folder (default: the "
+                                                       "random-init preset).")] = None,
+    dtype: Annotated[str, typer.Option(help="Both sides' dtype (auto: the engine's default for this CPU).")]
+    = "auto",
+    rounds: RoundsOpt = 3,
+    threads: ThreadsOpt = None,
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """DeepSeek decode: latent cache + absorbed MLA (ours) vs expanded K/V (peer), cache bytes per token,
+    and MTP speculative decoding's acceptance and speed-up."""
+    from alignloop.bench.mla_decode import run_bench
+
+    config = {"model": model, "batch": batch, "prompt_len": prompt_len, "steps": steps, "mtp_tokens": mtp_tokens,
+              "checkpoint": checkpoint, "dtype": dtype, "rounds": rounds, "threads": threads}
+    _record_bench("mla-decode", config, run, runs_dir, lambda: run_bench(
+        model=model, batch=batch, prompt_len=prompt_len, steps=steps, mtp_tokens=mtp_tokens, rounds=rounds,
+        threads=threads, dtype=dtype, checkpoint=checkpoint))
+
+
 @app.command("template")
 def bench_template(
     rounds: RoundsOpt = 3,
@@ -210,3 +237,26 @@ def bench_grpo(
               "dtype": dtype}
     _record_bench("grpo", config, run, runs_dir, lambda: run_bench(model=model, rounds=rounds, threads=threads,
                                                                    peer_generation=peer_generation, dtype=dtype))
+
+
+@app.command("moe-train")
+def bench_moe_train(
+    preset: Annotated[str, typer.Option(help="DeepSeek preset (tiny-deepseek ~6M, small-deepseek ~30M).")]
+    = "tiny-deepseek",
+    batch: Annotated[int, typer.Option(min=1, help="Rows per step, both sides.")] = 8,
+    seq: Annotated[int, typer.Option(min=2, help="Tokens per row, both sides.")] = 256,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per round, the same on both sides.")] = 2,
+    rounds: Annotated[int, typer.Option(min=3, help="Alternating timed rounds per side (after a warm-up).")] = 3,
+    threads: Annotated[str, typer.Option(help="Thread counts, each measured in its own rounds, comma-separated; "
+                                              "the headline is each side at its fastest.")] = "1,2",
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """MoE pre-training step: tokens/s of our DeepSeek-style model vs transformers' DeepseekV3ForCausalLM,
+    same config, weights, batch, AdamW and fp32; the peer at its fastest attention/experts implementation."""
+    from alignloop.bench.moe_train import run_bench
+
+    counts = tuple(int(n) for n in threads.split(","))
+    _record_bench("moe-train", {"preset": preset, "batch": batch, "seq": seq, "steps": steps, "rounds": rounds,
+                                "threads": list(counts)}, run, runs_dir,
+                  lambda: run_bench(preset=preset, batch=batch, seq=seq, steps=steps, rounds=rounds, threads=counts))

@@ -1,4 +1,4 @@
-"""`alignloop train sft|dpo|distill RECIPE`: the trainers (under torchrun too: `-m alignloop.cli`)."""
+"""`alignloop train sft|dpo|distill|pretrain RECIPE`: the trainers (under torchrun too: `-m alignloop.cli`)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def distill(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: F
     from alignloop.train.stage import run_distill
 
     done(run_distill(load(recipe, DistillRecipe, set_), run=run, force=force))
+
+
+@app.command("pretrain")
+def pretrain(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: ForceOpt = False) -> None:
+    """Pre-train a zoo preset from scratch on chat text (simulated world + chitchat), every token learned.
+
+    MoE models (tiny-deepseek) balance experts with the router bias and plot per-layer MaxVio.
+    """
+    from alignloop.train.pretrain import PretrainRecipe, run_pretrain
+
+    done(run_pretrain(load(recipe, PretrainRecipe, set_), run=run, force=force))

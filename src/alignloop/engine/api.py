@@ -47,6 +47,8 @@ class Completion:
     trains on it. `text` excludes it and anything from a matched stop string on.
     `logprobs[i]` is log softmax(logits / temperature) of token i, before top-k/top-p truncation
     (raw log-probs for greedy).
+    `routing` (MoE models, when the engine records it): int16 [moe_layers, tokens, K], the experts
+    chosen for prompt + token_ids except the last token (never fed to the model), for routing replay.
     """
 
     prompt_token_ids: list[int]
@@ -55,6 +57,7 @@ class Completion:
     text: str = ""
     finish_reason: FinishReason = "length"
     stop_reason: int | str | None = None
+    routing: torch.Tensor | None = None
 
 
 class InferenceEngine(Protocol):

@@ -1,4 +1,4 @@
-"""The local generation engine: continuous batching over `llama.CausalLM`.
+"""The local generation engine: continuous batching over a model runner (`llama.CausalLM`, `deepseek.DeepseekLM`).
 
 Scheduling, in one paragraph: up to `max_batch` requests are live at once, packed into cache slots
 0..n-1. Each step decodes one token for every live row. A row that finishes (EOS, stop token, stop
@@ -64,6 +64,7 @@ class _Live:
     stop_ids: frozenset[int]
     done: bool = False
     text_checked: int = field(default=0)
+    routing: list[torch.Tensor] = field(default_factory=list)  # per fed chunk [moe_layers, tokens, K]
 
     @property
     def length(self) -> int:
@@ -75,13 +76,14 @@ class Engine:
     """Batched generation with a KV cache; implements `api.InferenceEngine`."""
 
     def __init__(self, model, tokenizer, dtype: str = "auto", max_batch: int = 64,
-                 prefill_tokens: int = 4096, show_progress: bool = True):
+                 prefill_tokens: int = 4096, show_progress: bool = True, record_routing: bool = False):
         self.tokenizer = tokenizer
         self.dtype = pick_dtype(dtype)
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.show_progress = show_progress
-        self.lm = CausalLM(model, self.dtype, max_slots=max_batch)
+        self.record_routing = record_routing
+        self.lm = _runner(model, self.dtype, max_batch, record_routing)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.stats: dict[str, float] = {}
 
@@ -143,7 +145,9 @@ class Engine:
                     decode_steps += 1
                     last = torch.tensor([s.out.token_ids[-1] for s in live])
                     positions = torch.tensor([s.length - 1 for s in live])
-                    self._append(live, self.lm.decode(last, positions))
+                    logits = self.lm.decode(last, positions)
+                    self._keep_routing(live)
+                    self._append(live, logits)
                     generated += len(live)
                 finished = self._retire(live, results)
                 if waiting and len(live) < self.max_batch:
@@ -175,8 +179,15 @@ class Engine:
             stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
             fresh.append(_Live(i, prompts[i], sp, seed, Completion(list(prompts[i])), stop_ids))
         logits = self.lm.prefill([prompts[i] for i in batch], first_slot)
+        self._keep_routing(fresh)
         self._append(fresh, logits)
         return fresh
+
+    def _keep_routing(self, rows: list[_Live]) -> None:
+        """With `record_routing`, each row's experts for the tokens the runner just fed (MoE models)."""
+        if self.record_routing:
+            for s, chosen in zip(rows, self.lm.routing):
+                s.routing.append(chosen)
 
     def _append(self, rows: list[_Live], logits: torch.Tensor) -> None:
         temperature = torch.tensor([s.params.temperature for s in rows], dtype=torch.float32)
@@ -232,6 +243,8 @@ class Engine:
         if isinstance(out.stop_reason, str):
             text = text[: text.find(out.stop_reason)]
         out.text = text
+        if self.record_routing:
+            out.routing = torch.cat(s.routing, dim=1)
         return out
 
 
@@ -249,6 +262,17 @@ class _NoBar:
 
     def update(self, *args, **kwargs) -> None:
         pass
+
+
+def _runner(model, dtype: torch.dtype, max_batch: int, record_routing: bool):
+    """The model runner for the config's model type: DeepSeek (MLA latent cache, MoE) or Llama-family."""
+    if getattr(model.config, "model_type", None) == "deepseek_v3":
+        from alignloop.engine.deepseek import DeepseekLM
+
+        return DeepseekLM(model, dtype, max_slots=max_batch, record_routing=record_routing)
+    if record_routing:
+        raise ValueError("record_routing needs an MoE model (deepseek_v3)")
+    return CausalLM(model, dtype, max_slots=max_batch)
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:

@@ -118,7 +118,11 @@ def _judge(section: OfflineEvalSection, default: str) -> tuple[Any, str, int]:
 def _scores(texts: list[str], prompts: HeldoutPrompts) -> tuple[dict[str, Any], np.ndarray]:
     """(one model's summary: mean ground truth, text features, rule metrics; its per-prompt engagement)."""
     gt = score_texts(texts, prompts.user_texts, prompts.taste)
+    # The interval is over users (one user's prompts are not independent): a model's ground truth with
+    # its 95% interval, so turns of the flywheel (same held-out users every turn) compare on one chart.
+    per_user = per_group_means(gt.engagement, prompts.user_rows)
     summary = {"gt_engagement": float(np.mean(gt.engagement)), "gt_quality": float(np.mean(gt.quality)),
+               "gt_engagement_ci": mean_ci(per_user).as_dict(),
                "features": gt.feature_means(), "rules": rule_metrics(texts).to_json()}
     return summary, gt.engagement
 

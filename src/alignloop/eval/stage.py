@@ -275,4 +275,29 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                 line += (f"; minus {v['start']}'s own vs its start: {c['diff_mean']:+.3f} "
                          f"[{c['diff_lo']:+.3f}, {c['diff_hi']:+.3f}] paired p = {c['p_value']:.2g}")
             lines.append(line)
+    return lines + table_lines(result)
+
+
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """One markdown row per model: engagement and quality (95% CI over users), words per answer, and
+    the paired difference from the baseline (interval and p-value) on the same users."""
+    base = result.get("baseline") or next(iter(result["models"]))
+    head = (f"| model | engagement [95% CI] | quality [95% CI] | words | engagement vs {base} [95% CI], p "
+            f"| quality vs {base} [95% CI], p |")
+    lines = [head, "|" + "---|" * 6]
+    for label, m in result["models"].items():
+        e, q = m["engagement"], m["quality"]
+        c = result["comparisons"].get(label)
+
+        def diff(metric: str, c: dict | None = c) -> str:
+            if c is None:
+                return "(baseline)"
+            d = c[metric]
+            return f"{d['diff_mean']:+.3f} [{d['diff_lo']:+.3f}, {d['diff_hi']:+.3f}], p = {d['p_value']:.2g}"
+
+        lines.append(f"| {label} | {e['mean']:+.3f} [{e['lo']:+.3f}, {e['hi']:+.3f}] | {q['mean']:.3f} "
+                     f"[{q['lo']:.3f}, {q['hi']:.3f}] | {m['features']['words']:.1f} | {diff('engagement')} "
+                     f"| {diff('quality')} |")
+    lines.append(f"({result['prompts']} held-out prompts, {result['users']} users; paired differences over the "
+                 f"same users)")
     return lines

@@ -6,7 +6,7 @@ own section (plus `[run]` and `[flywheel]`), so changing `[abtest]` never re-tra
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -19,11 +19,13 @@ from alignloop.rewards.config import (HEADS, BackboneSection, CombineSection, Ev
 from alignloop.rl.config import RLSamplingSection, RLSection
 from alignloop.sections import RunSection
 from alignloop.sim.config import EngineResponderSection, SimConfig
-from alignloop.train.config import SFTTrainSection
+from alignloop.train.config import DPOTrainSection, LossKind, SFTTrainSection
 
-STAGES: tuple[str, ...] = ("simulate", "ingest", "filter", "build", "sft", "rm", "rl", "eval", "abtest", "report")
+STAGES: tuple[str, ...] = ("simulate", "ingest", "filter", "build", "sft", "preference", "rm", "rl", "eval", "abtest",
+                           "report")
 """The loop's stages, in order (`report` runs once, after the last turn). A turn's logs come from
-`simulate` or `ingest` (`[logs] source`), never both."""
+`simulate` or `ingest` (`[logs] source`), never both; `preference` runs only when the recipe
+switches it on (`[preference] enabled = true`)."""
 
 SOURCES: tuple[str, ...] = ("simulate", "ingest")
 
@@ -76,6 +78,31 @@ class SFTStageSection(Section):
     dataset: Literal["sft"] = "sft"
 
 
+class PreferenceStageSection(Section):
+    """Preference optimisation from the SFT model on this turn's logs, before the reward models and RL.
+
+    Off by default. `loss` picks the objective (`alignloop.train.dpo`): the pair losses train on
+    build/dpo.parquet (the swipe pairs), kto on build/rm/thumbs/train.parquet (thumbs up/down).
+    `train` is the trainer's section; its own `loss` key is set from here."""
+
+    enabled: bool = False
+    loss: LossKind = Field("ld_dpo", description="dpo, ipo, simpo, ld_dpo, rdpo or kto")
+    train: DPOTrainSection = DPOTrainSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_into_train(cls, data: Any) -> Any:
+        # One place says the loss; the trainer's per-loss beta default must see it when it validates.
+        if not isinstance(data, dict):
+            return data
+        train = data.get("train", {})
+        train = train.model_dump() if isinstance(train, DPOTrainSection) else dict(train)
+        loss = data.get("loss", "ld_dpo")
+        if "loss" in train and train["loss"] != loss:
+            raise ValueError(f"set the loss as preference.loss, not preference.train.loss ({train['loss']!r})")
+        return {**data, "train": {**train, "loss": loss}}
+
+
 class RMStageSection(Section):
     """Reward models on this turn's `build/rm` sets (see `alignloop.rewards`)."""
 
@@ -107,6 +134,10 @@ class RLStageSection(Section):
                         "pays for length alone: a deliberately hackable arm the watch and the A/B must catch")
     users: int = Field(64, ge=1, description="simulated users whose first messages are the RL prompts")
     users_seed: int = Field(2000, description="their seed: neither the log world's nor the eval users'")
+    env: Literal["single_turn", "multi_turn"] = Field(
+        "single_turn", description="single_turn: answer each user's first message once; multi_turn: the users "
+        "write every next message and stay while the learned p(continue) says so (alignloop.rl.user_env)")
+    max_turns: int = Field(3, ge=1, description="multi_turn: bot turns per conversation at most")
     sampling: RLSamplingSection = RLSamplingSection(max_tokens=48)
     rl: RLSection = RLSection(steps=10, prompts_per_step=4, group=4, lr=2e-5)
 
@@ -126,6 +157,7 @@ class FlywheelRecipe(Section):
     filter: FilterSection = FilterSection()
     build: BuildConfig = BuildConfig()
     sft: SFTStageSection = SFTStageSection()
+    preference: PreferenceStageSection = PreferenceStageSection()
     rm: RMStageSection = RMStageSection()
     rl: RLStageSection = RLStageSection()
     eval: OfflineEvalSection = OfflineEvalSection()
@@ -145,7 +177,19 @@ class FlywheelRecipe(Section):
             # Turn n+1's logs are users talking to turn n's model; real users are not here to do that.
             raise ValueError('flywheel.turns must be 1 with logs.source = "ingest": turn 2 would need users '
                              "talking to turn 1's model, and ingested logs have none")
+        self._multi_turn_rl_fits()
         return self
+
+    def _multi_turn_rl_fits(self) -> None:
+        """Multi-turn RL talks to simulated users, and whether they stay is the learned continue head's call."""
+        if self.rl.env != "multi_turn":
+            return
+        if self.logs.real:
+            raise ValueError('rl.env = "multi_turn" needs simulated users to write the next messages; with '
+                             'logs.source = "ingest" use rl.env = "single_turn" (RL on the logs\' prompts)')
+        if self.rl.reward == "learned" and "continue" not in self.rm.heads:
+            raise ValueError('rl.env = "multi_turn" needs "continue" in rm.heads: its p(continue) says whether '
+                             "the simulated user stays for another turn")
 
 
 def not_run(recipe: FlywheelRecipe) -> dict[str, str]:

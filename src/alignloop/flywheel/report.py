@@ -15,6 +15,7 @@ from typing import Any
 
 from alignloop.eval.abtest import verdict_lines
 from alignloop.eval.offline import logs_eval_lines
+from alignloop.flywheel import compound
 from alignloop.flywheel.config import STAGES
 from alignloop.runs import atomic_path, atomic_write_text
 
@@ -112,6 +113,14 @@ def _sft_section(sft: dict, turn_dir: Path) -> Fragment:
             [f"- SFT: {_fmt(last.get('steps'))} steps, final loss {_fmt(last.get('loss'))}"])
 
 
+def _preference_section(pref: dict, turn_dir: Path) -> Fragment:
+    png = plot_training_curves(Path(pref["metrics"]), turn_dir / "preference_loss.png", f"{pref['loss']} loss")
+    last = pref.get("train") or {}
+    line = (f"- preference ({pref['loss']}): {_fmt(last.get('steps'))} steps, final loss {_fmt(last.get('loss'))}, "
+            f"held-out accuracy {_fmt(last.get('eval_accuracy'))}")
+    return [f"<h3>Preference optimisation ({html.escape(pref['loss'])})</h3>" + img(png)], [line]
+
+
 def _rm_section(rm: dict, turn_dir: Path) -> Fragment:
     lines = rm.get("lines", [])
     plot = rm.get("plot")
@@ -125,6 +134,8 @@ def _rl_section(rl: dict, turn_dir: Path) -> Fragment:
         return _rl_logs_section(rl, turn_dir)
     reward = rl.get("reward", "learned")
     title = "RL: learned reward vs ground truth" if reward == "learned" else f"RL: {reward} vs ground truth"
+    if rl.get("env") == "multi_turn":
+        title += " (multi-turn: simulated users write, the learned p(continue) keeps them)"
     plot = plot_training_curves(Path(rl["metrics"]), turn_dir / "rl_curves.png", title,
                                 keys=("reward", "gt/engagement"))
     verdict = rl.get("reward_hacking", {})
@@ -225,7 +236,8 @@ def _decision(text: str, launch: bool, reasons: list[str]) -> str:
 
 
 SECTIONS: dict[str, Callable[[dict, Path], Fragment]] = {
-    "ingest": _ingest_section, "filter": _filter_section, "build": _build_section, "sft": _sft_section, "rm": _rm_section,
+    "ingest": _ingest_section, "filter": _filter_section, "build": _build_section, "sft": _sft_section,
+    "preference": _preference_section, "rm": _rm_section,
     "rl": _rl_section, "eval": _eval_section, "abtest": _abtest_section,
 }
 """A turn's sections in report order: stage name -> its fragment from the stage's summary."""
@@ -288,6 +300,26 @@ td:first-child,th:first-child{text-align:left}img{max-width:100%}.go{color:#070;
 .stop{color:#b00;font-weight:bold}code{background:#f4f4f4}"""
 
 
+def _across_turns(state: dict, folder: Path) -> Fragment:
+    """Turn over turn (`alignloop.flywheel.compound`): the held-out users' ground truth of each turn's
+    model with its interval, each turn's A/B decision with ground truth beside it, and its multi-turn
+    KPIs. Nothing when no turn has a simulated eval or an A/B test (real logs)."""
+    decisions, kpis = compound.decision_rows(state), compound.multiturn_rows(state)
+    png = compound.plot_ground_truth(state, folder / "ground_truth_turns.png")
+    if png is None and not decisions:
+        return [], []
+    parts = ["<h2>Across turns</h2>" + (img(png) if png else "")
+             + "<p>Ground truth: each turn's new model on the same held-out users (offline eval), 95% interval "
+               "over users; turn 0 is the model deployed before the first turn. The A/B decision is made on "
+               "observable KPIs only; its ground truth is beside it, never an input.</p>"]
+    if decisions:
+        parts.append("<h3>Each turn's A/B decision</h3>" + _table(compound.DECISION_HEADER, decisions))
+    if kpis:
+        parts.append("<h3>Multi-turn metrics (A/B, per user)</h3>" + _table(compound.MULTI_TURN_HEADER, kpis))
+    lines = compound.turn_lines(state)
+    return parts, ["## Across turns", "", *[f"- {line}" for line in lines], ""]
+
+
 def write_report(state: dict, folder: Path) -> dict[str, Path]:
     """report.html and report.md in the run folder; returns their paths."""
     parts = [f"<h1>alignloop flywheel: {html.escape(state['run'])}</h1>"]
@@ -299,6 +331,9 @@ def write_report(state: dict, folder: Path) -> dict[str, Path]:
     parts.append("<h2>Stage timings</h2>" + _table(["turn", "stage", "seconds"], timing_rows + [["", "total", total]]))
     md += [f"- turns: {len(state['turns'])}; deployed at the end: `{state['deployed_at_end']}`",
            "- stage seconds: " + ", ".join(f"{t['stage']} {t['seconds']:.0f}" for t in state["timings"]), ""]
+    p, m = _across_turns(state, folder)
+    parts += p
+    md += m
     for turn in state["turns"]:
         p, m = _turn_sections(turn, folder, state.get("not_run"))
         parts += p

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from alignloop.errors import AlignloopError
 from alignloop.eval.abtest import verdict_lines
+from alignloop.flywheel.compound import turn_lines
 from alignloop.flywheel.config import SOURCES, STAGES, FlywheelRecipe, not_run
 from alignloop.flywheel.report import measured_lines, write_report
 from alignloop.flywheel.stages import TURN_STAGES, Turn
@@ -30,10 +31,12 @@ from alignloop.ui import console, say
 
 
 def planned_stages(recipe: FlywheelRecipe) -> list[str]:
-    """The stages one turn runs, in order: its logs' source, never the other one, and none that
-    `not_run` leaves out."""
+    """The stages one turn runs, in order: its logs' source, never the other one, none that
+    `not_run` leaves out, and `preference` only when switched on."""
     other = [s for s in SOURCES if s != recipe.logs.source]
     left_out = set(not_run(recipe)) | set(other) | set(recipe.flywheel.skip)
+    if not recipe.preference.enabled:
+        left_out.add("preference")
     return [s for s in STAGES if s in TURN_STAGES and s not in left_out]
 
 
@@ -110,4 +113,8 @@ def print_timings(state: dict) -> None:
         else:
             for line in measured_lines(t, state.get("not_run", {})):
                 console.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    if len(state["turns"]) > 1:
+        # Turn over turn: does the loop compound (ground truth rising, launches the KPIs justified)?
+        for line in turn_lines(state):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {state['report'].get('html')}")

@@ -26,19 +26,21 @@ from alignloop.errors import AlignloopError
 from alignloop.eval.abtest_stage import run_abtest
 from alignloop.eval.config import ABTestRecipe
 from alignloop.eval.offline import run_logs_eval, run_offline_eval
-from alignloop.eval.rl_hook import heldout_groundtruth
-from alignloop.flywheel.config import FlywheelRecipe
+from alignloop.eval.rl_hook import heldout_groundtruth, simulated_users_groundtruth
+from alignloop.flywheel.config import FlywheelRecipe, RLStageSection
 from alignloop.rewards.config import DataSection, RMRecipe
 from alignloop.rewards.stage import run_rm_eval, run_rm_train, summary_lines
-from alignloop.rl.config import RLRecipe
+from alignloop.rl.config import EnvSection, RLRecipe
+from alignloop.rl.hacking import GroundTruthFn
 from alignloop.rl.reward_env import RewardModelEnvSection
 from alignloop.rl.stage import run_rl
+from alignloop.rl.user_env import UserSimEnvSection
 from alignloop.runs import atomic_path
 from alignloop.sections import ModelSection, RunSection
 from alignloop.sim.config import OutputSection, ResponderSection, SimConfig, SimulateRecipe
 from alignloop.sim.stage import run_simulate
-from alignloop.train.config import SFTDataSection, SFTRecipe
-from alignloop.train.stage import run_sft
+from alignloop.train.config import DPODataSection, DPORecipe, SFTDataSection, SFTRecipe
+from alignloop.train.stage import run_dpo, run_sft
 
 
 @dataclass
@@ -165,6 +167,26 @@ def sft(turn: Turn, force: bool) -> dict:
             "metrics": str(stage.path("metrics.jsonl"))}
 
 
+def preference(turn: Turn, force: bool) -> dict:
+    """Preference optimisation of the newest model (SFT's) on this turn's build: the swipe pairs, or
+    for kto the thumbs' train split. Its model is what the reward models' RL then starts from."""
+    section = turn.recipe.preference
+    dataset = "rm/thumbs" if section.loss == "kto" else "dpo"
+    _stop(turn, "preference", _untrainable(turn, {dataset: STOPS}))
+    data = turn.dir("build") / ("rm/thumbs/train.parquet" if section.loss == "kto" else "dpo.parquet")
+    if not data.is_file():
+        needs = 'build.rm with "thumbs" in build.rm.signals' if section.loss == "kto" else "build.dpo"
+        raise AlignloopError(f"turn {turn.number} preference ({section.loss}): the build wrote no {data}; "
+                             f"it needs {needs}")
+    recipe = DPORecipe(run=turn.run_section, model=ModelSection(name=turn.model, dtype=turn.recipe.flywheel.dtype),
+                       data=DPODataSection(path=data), train=section.train)
+    stage = run_dpo(recipe, force=force)
+    turn.model = str(stage.path("model"))
+    m = _manifest(stage.dir)
+    return {"model": turn.model, "loss": section.loss, "train": m.get("train"), "data": m.get("data"),
+            "baseline": m.get("baseline"), "metrics": str(stage.path("metrics.jsonl"))}
+
+
 TRAIN_USERS_SFT = "sft.train-users.parquet"
 
 
@@ -232,17 +254,31 @@ def rl(turn: Turn, force: bool) -> dict:
     reward = str(turn.dir("rm")) if section.reward == "learned" else section.reward
     if recipe.logs.real:
         return _rl_on_logs(turn, reward, force)
-    env = RewardModelEnvSection(reward=reward, groundtruth=True, users=section.users,
-                                users_seed=section.users_seed)
+    env, truth, prompts = _rl_env(section, reward)
     rl_recipe = RLRecipe(run=turn.run_section, model=ModelSection(name=turn.model, dtype=recipe.flywheel.dtype),
                          env=env, sampling=section.sampling, rl=section.rl)
-    prompts, truth = heldout_groundtruth(section.users, section.users_seed)
     stage = run_rl(rl_recipe, force=force, groundtruth=truth, prompts=prompts)
     turn.model = str(stage.path("model"))
     verdict_path = stage.path("reward_hacking.json")
     verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {}
     return {"model": turn.model, "metrics": str(stage.path("metrics.jsonl")), "reward": section.reward,
-            "reward_hacking": verdict}
+            "env": section.env, "reward_hacking": verdict}
+
+
+def _rl_env(section: RLStageSection, reward: str) -> tuple[EnvSection, GroundTruthFn, list[list[dict]] | None]:
+    """(the env section, the ground-truth scorer for the watch, prompts replacing the env's own or None).
+
+    Both kinds are paid by `reward` alone (the learned one unless the recipe names a factory); the
+    users' hidden taste reaches only the watch. single_turn: fresh users' first messages, answered
+    once. multi_turn: the same kind of fresh users write every next message, and the learned
+    p(continue) decides whether they stay (up to rl.max_turns bot turns)."""
+    if section.env == "multi_turn":
+        env = UserSimEnvSection(reward=reward, groundtruth=True, users=section.users, users_seed=section.users_seed,
+                                max_turns=section.max_turns)
+        return env, simulated_users_groundtruth(section.users, section.users_seed), None
+    env = RewardModelEnvSection(reward=reward, groundtruth=True, users=section.users, users_seed=section.users_seed)
+    prompts, truth = heldout_groundtruth(section.users, section.users_seed)
+    return env, truth, prompts
 
 
 def _rl_on_logs(turn: Turn, reward: str, force: bool) -> dict:
@@ -306,6 +342,7 @@ TURN_STAGES: dict[str, StageFn] = {
     "filter": filter_logs,
     "build": build,
     "sft": sft,
+    "preference": preference,
     "rm": reward_models,
     "rl": rl,
     "eval": evaluate,

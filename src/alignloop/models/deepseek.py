@@ -482,6 +482,10 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
         self.register_buffer("load", torch.zeros(config.n_routed_experts), persistent=False)
+        # [B, T] bool set by a trainer around a forward (`alignloop.train.moe_balance.real_tokens`):
+        # only these tokens count in `load`. Packed rows end in padding (up to ~30% of a row at 256
+        # tokens), which would otherwise push the bias toward whatever experts padding picks.
+        self.real_tokens: torch.Tensor | None = None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -501,7 +505,10 @@ class MoE(nn.Module):
         idx = self.gate.select(scores) if forced is None else forced.reshape(B * T, -1).to(scores.device)
         w = self.gate.weights(scores, idx)
         if self.training and torch.is_grad_enabled():
-            self.load += torch.bincount(idx.flatten(), minlength=self.load.numel()).to(self.load.dtype)
+            counted = idx
+            if self.real_tokens is not None and self.real_tokens.shape == (B, T):
+                counted = idx[self.real_tokens.reshape(B * T)]
+            self.load += torch.bincount(counted.flatten(), minlength=self.load.numel()).to(self.load.dtype)
         y = self.experts(flat, idx, w).view(B, T, D) + self.shared_experts(x)
         return y, idx.view(B, T, -1), scores.view(B, T, -1)
 
@@ -868,6 +875,76 @@ def update_router_bias(model: nn.Module, gamma: float = 1e-3, all_reduce: bool =
     return stats
 
 
+# Rows of the vocabulary projection per chunk of `HeadCrossEntropy`: 256 x 49152 fp32 logits are 50 MB,
+# against 400 MB for a whole 8 x 256 batch. Measured on tiny-deepseek (8 x 256 tokens, 1 thread): the
+# full-logits route (log_softmax, its backward, the zero-filled nll gradient) spent 2.3 s of a 6.7 s
+# step outside the head's three matmuls; chunked, that part is ~0.3 s.
+_HEAD_ROWS = 256
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden[i] @ weight^T, targets[i]) over targets != -100, without [N, V] logits.
+
+    Forward walks the rows in chunks: logits of the chunk (fp32), log-sum-exp, the loss, and, when a
+    gradient is needed, the chunk's gradient right away: d logits = softmax - onehot, which gives
+    d hidden = d logits @ weight and adds d logits^T @ hidden to d weight. Backward only scales those
+    by the incoming gradient (the loss is a scalar). Same numbers as
+    `cross_entropy(linear(hidden, weight).float(), targets, reduction="sum")` up to summation order.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = hidden.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # the loss and softmax: fp32 at least
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        valid = targets != -100
+        safe = targets.clamp(min=0)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], _HEAD_ROWS):
+                rows = slice(start, start + _HEAD_ROWS)
+                h, t, v = hidden[rows], safe[rows, None], valid[rows]
+                logits = F.linear(h, w).to(acc)
+                picked = logits.gather(1, t).squeeze(1)
+                # One exp pass, in place (torch.logsumexp takes its own, and softmax would take another):
+                # exp(logits - max) -> its row sum gives the log-sum-exp, and divided by it, the softmax.
+                top = logits.amax(dim=-1, keepdim=True)
+                e = logits.sub_(top).exp_()
+                norm = e.sum(dim=-1, keepdim=True)
+                lse = (top + norm.log()).squeeze(1)
+                total += ((lse - picked) * v).sum()
+                if not (want_h or want_w):
+                    continue
+                g = e.div_(norm)  # softmax
+                g.scatter_add_(1, t, -torch.ones_like(t, dtype=g.dtype))
+                g = g.mul_(v[:, None]).to(dtype)
+                if want_h:
+                    grad_h[rows] = g @ w
+                if want_w:
+                    grad_w.addmm_(g.t().to(acc), h.to(acc))
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.want, ctx.weight_dtype = (want_h, want_w), weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad.to(saved[0].dtype) if ctx.want[0] else None
+        grad_w = (saved.pop(0) * grad).to(ctx.weight_dtype) if ctx.want[1] else None
+        return grad_h, grad_w, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, shift: int = 1
+                       ) -> torch.Tensor:
+    """Mean CE of position i's logits (hidden [B, T, D] @ weight^T) against labels[i + shift] (-100 ignored)."""
+    target = F.pad(labels[:, shift:], (0, shift), value=-100)
+    n = (target != -100).sum().clamp(min=1)
+    return HeadCrossEntropy.apply(hidden.flatten(0, 1), weight, target.flatten()) / n
+
+
 def training_loss(model: DeepseekForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   labels: torch.Tensor | None = None, mtp_weight: float = 0.3, balance_alpha: float = 0.0
                   ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -880,7 +957,10 @@ def training_loss(model: DeepseekForCausalLM, input_ids: torch.Tensor, attention
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
     use_mtp = mtp_weight > 0 and model.config.num_nextn_predict_layers > 0
-    out = model(input_ids, attention_mask=attention_mask, mtp=use_mtp, output_routing=balance_alpha > 0)
+    # The main stack, then the head fused with its loss (no [B, T, V] logits: `HeadCrossEntropy`).
+    out = model.model(input_ids, attention_mask, output_routing=balance_alpha > 0 or use_mtp)
+    mtp_logits = model.mtp_forward(input_ids, out.pre_norm_hidden, attention_mask, None, out.routing,
+                                   out.router_scores) if use_mtp else None
 
     def shifted_ce(logits: torch.Tensor, shift: int) -> torch.Tensor:
         # Shift the labels (pad with -100), not the logits: a slice of the [B, T, V] logits would
@@ -888,11 +968,11 @@ def training_loss(model: DeepseekForCausalLM, input_ids: torch.Tensor, attention
         target = F.pad(labels[:, shift:], (0, shift - (labels.shape[1] - logits.shape[1])), value=-100)
         return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
 
-    ce = shifted_ce(out.logits, 1)
+    ce = head_cross_entropy(out.last_hidden_state, model.lm_head.weight, labels)
     loss, parts = ce, {"ce": float(ce.detach())}
-    if use_mtp and out.mtp_logits:
+    if mtp_logits:
         mtp_ce = []
-        for k, lg in enumerate(out.mtp_logits, start=1):
+        for k, lg in enumerate(mtp_logits, start=1):
             if input_ids.shape[1] - k - 1 > 0:  # depth k's last row predicts a token past the end
                 mtp_ce.append(shifted_ce(lg, k + 1))
         if mtp_ce:

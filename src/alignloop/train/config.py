@@ -28,6 +28,19 @@ class LoraSection(Section):
         "all-linear", description="module names to adapt; all-linear = every Linear but the output head")
 
 
+class MoESection(Section):
+    """Expert balancing of MoE models (see `alignloop.train.moe_balance`); ignored by dense models."""
+
+    bias_update_speed: float = Field(1e-3, ge=0, description="router-bias step gamma per optimizer step "
+                                     "(DeepSeek-V3: 1e-3); 0 freezes the bias and only logs the load")
+    # Default 0: V3 balances with the bias and keeps alpha tiny (1e-4) only to stop a single
+    # sequence from piling onto a few experts. At 1e-4 the term is ~1e-4 beside a CE of 3-10 and
+    # moves nothing measurable in a run of a few hundred steps, while it costs a hook and the
+    # [B, T, E] scores' backward per MoE layer; set it (e.g. 1e-4) to study it.
+    balance_loss: float = Field(0.0, ge=0, description="weight alpha of V3's sequence-wise balance loss "
+                                "(V3: 1e-4); 0: off")
+
+
 class TrainSection(Section):
     # optimizer (AdamW)
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
@@ -60,6 +73,9 @@ class TrainSection(Section):
 
     # full fine-tuning (lora = false / absent) or LoRA
     lora: LoraSection | None = None
+
+    # MoE models only: router-bias balancing and load logging
+    moe: MoESection = MoESection()
 
     # bookkeeping
     eval_every: int = Field(50, ge=0, description="eval loss every N steps (and at the end); 0: only at the end")
@@ -114,18 +130,26 @@ class SFTRecipe(Section):
 
 # --- DPO ----------------------------------------------------------------------------------------
 
-LossKind = Literal["dpo", "ipo", "simpo"]
-_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0}
+LossKind = Literal["dpo", "ipo", "simpo", "ld_dpo", "rdpo", "kto"]
+_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "ld_dpo": 0.1, "rdpo": 0.1, "kto": 0.1}
 
 
 class DPODataSection(Section):
-    path: ExistingFile = Field(description="JSONL or Parquet pairs: prompt, chosen, rejected, weight?, user_id?")
+    path: ExistingFile = Field(description="JSONL or Parquet pairs: prompt, chosen, rejected, weight?, user_id?; "
+                                           "for loss = kto, labelled answers (see alignloop.train.kto_data)")
 
 
 class DPOTrainSection(TrainSection):
-    loss: LossKind = Field("dpo", description="dpo (sigmoid), ipo (squared), simpo (reference-free)")
-    beta: float = Field(None, gt=0, description="reward scale; default 0.1 for dpo/ipo, 2.0 for simpo")  # type: ignore[assignment]
+    loss: LossKind = Field("dpo", description="dpo (sigmoid), ipo (squared), simpo (reference-free), ld_dpo "
+                           "(length-desensitised), rdpo (length-regularised), kto (unpaired, labelled answers)")
+    beta: float = Field(None, gt=0, description="reward scale; default 2.0 for simpo, else 0.1")  # type: ignore[assignment]
     gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    ld_alpha: float = Field(0.5, ge=0, le=1, description="ld_dpo: weight of the log-prob of the tokens past the "
+                            "shorter side's length (1: dpo; 0: only the shared length counts)")
+    length_alpha: float = Field(0.01, ge=0, description="rdpo: margin subtracted per token the chosen side is "
+                                "longer than the rejected one (0: dpo)")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of a desirable answer's loss")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of an undesirable answer's loss")
     max_seq_len: int = Field(1024, ge=8, description="tokens of prompt + response per side; longer pairs are skipped")
     packing: bool = Field(True, description="several pairs per row (up to 2 x max_seq_len tokens), isolated")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of users (stable hash) held out")

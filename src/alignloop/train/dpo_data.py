@@ -53,6 +53,7 @@ class Pair:
     weight: float
     key: str    # what the train/eval split hashes: user id, else example id, else the content
     where: str  # "file:line" or "file:row N"
+    label: float = 1.0  # kto only (`alignloop.train.kto_data`): > 0 desirable, else undesirable
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TokenizedPair:
     rejected: Example
     weight: float
     key: str
+    label: float = 1.0  # kto only
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
@@ -165,7 +167,7 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[Pair], max_seq_len: int) -> t
         if chosen.input_ids == rejected.input_ids:
             counts.skipped_identical += 1
             continue
-        out.append(TokenizedPair(len(out), chosen, rejected, pair.weight, pair.key))
+        out.append(TokenizedPair(len(out), chosen, rejected, pair.weight, pair.key, pair.label))
         counts.kept += 1
         counts.tokens += len(chosen) + len(rejected)
         counts.response_tokens += sum(chosen.loss_mask[1:]) + sum(rejected.loss_mask[1:])
@@ -244,8 +246,9 @@ class PairBatch:
     seq: torch.Tensor         # [N] long
     lengths: torch.Tensor     # [P, 2] float: scored tokens per side
     weight: torch.Tensor      # [P] float: sample weights
-    reference: torch.Tensor | None  # [P, 2] float: reference log-probs (None: reference-free)
+    reference: torch.Tensor | None  # [P, 2] float: reference log-probs (None: reference-free); [P, 2, 2] ld_dpo
     n_pairs: int
+    label: torch.Tensor | None = None  # [P] float: kto's labels (> 0 desirable)
 
     def to(self, device: torch.device | str) -> PairBatch:
         move = {k: v.to(device) if hasattr(v, "to") else v for k, v in self.__dict__.items()}
@@ -265,7 +268,7 @@ def collate_pairs(rows: Sequence[Sequence[TokenizedPair]], pad_id: int = 0,
     if reference is not None:
         ref = reference[torch.tensor([p.index for p in flat], dtype=torch.long)]
     return PairBatch(packed, seq, per_side.float(), torch.tensor([p.weight for p in flat], dtype=torch.float32),
-                     ref, len(flat))
+                     ref, len(flat), torch.tensor([p.label for p in flat], dtype=torch.float32))
 
 
 class PairBatches(PackedBatches):

@@ -26,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AttentionInterface
 
 from alignloop.train.lora_forward import fused_lora
+from alignloop.train.moe_balance import real_tokens
 from alignloop.train.packing import block_causal_mask
 
 # Heads that do more than a plain projection: for these, fall back to the model's own forward.
@@ -182,7 +183,10 @@ class TokenLogprobs(torch.nn.Module):
                     raise ValueError("TokenLogprobs needs `allowed` or `segments`")
                 allowed = block_causal_mask(segments)
             mask = attention_inputs(lm, allowed)
-        with route, _adapter_inputs_uncast(self.model, input_ids.device.type), fused_lora(self.model):
+        # MoE models count expert load on real tokens only (padding has document id -1).
+        real = segments >= 0 if segments is not None else None
+        with route, _adapter_inputs_uncast(self.model, input_ids.device.type), fused_lora(self.model), \
+                real_tokens(lm, real):
             return self._logprobs(lm, input_ids, position_ids, mask, select, targets)
 
     def _logprobs(self, lm, input_ids, position_ids, mask, select, targets) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 from alignloop.errors import AlignloopError
 from alignloop.runs import Stage
 from alignloop.train import checkpoint as ckpt
-from alignloop.train import dist
+from alignloop.train import dist, moe_balance
 from alignloop.train.checkpoint import resume
 from alignloop.train.config import TrainSection
 from alignloop.train.metrics import MetricLog, NonFiniteError, require_finite
@@ -310,8 +310,11 @@ def _warmup_past_the_end(config: TrainSection, steps: int) -> str | None:
 
 
 def _step(t: _Trainee, objective: Objective, stream: BatchStream, config: TrainSection, ctx: dist.Context,
-          step: int) -> dict[str, Any]:
-    """One optimizer step over the next `grad_accum` micro batches; its metrics."""
+          step: int, after_step: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
+    """One optimizer step over the next `grad_accum` micro batches; its metrics.
+
+    `after_step`: called once after the update, its numbers join the step's metrics (MoE models:
+    the router-bias update and the step's expert load, `moe_balance.Balancer.after_step`)."""
     began = time.perf_counter()
     # The step's grad_accum micro batches, of which this process forwards its share;
     # one with a smaller share pads with a pass that counts for nothing (see dist).
@@ -337,6 +340,8 @@ def _step(t: _Trainee, objective: Objective, stream: BatchStream, config: TrainS
     require_finite(metrics)
     t.optimizer.step()
     t.scheduler.step()
+    if after_step is not None:
+        metrics.update(after_step())
     seconds = time.perf_counter() - began
     metrics.update(epoch=stream.epochs_done(), seconds=seconds)
     if stats.get("tokens"):
@@ -381,6 +386,9 @@ def train(
     module.train()
     steps = total_steps(config, len(batches(0)))
     t = _prepare(module, config, steps, ctx, description)
+    balancer = moe_balance.balancer_for(module, config)  # None for a dense model
+    if balancer is not None and balancer.alpha > 0:
+        objective = moe_balance.BalancedObjective(objective, balancer, moe_balance.top_k_of(module))
     # Resume from the newest checkpoint, if it was made with this very config.
     state = resume(stage, lambda path: ckpt.load_checkpoint(path, module, t.optimizer, t.scheduler), steps,
                    label=description)
@@ -396,7 +404,8 @@ def train(
         task = bar.add_task(description, total=steps, completed=start, info="")
         for step in range(start + 1, steps + 1):
             with _stops_cleanly(step, stage):
-                metrics = _step(t, objective, stream, config, ctx, step)
+                metrics = _step(t, objective, stream, config, ctx, step,
+                                balancer.after_step if balancer is not None else None)
                 if eval_batches and ((config.eval_every and step % config.eval_every == 0) or step == steps):
                     result.eval = evaluate(t.wrapped, objective, eval_batches, t.device, config.bf16)
                     metrics.update(result.eval)
@@ -414,4 +423,6 @@ def train(
             bar.update(task, completed=step, info=_progress_info(metrics))
             for callback in callbacks:
                 callback(step, metrics)
+    if balancer is not None and ctx.is_main:
+        moe_balance.plot_maxvio(stage.path("metrics.jsonl"), stage.path(moe_balance.PLOT_FILE))
     return result

@@ -28,8 +28,9 @@ from alignloop.train.distill import (
     student_setup,
     teacher_topk,
 )
-from alignloop.train.dpo import REFERENCE_FILE, PreferenceObjective, cached_reference, pair_batches
+from alignloop.train.dpo import REFERENCE_FILE, PreferenceObjective, cached_reference, loss_options, pair_batches
 from alignloop.train.dpo_data import limit_pairs, read_pairs, split_pairs, tokenize_pairs
+from alignloop.train.kto_data import read_unpaired
 from alignloop.train.logprobs import TokenLogprobs
 from alignloop.train.loop import StepCallback, evaluate, pick_device
 from alignloop.train.sft import SFTObjective, packed_batches
@@ -79,7 +80,9 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
         return stage
     model, tokenizer = session.load_base_model(recipe.model)
     check_fits_context(model, cfg.max_seq_len)  # per side: both sides of a pair restart their positions
-    pairs, counts = tokenize_pairs(tokenizer, read_pairs(recipe.data.path), cfg.max_seq_len)
+    # kto reads labelled answers and pairs each with a mismatched one (its reference point)
+    rows = read_unpaired(recipe.data.path) if cfg.loss == "kto" else read_pairs(recipe.data.path)
+    pairs, counts = tokenize_pairs(tokenizer, rows, cfg.max_seq_len)
     train_pairs, eval_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.split_salt)
     pairs, train_pairs, eval_pairs = limit_pairs(train_pairs, eval_pairs, cfg.max_train_pairs, cfg.max_eval_pairs,
                                                  cfg.seed)
@@ -93,7 +96,7 @@ def run_dpo(recipe: DPORecipe, run: str | None = None, force: bool = False,
     pad_id = tokenizer.pad_token_id or 0
     reference = cached_reference(module, pairs, recipe.model, cfg, pad_id, stage.path(REFERENCE_FILE))
     batches, eval_batches = pair_batches(train_pairs, eval_pairs, cfg, pad_id, reference)
-    objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.gamma)
+    objective = PreferenceObjective(cfg.loss, cfg.beta, options=loss_options(cfg))
     # The held-out numbers of the starting model (the loop has no step-0 eval; the checkpoint, if
     # any, is only loaded inside `train`, so this is always the initial model, resumed or not).
     device = next(model.parameters()).device

@@ -1,0 +1,100 @@
+"""MoE training: the fused head loss, real-token load counting, balancing in the loop, pretraining,
+and the moe-train bench on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignloop.models import deepseek as ds
+
+
+def test_head_cross_entropy_matches_full_logits():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 300, 8, dtype=torch.float64, requires_grad=True)  # 900 rows: 4 chunks
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 300))
+    labels[0, :7] = -100
+    got = ds.head_cross_entropy(hidden, weight, labels)
+    (gh, gw) = torch.autograd.grad(got * 3.0, (hidden, weight))
+    logits = F.linear(hidden, weight)
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    (wh, ww) = torch.autograd.grad(want * 3.0, (hidden, weight))
+    assert torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(gh, wh, atol=1e-10) and torch.allclose(gw, ww, atol=1e-10)
+
+
+def test_head_cross_entropy_without_grad():
+    hidden, weight = torch.randn(2, 5, 4), torch.randn(11, 4)
+    labels = torch.randint(0, 11, (2, 5))
+    with torch.no_grad():
+        got = ds.head_cross_entropy(hidden, weight, labels)
+    want = F.cross_entropy(F.linear(hidden, weight)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bench_pair_starts_from_the_same_loss():
+    from alignloop.bench import moe_train
+
+    ours, peer = moe_train.build_pair("tiny-deepseek", 512, seed=0)
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(moe_train.ours_loss(ours, ids), moe_train.peer_loss(peer, ids), atol=1e-5)
+
+
+def test_bench_moe_train_line_on_tiny_sizes():
+    from alignloop.bench import moe_train
+
+    line = moe_train.run_bench(vocab=512, batch=2, seq=16, steps=1, rounds=3, threads=(1,),
+                               attentions=("sdpa",), experts=("eager",))
+    assert {"bench", "ours", "peer", "unit", "ratio"} <= set(line)
+    assert line["bench"] == "moe-train" and line["ours"] > 0 and line["peer"] > 0
+    assert set(line["by_threads"]) == {"1"}
+    json.dumps(line)
+
+
+def _pretrain_recipe(tmp_path, **train):
+    from alignloop.train.pretrain import PretrainRecipe
+
+    return PretrainRecipe.model_validate({
+        "run": {"name": "pt", "dir": str(tmp_path)},
+        "model": {"name": "tiny-deepseek"},
+        "data": {"sim_users": 4, "sim_days": 2, "chitchat": True, "max_documents": 24},
+        "train": {"steps": 3, "micro_batch": 2, "max_seq_len": 64, "bf16": False, "eval_fraction": 0.1,
+                  "eval_every": 0, "save_every": 3, "warmup_steps": 1, "lr": 3e-3, **train}})
+
+
+def test_pretrain_moe_balances_logs_plots_and_saves(tmp_path):
+    pytest.importorskip("chitchat_dataset")
+    from alignloop.models import load_model
+    from alignloop.train.pretrain import run_pretrain
+
+    stage = run_pretrain(_pretrain_recipe(tmp_path, moe={"bias_update_speed": 1e-2, "balance_loss": 1e-4}))
+    records = [json.loads(line) for line in stage.path("metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3
+    # Per-layer load of the main stack's MoE layers (1-3); the MTP block is not run by the trainer.
+    assert {"moe/L1/maxvio", "moe/L3/min_share", "moe/L2/max_share", "moe/maxvio", "balance"} <= set(steps[-1])
+    assert "moe/L4/maxvio" not in steps[-1]
+    assert stage.path("moe_maxvio.png").stat().st_size > 0
+    model, _ = load_model(str(stage.path("model")))
+    bias = model.model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.abs().max() > 0  # three updates of +-0.01 went into the saved checkpoint
+
+
+def test_real_tokens_only_count_in_the_load():
+    from alignloop.train.logprobs import TokenLogprobs
+
+    torch.manual_seed(0)
+    model = ds.DeepseekForCausalLM(ds.preset_config("tiny-deepseek", 64, num_nextn_predict_layers=0)).train()
+    ids = torch.randint(0, 64, (2, 10))
+    segments = torch.zeros(2, 10, dtype=torch.long)
+    segments[1, 6:] = -1  # 4 padding tokens
+    select = segments >= 0
+    TokenLogprobs(model)(ids, torch.arange(10).expand(2, 10), None, select, ids[select], segments=segments)
+    # 16 real tokens x top-2 per MoE layer.
+    assert [m.load.sum().item() for m in ds.moe_layers(model)] == [32.0] * 3
+    assert all(m.real_tokens is None for m in ds.moe_layers(model))
