@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from alignloop.bench.peer_process import WorkerProcess, peers_python, peers_venv
+from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, peers_python, peers_venv
 from alignloop.errors import AlignloopError
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
@@ -57,7 +57,7 @@ def gguf_file(dtype: str) -> tuple[Path, Path | None]:
     return cache_dir() / f"smollm2-135m-instruct-{'bf16' if dtype == 'bfloat16' else 'f32'}.gguf", shipped
 
 
-class LlamaCppPeer:
+class LlamaCppPeer(WorkerPeer):
     """llama.cpp in a worker process of the peers venv; a context manager (the worker ends on exit)."""
 
     def __init__(self, dtype: str, threads: int, n_seq: int, n_ctx: int):
@@ -80,15 +80,3 @@ class LlamaCppPeer:
         return self._worker.request({"cmd": "run", "prompt_ids": prompt_ids, "max_tokens": max_tokens,
                                      "seeds": seeds, "temperature": temperature, "top_p": top_p,
                                      "ignore_eos": ignore_eos})
-
-    def facts(self) -> dict:
-        return dict(self._facts)
-
-    def close(self) -> None:
-        self._worker.close()
-
-    def __enter__(self) -> LlamaCppPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

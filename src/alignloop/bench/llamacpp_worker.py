@@ -159,8 +159,7 @@ class Generator:
         return {"useful": total, "computed": total, "seconds": seconds, "eos_rate": stopped / max(len(prompts), 1)}
 
     def facts(self) -> dict:
-        import llama_cpp as lc
-
+        lc = self.lc
         system = lc.llama_print_system_info().decode(errors="replace").strip()
         return {"llama_cpp_python": lc.__version__, "system_info": system,
                 "settings": {k: self.config[k] for k in ("threads", "n_seq", "n_ctx", "n_batch")},

@@ -95,3 +95,24 @@ class WorkerProcess:
         self._log.flush()
         text = Path(self._log.name).read_text(errors="replace").strip().splitlines()
         return " | ".join(text[-lines:]) or "(empty)"
+
+
+class WorkerPeer:
+    """What a peer class shares: a `WorkerProcess` in `self._worker`, ended by `close` or on leaving `with`."""
+
+    _worker: WorkerProcess
+    _facts: dict
+
+    def facts(self) -> dict:
+        """The peer's version and the settings it runs with (as the JSON line records them)."""
+        return dict(self._facts)
+
+    def close(self) -> None:
+        """Ask the worker to quit, or end it after a minute."""
+        self._worker.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignloop.bench.peer_process import WorkerProcess, peers_python, peers_venv
+from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, peers_python, peers_venv
 from alignloop.errors import AlignloopError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -106,7 +106,7 @@ def model_folder(model: str) -> Path:
     return checkpoint_folder(model)
 
 
-class VllmPeer:
+class VllmPeer(WorkerPeer):
     """vLLM in a worker process of the peers venv; use as a context manager (the worker ends on exit)."""
 
     def __init__(self, model: str, dtype: str, threads: int, max_num_seqs: int = 64):
@@ -127,17 +127,3 @@ class VllmPeer:
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         return self._worker.request({"cmd": "run", "prompts": prompts, "max_tokens": max_tokens, "seeds": seeds,
                                      "temperature": temperature, "top_p": top_p, "ignore_eos": ignore_eos})
-
-    def facts(self) -> dict:
-        """vLLM's version and the settings it runs with (env vars, thread binding, KV cache space)."""
-        return dict(self._facts)
-
-    def close(self) -> None:
-        """Ask the worker to quit (it shuts vLLM's engine process down), or end it after a minute."""
-        self._worker.close()
-
-    def __enter__(self) -> VllmPeer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

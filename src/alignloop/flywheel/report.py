@@ -173,11 +173,7 @@ def _logs_eval_section(e: dict, turn_dir: Path) -> Fragment:
         comps = sorted(set().union(*(e[m]["reward"]["components"] for m in names)))
         rows += [[f"reward model {k.removeprefix('raw/')}", *[e[m]["reward"]["components"].get(k) for m in names]]
                  for k in comps]
-    rules = sorted(set().union(*(e[m]["rules"] for m in names)) - {"n"})
-    rows += [[f"rule: {k}", *[e[m]["rules"].get(k) for m in names]] for k in rules]
-    if all("judge" in e[m] for m in names):
-        dims = sorted(e[names[0]]["judge"])
-        rows += [[f"judge: {d}", *[e[m]["judge"][d]["mean"] for m in names]] for d in dims]
+    rows += _rule_and_judge_rows(e, names)
     parts = [f"<h3>Offline evaluation ({e['prompts']} held-out prompts of {e['users']} real users)</h3>"
              + _table(["metric", *[f"{m}" for m in names]], rows)]
     pairs = e.get("pairs") or {}
@@ -190,16 +186,22 @@ def _logs_eval_section(e: dict, turn_dir: Path) -> Fragment:
     return parts, [f"- offline eval: {line}" for line in lines]
 
 
+def _rule_and_judge_rows(e: dict, names: list[str]) -> list[list]:
+    """One row per rule metric, and per judge dimension when every model was judged."""
+    rules = sorted(set().union(*(e[m]["rules"] for m in names)) - {"n"})
+    rows = [[f"rule: {k}", *[e[m]["rules"].get(k) for m in names]] for k in rules]
+    if all("judge" in e[m] for m in names):
+        dims = sorted(e[names[0]]["judge"])
+        rows += [[f"judge: {d}", *[e[m]["judge"][d]["mean"] for m in names]] for d in dims]
+    return rows
+
+
 def _eval_section(e: dict, turn_dir: Path) -> Fragment:
     if e.get("kind") == "logs":
         return _logs_eval_section(e, turn_dir)
     names = [k for k in ("deployed", "new") if k in e]
     rows = [[k, *[e[m][k] for m in names]] for k in ("gt_engagement", "gt_quality")]
-    rules = sorted(set().union(*(e[m]["rules"] for m in names)) - {"n"})
-    rows += [[f"rule: {k}", *[e[m]["rules"].get(k) for m in names]] for k in rules]
-    if all("judge" in e[m] for m in names):
-        dims = sorted(e[names[0]]["judge"])
-        rows += [[f"judge: {d}", *[e[m]["judge"][d]["mean"] for m in names]] for d in dims]
+    rows += _rule_and_judge_rows(e, names)
     parts = [f"<h3>Offline evaluation ({e['prompts']} held-out prompts, {e['users']} users)</h3>"
              + _table(["metric", *names], rows)]
     d = e.get("new_vs_deployed", {})
