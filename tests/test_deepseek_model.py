@@ -16,6 +16,7 @@ import torch
 from transformers import DeepseekV3ForCausalLM
 
 from alignloop.models import deepseek as ds
+from alignloop.models import deepseek_checkpoint as ckpt
 
 VOCAB = 97
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
@@ -152,28 +153,28 @@ def test_checkpoint_round_trips(tmp_path):
     with torch.no_grad():
         want = ours(x).logits
     # ours -> transformers' on-disk layout (per-expert tensors) -> transformers loads it.
-    ds.save_hf(ours, tmp_path / "hf")
+    ckpt.save_hf(ours, tmp_path / "hf")
     loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert (loaded(x).logits - want).abs().max() <= 1e-4
     # Both expert layouts read back into ours.
-    per_expert = ds.to_hf_state_dict(ours)
+    per_expert = ckpt.to_hf_state_dict(ours)
     assert "model.layers.1.mlp.experts.7.up_proj.weight" in per_expert
     fused = hf.state_dict()
     assert fused["model.layers.1.mlp.experts.gate_up_proj"].shape == (8, 32, 32)
     for state in (per_expert, fused):
         model = ds.DeepseekForCausalLM(copy.deepcopy(ours.config)).eval()
-        ds.load_state(model, ds.from_hf_state_dict(state, model.config))
+        ckpt.load_state(model, ckpt.from_hf_state_dict(state, model.config))
         with torch.no_grad():
             assert torch.equal(model(x).logits, want)
     # Reference layout (convert.py names) round trip.
-    ref = ds.to_reference_state_dict(ours)
+    ref = ckpt.to_reference_state_dict(ours)
     for key in ("embed.weight", "head.weight", "layers.0.attn.wq_a.weight", "layers.0.attn.kv_norm.weight",
                 "layers.0.ffn.w1.weight", "layers.1.ffn.gate.bias", "layers.1.ffn.experts.3.w2.weight",
                 "layers.1.ffn.shared_experts.w3.weight", "layers.2.attn.wkv_b.weight"):
         assert key in ref, key
-    ds.save_reference(ours, tmp_path / "ref")
-    back = ds.load_reference(tmp_path / "ref").eval()
+    ckpt.save_reference(ours, tmp_path / "ref")
+    back = ckpt.load_reference(tmp_path / "ref").eval()
     with torch.no_grad():
         assert torch.equal(back(x).logits, want)
 
@@ -200,13 +201,13 @@ def test_mtp_layout_alignment_and_round_trip(tmp_path):
         # (> 1e-4, not > 0: an expert's matmul batches whichever tokens it got, so rounding may move.)
         changed = (model(y, mtp=True).mtp_logits[0] - mtp).abs().amax(dim=(0, 2)) > 1e-4
         assert changed.tolist() == [False] * 4 + [True] * 4
-    keys = ds.to_hf_state_dict(model)
+    keys = ckpt.to_hf_state_dict(model)
     for k in ("model.layers.3.enorm.weight", "model.layers.3.hnorm.weight", "model.layers.3.eh_proj.weight",
               "model.layers.3.shared_head.norm.weight", "model.layers.3.shared_head.head.weight",
               "model.layers.3.embed_tokens.weight", "model.layers.3.mlp.experts.0.gate_proj.weight"):
         assert k in keys, k
-    ds.save_hf(model, tmp_path / "m")
-    back = ds.load_hf(tmp_path / "m").eval()
+    ckpt.save_hf(model, tmp_path / "m")
+    back = ckpt.load_hf(tmp_path / "m").eval()
     with torch.no_grad():
         assert torch.equal(back(x, mtp=True).mtp_logits[0], mtp)
     # transformers loads the main model from the same folder (it ignores the MTP keys).

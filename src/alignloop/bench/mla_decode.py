@@ -31,6 +31,7 @@ from alignloop.engine.deepseek import DeepseekLM
 from alignloop.engine.engine import pick_dtype
 from alignloop.engine.mtp import MTPGreedy
 from alignloop.models import deepseek as ds
+from alignloop.models import deepseek_checkpoint as ckpt
 from alignloop.models import load_model
 from alignloop.ui import say
 
@@ -70,7 +71,7 @@ def run_bench(model: str = "small-deepseek", batch: int = 16, prompt_len: int = 
     torch_dtype = pick_dtype(dtype)
     with fixed_threads(threads) as n_threads:
         if checkpoint:
-            net, weights = ds.load_hf(checkpoint), f"trained checkpoint {checkpoint}"
+            net, weights = ckpt.load_hf(checkpoint), f"trained checkpoint {checkpoint}"
         else:
             net, weights = load_model(model, seed=seed)[0], f"random init ({model}, seed {seed})"
         prompts = _prompts(batch, prompt_len, net.config.vocab_size, seed)
