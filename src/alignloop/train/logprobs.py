@@ -26,7 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AttentionInterface
 
 from alignloop.train.lora_forward import fused_lora
-from alignloop.train.moe_balance import real_tokens
+from alignloop.train.moe_balance import moe_layers_named, real_tokens
 from alignloop.train.packing import block_causal_mask
 
 # Heads that do more than a plain projection: for these, fall back to the model's own forward.
@@ -161,6 +161,8 @@ class TokenLogprobs(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        # Found once: walking every module per forward would tax dense models (none) on each micro batch.
+        self._moe_layers = [m for _, m in moe_layers_named(model)]
 
     def forward(
         self,
@@ -184,9 +186,9 @@ class TokenLogprobs(torch.nn.Module):
                 allowed = block_causal_mask(segments)
             mask = attention_inputs(lm, allowed)
         # MoE models count expert load on real tokens only (padding has document id -1).
-        real = segments >= 0 if segments is not None else None
+        real = segments >= 0 if segments is not None and self._moe_layers else None
         with route, _adapter_inputs_uncast(self.model, input_ids.device.type), fused_lora(self.model), \
-                real_tokens(lm, real):
+                real_tokens(self._moe_layers, real):
             return self._logprobs(lm, input_ids, position_ids, mask, select, targets)
 
     def _logprobs(self, lm, input_ids, position_ids, mask, select, targets) -> torch.Tensor:

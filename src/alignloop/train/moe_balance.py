@@ -48,9 +48,8 @@ def has_moe(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def real_tokens(module: torch.nn.Module, mask: torch.Tensor | None) -> Iterator[None]:
-    """During the block, MoE layers count only the tokens where `mask` [B, T] is True (None: all)."""
-    layers = [m for _, m in moe_layers_named(module)]
+def real_tokens(layers: list[MoE], mask: torch.Tensor | None) -> Iterator[None]:
+    """During the block, the MoE `layers` count only the tokens where `mask` [B, T] is True (None: all)."""
     if mask is None or not layers:
         yield
         return
