@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, peers_python, peers_venv
+from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, missing_from_peers, peers_python
 from alignloop.errors import AlignloopError
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
@@ -36,12 +36,7 @@ START_TIMEOUT_S = 300  # loading is seconds; the one-off bf16 conversion ~10 s
 
 def available() -> str | None:
     """None when the llama.cpp peer can run; else the reason it cannot, in one line."""
-    venv = peers_venv()
-    if not peers_python().exists():
-        return f"no {venv}: run `make peers`"
-    if not any(venv.glob("lib/python3*/site-packages/llama_cpp/__init__.py")):
-        return f"{venv} has no llama_cpp: `make peers` builds llama-cpp-python (needs a C++ compiler and cmake)"
-    return None
+    return missing_from_peers("llama_cpp", "it builds llama-cpp-python: needs a C++ compiler and cmake")
 
 
 def gguf_file(dtype: str) -> tuple[Path, Path | None]:

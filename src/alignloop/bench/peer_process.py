@@ -30,6 +30,16 @@ def peers_python() -> Path:
     return peers_venv() / "bin" / "python"
 
 
+def missing_from_peers(package: str, how: str) -> str | None:
+    """None when the peers venv has `package`; else why not, in one line (`how`: what gets it there)."""
+    venv = peers_venv()
+    if not peers_python().exists():
+        return f"no {venv}: run `make peers` ({how})"
+    if not any(venv.glob(f"lib/python3*/site-packages/{package}/__init__.py")):
+        return f"{venv} has no {package}: run `make peers` again ({how})"
+    return None
+
+
 class WorkerProcess:
     """One worker: `request` sends a command and waits for its reply; `close` ends it (once)."""
 

@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, peers_python, peers_venv
+from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, missing_from_peers, peers_python, peers_venv
 from alignloop.errors import AlignloopError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -55,12 +55,7 @@ TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/li
 
 def available() -> str | None:
     """None when the vLLM peer can run; else the reason it cannot, in one line."""
-    venv = peers_venv()
-    if not peers_python().exists():
-        return f"no {venv}: run `make peers` (builds vLLM on CPU in its own environment)"
-    if not any(venv.glob("lib/python3*/site-packages/vllm/__init__.py")):
-        return f"{venv} has no vllm: run `make peers` again"
-    return None
+    return missing_from_peers("vllm", "it builds vLLM on CPU in its own environment")
 
 
 def thread_binding(threads: int) -> str:
