@@ -63,6 +63,9 @@ def test_multi_turn_mask_audit(tiny):
         rendered = tokenizer.apply_chat_template(t.messages, tokenize=False)
         assert rendered.startswith(tokenizer.decode(t.tokens[: runs[0][0]]))
         assert t.reward > 0
+        # Per-reply info is averaged over the episode's three replies: a probability stays in [0, 1].
+        assert t.info["p_continue"] == 1.0 and t.info["unsafe"] == 0.0
+    assert rollout.info["p_continue"] == 1.0
     # The trainer's loss positions are exactly the policy tokens.
     batch = collate(rollout.trajectories, list(range(len(rollout.trajectories))))
     for row, t in enumerate(rollout.trajectories):

@@ -66,6 +66,20 @@ def ppo(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: Force
     _run(load(recipe, RLRecipe, [*(set_ or []), "rl.algorithm=ppo"]), run, force, backend)
 
 
+@app.command("replay-check")
+def replay_check(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: ForceOpt = False) -> None:
+    """Routing replay on an MoE policy, measured: the recipe trained with replay and without, every batch
+    scored both ways; prints |log p_trainer - log p_engine| and the clipped-ratio share side by side,
+    and ends with one JSON line."""
+    import json
+
+    from alignloop.rl.config import RLRecipe
+    from alignloop.rl.replay_check import replay_check as check
+
+    loaded = load(recipe, RLRecipe, set_)
+    print(json.dumps(check(loaded, run or loaded.run.name or "replay-check", force)))
+
+
 class _AlgorithmOnly(BaseModel):
     model_config = ConfigDict(extra="ignore")
     algorithm: str | None = None

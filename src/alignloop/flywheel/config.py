@@ -20,6 +20,7 @@ from alignloop.rl.config import RLSamplingSection, RLSection
 from alignloop.sections import RunSection
 from alignloop.sim.config import EngineResponderSection, SimConfig
 from alignloop.train.config import DPOTrainSection, LossKind, SFTTrainSection
+from alignloop.train.pretrain import PretrainDataSection
 
 STAGES: tuple[str, ...] = ("simulate", "ingest", "filter", "build", "sft", "preference", "rm", "rl", "eval", "abtest",
                            "report")
@@ -76,6 +77,16 @@ class NextWorldSection(Section):
 class SFTStageSection(Section):
     train: SFTTrainSection = SFTTrainSection()
     dataset: Literal["sft"] = "sft"
+
+
+class PretrainStageSection(Section):
+    """Pre-training of `flywheel.base_model` from scratch before turn 1, for a random-init zoo preset
+    (tiny-deepseek): its model is then the deployed one. Off by default (the base model as it is).
+    Runs once per flywheel run, in runs/<run>/pretrain/ (`alignloop.train.pretrain`)."""
+
+    enabled: bool = False
+    data: PretrainDataSection = PretrainDataSection()
+    train: SFTTrainSection = SFTTrainSection()
 
 
 class PreferenceStageSection(Section):
@@ -156,6 +167,7 @@ class FlywheelRecipe(Section):
     next_world: NextWorldSection = NextWorldSection()
     filter: FilterSection = FilterSection()
     build: BuildConfig = BuildConfig()
+    pretrain: PretrainStageSection = PretrainStageSection()
     sft: SFTStageSection = SFTStageSection()
     preference: PreferenceStageSection = PreferenceStageSection()
     rm: RMStageSection = RMStageSection()

@@ -25,7 +25,7 @@ from alignloop.eval.abtest import verdict_lines
 from alignloop.flywheel.compound import turn_lines
 from alignloop.flywheel.config import SOURCES, STAGES, FlywheelRecipe, not_run
 from alignloop.flywheel.report import measured_lines, write_report
-from alignloop.flywheel.stages import TURN_STAGES, Turn
+from alignloop.flywheel.stages import TURN_STAGES, Turn, pretrain_base
 from alignloop.runs import atomic_write_json, default_run_name
 from alignloop.ui import console, say
 
@@ -43,15 +43,22 @@ def planned_stages(recipe: FlywheelRecipe) -> list[str]:
 def run_flywheel(recipe: FlywheelRecipe, run: str | None = None, from_stage: str | None = None) -> dict:
     run = run or recipe.run.name or default_run_name()
     stages = planned_stages(recipe)
-    if from_stage is not None and from_stage not in [*stages, "report"]:
-        raise AlignloopError(f"--from {from_stage}: not a stage of this flywheel; stages: {', '.join(stages)}, report")
+    first = ["pretrain"] if recipe.pretrain.enabled else []
+    if from_stage is not None and from_stage not in [*first, *stages, "report"]:
+        raise AlignloopError(f"--from {from_stage}: not a stage of this flywheel; stages: "
+                             f"{', '.join([*first, *stages])}, report")
     started = time.perf_counter()
     deployed = recipe.flywheel.base_model
     left_out = not_run(recipe)
     for name, why in left_out.items():
         say(f"[yellow]not run: {name}[/]: {why}")
-    forcing = False
+    forcing = from_stage == "pretrain"
     timings: list[dict] = []
+    if recipe.pretrain.enabled:  # a random-init preset learns language first; turn 1 deploys the result
+        clock = time.perf_counter()
+        deployed = pretrain_base(recipe, run, forcing)
+        timings.append({"turn": None, "stage": "pretrain", "seconds": round(time.perf_counter() - clock, 2),
+                        "forced": forcing})
     turns: list[dict] = []
     for number in range(1, recipe.flywheel.turns + 1):
         turn = Turn(recipe, run, number, deployed=deployed, model=deployed)

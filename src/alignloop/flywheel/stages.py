@@ -40,6 +40,7 @@ from alignloop.sections import ModelSection, RunSection
 from alignloop.sim.config import OutputSection, ResponderSection, SimConfig, SimulateRecipe
 from alignloop.sim.stage import run_simulate
 from alignloop.train.config import DPODataSection, DPORecipe, SFTDataSection, SFTRecipe
+from alignloop.train.pretrain import PretrainRecipe, run_pretrain
 from alignloop.train.stage import run_dpo, run_sft
 
 
@@ -348,3 +349,12 @@ TURN_STAGES: dict[str, StageFn] = {
     "eval": evaluate,
     "abtest": abtest,
 }
+
+
+def pretrain_base(recipe: FlywheelRecipe, run: str, force: bool) -> str:
+    """Pre-train `flywheel.base_model` (`[pretrain]`), once per run: the model turn 1 deploys."""
+    section = recipe.pretrain
+    stage = run_pretrain(PretrainRecipe(run=RunSection(name=run, dir=recipe.run.dir),
+                                        model=ModelSection(name=recipe.flywheel.base_model),
+                                        data=section.data, train=section.train), run=run, force=force)
+    return str(stage.path("model"))

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DeepseekV3Config, PreTrainedModel
+from transformers import DeepseekV3Config, GenerationMixin, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
@@ -496,12 +496,17 @@ class MoE(nn.Module):
         """x [B, T, D] -> (y [B, T, D], chosen experts [B, T, K], scores [B, T, E] fp32).
 
         `forced` [B, T, K]: use these experts instead of the router's choice (routing replay); the
-        weights still come from the current scores, so the router keeps its gradient.
+        weights still come from the current scores, so the router keeps its gradient. A token whose
+        forced row is negative (nothing was recorded for it: padding, a sequence's last token) keeps
+        the router's own choice.
         """
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         scores = self.gate.scores(flat)
-        idx = self.gate.select(scores) if forced is None else forced.reshape(B * T, -1).to(scores.device)
+        idx = self.gate.select(scores)
+        if forced is not None:
+            forced = forced.reshape(B * T, -1).to(device=idx.device, dtype=idx.dtype)
+            idx = torch.where(forced[:, :1] >= 0, forced, idx)
         w = self.gate.weights(scores, idx)
         if self.training and torch.is_grad_enabled():
             counted = idx
@@ -714,8 +719,11 @@ class DeepseekModel(DeepseekPreTrainedModel):
             routing=chosen if output_routing else None, router_scores=scores if output_routing else None)
 
 
-class DeepseekForCausalLM(DeepseekPreTrainedModel):
-    """The causal LM: `model` (DeepseekModel) + `lm_head`, and the MTP modules' forward."""
+class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
+    """The causal LM: `model` (DeepseekModel) + `lm_head`, and the MTP modules' forward.
+
+    GenerationMixin because peft's causal-LM wrapper expects its hooks (LoRA needs it); decoding is
+    our engine's job (`alignloop.engine.deepseek`), which keeps the latent cache."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 

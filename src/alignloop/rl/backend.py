@@ -30,6 +30,7 @@ from alignloop.rl.inference import Inference
 from alignloop.rl.safety import StepDual, attach
 from alignloop.rl.trainer import TrainerRole
 from alignloop.train import session
+from alignloop.train.moe_balance import has_moe
 
 
 @dataclass
@@ -96,7 +97,8 @@ def make_engine(recipe: RLRecipe, model: Any, tokenizer: Any, engine_dtype: str)
         return vllm_backend.VllmEngine(vllm_backend.checkpoint_folder(recipe.model.name), dtype=engine_dtype,
                                        max_batch=_max_batch(recipe), max_len=recipe.rl.max_context,
                                        seed=recipe.rl.seed)
-    return Engine(model, tokenizer, dtype=engine_dtype, max_batch=_max_batch(recipe), show_progress=False)
+    return Engine(model, tokenizer, dtype=engine_dtype, max_batch=_max_batch(recipe), show_progress=False,
+                  record_routing=(recipe.rl.routing_replay or recipe.rl.replay_check) and has_moe(model))
 
 
 def _max_batch(recipe: RLRecipe) -> int:

@@ -83,6 +83,12 @@ class RLSection(Section):
     beta: float = Field(0.0, ge=0, description="KL coefficient (needs kl != none)")
     entropy_coef: float = Field(0.0, ge=0)
     tis_cap: float | None = Field(2.0, gt=0, description="truncated importance sampling cap; none: off")
+    routing_replay: bool = Field(True, description="MoE policies: the trainer's forward routes every token to the "
+                                 "experts the engine chose for it (our engine records them), so the two "
+                                 "log-probs differ by numerics only; no effect on dense models")
+    replay_check: bool = Field(False, description="MoE: also score each batch with the other routing (no_grad) and "
+                               "log both gaps to the engine's log-probs (noreplay/engine_gap, ...); "
+                               "one more forward per micro batch")
     epochs: int = Field(1, ge=1, description="passes over each rollout batch (PPO: several)")
     # PPO only
     gamma: float = Field(1.0, ge=0, le=1)

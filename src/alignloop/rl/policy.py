@@ -14,7 +14,8 @@ from alignloop.train.logprobs import TokenLogprobs
 
 
 class PolicyLogprobs(TokenLogprobs):
-    """forward(input_ids, position_ids, allowed, select, targets) -> (logp [N], entropy [N], values [N] | None)."""
+    """forward(input_ids, position_ids, allowed, select, targets[, segments, routing])
+    -> (logp [N], entropy [N], values [N] | None)."""
 
     def __init__(self, model: torch.nn.Module, temperature: float = 1.0, value_head: bool = False,
                  entropy_grad: bool = False) -> None:
@@ -28,8 +29,7 @@ class PolicyLogprobs(TokenLogprobs):
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
 
-    def _logprobs(self, lm, input_ids, position_ids, mask, select, targets):
-        kwargs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "use_cache": False}
+    def _logprobs(self, lm, kwargs, select, targets):
         hidden = lm.get_decoder()(**kwargs).last_hidden_state[select]
         logits = lm.get_output_embeddings()(hidden).float()
         if self.temperature != 1.0:

@@ -83,7 +83,11 @@ def episode_seed(seed: int, episode: int, turn: int) -> int:
 
 def play(env: Environment, inference: Inference, tokenizer: Any, tasks: list[Any], group: int,
          sampling: SamplingParams, seed: int, max_turns: int = 1, max_context: int = 2048) -> Rollout:
-    """Play len(tasks) x group episodes to the end; rewards summed over each episode's steps."""
+    """Play len(tasks) x group episodes to the end; rewards summed over each episode's steps.
+
+    An environment's per-step info (p_continue, unsafe, a reward head's output) describes one reply,
+    so an episode's info is its mean over the replies it played, not the sum: a probability stays one.
+    """
     episodes = [task for task in tasks for _ in range(group)]
     n = len(episodes)
     began = time.perf_counter()
@@ -99,6 +103,7 @@ def play(env: Environment, inference: Inference, tokenizer: Any, tasks: list[Any
                                        messages=list(obs), task=episodes[i]))
     done = np.zeros(n, dtype=bool)
     info: list[dict[str, float]] = [{} for _ in range(n)]
+    steps_with: list[dict[str, int]] = [{} for _ in range(n)]
     for turn in range(max_turns):
         live = [i for i in range(n) if not done[i]]
         if not live:
@@ -116,6 +121,8 @@ def play(env: Environment, inference: Inference, tokenizer: Any, tasks: list[Any
             t.append(c.token_ids, True, c.logprobs)
             t.truncated = c.finish_reason == "length"
             t.info["_stopped_on_token"] = isinstance(c.stop_reason, int)
+            if c.routing is not None:  # MoE: this call re-read the whole episode, so its routing covers it
+                t.routing = c.routing
             actions[i] = c.text
         step = env.step(actions)
         if len(step.rewards) != n or len(step.done) != n:
@@ -127,6 +134,7 @@ def play(env: Environment, inference: Inference, tokenizer: Any, tasks: list[Any
             if step.info:
                 for k, v in step.info[i].items():
                     info[i][k] = info[i].get(k, 0.0) + float(v)
+                    steps_with[i][k] = steps_with[i].get(k, 0) + 1
             finished = bool(step.done[i]) or turn == max_turns - 1 or len(t.tokens) >= max_context
             if finished:
                 done[i] = True
@@ -138,6 +146,9 @@ def play(env: Environment, inference: Inference, tokenizer: Any, tasks: list[Any
             t.append(encode(tokenizer, delta), False)
             t.messages = list(nxt)
             t.info["turns"] = turn + 1
+    for d, counts in zip(info, steps_with):
+        for k in d:
+            d[k] /= counts[k]
     for t, extra in zip(trajectories, info):
         t.info.pop("_stopped_on_token", None)
         t.info.update(extra)

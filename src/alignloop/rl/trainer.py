@@ -83,7 +83,8 @@ class Trainer:
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _forward(self, module: torch.nn.Module, b: Batch):
-        return module(b.input_ids, b.position_ids, b.allowed, b.select, b.targets)
+        routing = b.routing if self.cfg.routing_replay else None
+        return module(b.input_ids, b.position_ids, b.allowed, b.select, b.targets, routing=routing)
 
     @torch.no_grad()
     def _reference(self, b: Batch) -> torch.Tensor:
@@ -212,7 +213,24 @@ class Trainer:
             s["value_loss_tok"] = float(masked_mean(vl.detach(), b.mask)) * n_tok
         s.update({"loss": float(loss.detach()), "entropy_tok": float(masked_mean(entropy.detach(), b.mask)) * n_tok,
                   "clip_frac_tok": float(ps["clip_frac"]) * n_tok})
+        s.update(self._engine_gap(old, b))  # pi_old: before this step's update, as the engine sampled
+        if cfg.replay_check and b.routing is not None:
+            with torch.no_grad():  # the same tokens through the router's own choices: what replay saves
+                other = b.scatter(self.module(b.input_ids, b.position_ids, b.allowed, b.select, b.targets,
+                                              routing=None if cfg.routing_replay else b.routing)[0])
+            tag = "noreplay" if cfg.routing_replay else "replay"
+            s.update({f"{tag}/{k}": v for k, v in self._engine_gap(other, b).items()})
         return loss, s
+
+    def _engine_gap(self, logp: torch.Tensor, b: Batch) -> dict[str, float]:
+        """How far the trainer's log-probs are from the engine's on the policy tokens (summed, per
+        token): |log p_trainer - log p_engine| and the share whose ratio falls outside the clip range
+        [1 - clip_low, 1 + clip_high], i.e. would be clipped if the engine's log-probs were pi_old."""
+        gap = (logp - b.rollout_logp).float()
+        m = b.mask
+        ratio = gap.exp()
+        outside = (ratio < 1 - self.cfg.clip_low) | (ratio > 1 + self.cfg.high)
+        return {"engine_gap_tok": float(gap.abs()[m].sum()), "engine_clip_frac_tok": float(outside[m].sum())}
 
     def _ppo_advantages(self, batches: list[Batch], pre: list[dict], rewards: torch.Tensor) -> None:
         """Per-token rewards (-beta x the `cfg.kl` estimate on every policy token, the episode reward on

@@ -4,6 +4,12 @@ Token-in, token-out: a trajectory keeps the exact ids the engine saw and produce
 re-tokenization of the text), `policy[i]` says whether token i was sampled from the policy (only
 those carry loss: the prompt, user turns, tool results and template tokens do not), and
 `rollout_logp[i]` is the engine's log-prob of it, kept for the importance-sampling correction.
+
+Routing replay (MoE policies): `routing` keeps the experts the engine chose for each token it fed
+([moe_layers, n, K], n <= len(tokens)), and the batch hands them to the trainer's forward, so both
+route every token alike and their log-probs differ only by numerics. In a multi-turn episode the
+routing is that of the last generation call, which re-read the whole conversation: earlier replies'
+tokens were sampled under their own turn's routing, which no single replay can reproduce.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class Trajectory:
     info: dict[str, Any] = field(default_factory=dict)  # env extras (answer, correct, turns, ...)
     truncated: bool = False      # hit the token budget before finishing
     task: Any = None             # what the environment was reset with (e.g. a simulated user's id)
+    routing: torch.Tensor | None = None  # MoE: the engine's experts per fed token [moe_layers, n, K]
 
     def __post_init__(self) -> None:
         if not (len(self.tokens) == len(self.policy) == len(self.rollout_logp)):
@@ -53,11 +60,14 @@ class Batch:
     mask: torch.Tensor           # [B, L-1] bool: select without its last column
     rollout_logp: torch.Tensor   # [B, L-1]
     index: list[int]             # which trajectories of the step these rows are
+    routing: list[torch.Tensor] | None = None  # per MoE layer [B, L, K]: the engine's experts, -1 where none
 
     def to(self, device: torch.device) -> Batch:
         if torch.device(device).type == "cpu":
             return self
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        if self.routing is not None:
+            moved["routing"] = [r.to(device) for r in self.routing]
         return Batch(**moved)
 
     def scatter(self, flat: torch.Tensor) -> torch.Tensor:
@@ -89,7 +99,8 @@ def collate(trajectories: list[Trajectory], index: list[int], pad_id: int = 0) -
     select[:, :-1] = mask
     return Batch(input_ids=ids, position_ids=torch.arange(L).expand(B, L).contiguous(),
                  allowed=allowed[:, None], select=select, targets=ids[:, 1:][mask], mask=mask,
-                 rollout_logp=rollout[:, 1:], index=index)
+                 rollout_logp=rollout[:, 1:], index=index,
+                 routing=_routing([[(t, 0, 0, len(t.tokens))] for t in trajectories], L))
 
 
 def shared_prefix(trajectories: list[Trajectory]) -> int:
@@ -122,13 +133,15 @@ def collate_shared(rows: list[list[int]], trajectories: list[Trajectory], pad_id
     the row-major order of `mask` ([n, T], one row per trajectory in that same order).
     """
     order = [i for row in rows for i in row]
-    packed, positions, docs, selects = [], [], [], []
+    packed, positions, docs, selects, pieces = [], [], [], [], []
     for row in rows:
         members = [trajectories[i] for i in row]
         n = shared_prefix(members) if len(members) > 1 else 0
         ids, pos, doc, sel = list(members[0].tokens[:n]), list(range(n)), [0] * n, [False] * n
+        pieces.append([(members[0], 0, 0, n)])  # routing: the prefix's from the first member
         for d, t in enumerate(members, start=1):
             seg = t.tokens[n:]
+            pieces[-1].append((t, n, len(ids), len(seg)))
             ids += seg
             pos += range(n, n + len(seg))
             doc += [d] * len(seg)
@@ -153,7 +166,22 @@ def collate_shared(rows: list[list[int]], trajectories: list[Trajectory], pad_id
         raise AssertionError("shared-prefix packing lost policy tokens")
     return Batch(input_ids=ids, position_ids=position_ids, allowed=allowed[:, None], select=select,
                  targets=_targets(ids, select), mask=loss_view.mask,
-                 rollout_logp=loss_view.rollout_logp, index=order)
+                 rollout_logp=loss_view.rollout_logp, index=order, routing=_routing(pieces, L))
+
+
+def _routing(rows: list[list[tuple[Trajectory, int, int, int]]], L: int) -> list[torch.Tensor] | None:
+    """Per MoE layer [R, L, K] long: row r takes, for each (trajectory, from, to, n) piece, the
+    trajectory's routing of tokens from..from+n at positions to..to+n; -1 where none was recorded
+    (padding, the last token, which the engine never fed). None unless every trajectory has routing."""
+    if any(t.routing is None for row in rows for t, *_ in row):
+        return None
+    layers, _, K = rows[0][0][0].routing.shape
+    out = torch.full((layers, len(rows), L, K), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        for t, src, dst, n in row:
+            n = max(0, min(n, t.routing.shape[1] - src))
+            out[:, r, dst:dst + n] = t.routing[:, src:src + n].long()
+    return list(out.unbind(0))
 
 
 def _targets(ids: torch.Tensor, select: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,18 @@ from alignloop.train.packing import block_causal_mask
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
+def decoder_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                   routing: list[torch.Tensor] | None, moe_layers: list) -> dict:
+    """Keyword arguments of the decoder's forward. use_cache=False matters beyond speed: with a cache
+    object present, transformers skips the position-id packing detection the non-dense backends use."""
+    kwargs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "use_cache": False}
+    if routing is not None:
+        if not moe_layers:
+            raise ValueError("routing replay needs an MoE model; this one has no MoE layers")
+        kwargs["routing"] = routing
+    return kwargs
+
+
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers CausalLM inside a peft or DDP/FSDP wrapper (LoRA layers stay injected)."""
     while True:
@@ -172,6 +184,7 @@ class TokenLogprobs(torch.nn.Module):
         select: torch.Tensor,        # [B, L] bool: positions whose next token is scored
         targets: torch.Tensor,       # [N] long, N = select.sum()
         segments: torch.Tensor | None = None,  # [B, L] document ids (packed rows), -1 on padding
+        routing: list[torch.Tensor] | None = None,  # MoE: forced experts per MoE layer [B, L, K] (replay)
     ) -> torch.Tensor:               # [N] float32
         lm = causal_lm(self.model)
         route: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -189,12 +202,10 @@ class TokenLogprobs(torch.nn.Module):
         real = segments >= 0 if segments is not None and self._moe_layers else None
         with route, _adapter_inputs_uncast(self.model, input_ids.device.type), fused_lora(self.model), \
                 real_tokens(self._moe_layers, real):
-            return self._logprobs(lm, input_ids, position_ids, mask, select, targets)
+            return self._logprobs(lm, decoder_inputs(input_ids, position_ids, mask, routing, self._moe_layers),
+                                  select, targets)
 
-    def _logprobs(self, lm, input_ids, position_ids, mask, select, targets) -> torch.Tensor:
-        # use_cache=False matters beyond speed: with a cache object present, transformers skips
-        # the position-id packing detection that the non-dense backends rely on.
-        kwargs = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask, "use_cache": False}
+    def _logprobs(self, lm, kwargs, select, targets) -> torch.Tensor:
         decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
         head = lm.get_output_embeddings()
         if decoder is None or head is None or any(getattr(lm.config, k, None) for k in _LOGIT_POSTPROCESSING):
