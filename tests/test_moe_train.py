@@ -4,6 +4,7 @@ and the moe-train bench on tiny sizes."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -76,9 +77,11 @@ def test_pretrain_moe_balances_logs_plots_and_saves(tmp_path):
     records = [json.loads(line) for line in stage.path("metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 3
-    # Per-layer load of the main stack's MoE layers (1-3); the MTP block is not run by the trainer.
-    assert {"moe/L1/maxvio", "moe/L3/min_share", "moe/L2/max_share", "moe/maxvio", "balance"} <= set(steps[-1])
-    assert "moe/L4/maxvio" not in steps[-1]
+    # Per-layer load of the main stack's MoE layers (1-3) and of the MTP block (L4), which pretraining
+    # trains with its own cross-entropy (mtp.weight 0.3 by default).
+    assert {"moe/L1/maxvio", "moe/L3/min_share", "moe/L2/max_share", "moe/L4/maxvio", "moe/maxvio",
+            "balance", "mtp_ce"} <= set(steps[-1])
+    assert all(math.isfinite(r["mtp_ce"]) and r["mtp_ce"] > 0 for r in steps)
     assert stage.path("moe_maxvio.png").stat().st_size > 0
     model, _ = load_model(str(stage.path("model")))
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias
@@ -98,3 +101,39 @@ def test_real_tokens_only_count_in_the_load():
     # 16 real tokens x top-2 per MoE layer.
     assert [m.load.sum().item() for m in ds.moe_layers(model)] == [32.0] * 3
     assert all(m.real_tokens is None for m in ds.moe_layers(model))
+
+
+def test_packed_mtp_loss_equals_each_document_alone():
+    """Two documents packed in one row: the main and MTP cross-entropies (and the MTP gradient) are
+    those of each document run alone, so no MTP row reads across the boundary."""
+    from alignloop.train.logprobs import TokenLogprobs
+    from alignloop.train.packing import PackedBatch
+    from alignloop.train.pretrain import MTPObjective
+
+    torch.manual_seed(0)
+    model = ds.DeepseekForCausalLM(ds.preset_config("tiny-deepseek", 97)).eval()
+    assert len(model.model.mtp_layers) == 1
+    docs = [torch.randint(0, 97, (10,)), torch.randint(0, 97, (7,))]
+    ids = torch.cat(docs)[None]
+    doc_ids = torch.tensor([[0] * 10 + [1] * 7])
+    targets = torch.zeros_like(ids)
+    targets[0, :-1] = ids[0, 1:]
+    loss_mask = torch.ones_like(ids, dtype=torch.bool)
+    loss_mask[0, [9, 16]] = False  # each document's last token predicts nothing
+    batch = PackedBatch(ids, torch.tensor([list(range(10)) + list(range(7))]), doc_ids, targets, loss_mask,
+                        loss_mask.float(), 17)
+    loss, stats = MTPObjective(0.3).loss(TokenLogprobs(model), batch)
+    (packed_grad,) = torch.autograd.grad(loss, model.model.mtp_layers[0].eh_proj.weight)
+
+    main = mtp = 0.0
+    for d in docs:
+        out = model(d[None], mtp=True)
+        main_d = F.cross_entropy(out.logits[0, :-1], d[1:], reduction="sum")
+        mtp_d = F.cross_entropy(out.mtp_logits[0][0, :-1], d[2:], reduction="sum")  # row i -> token i + 2
+        main, mtp = main + main_d, mtp + mtp_d
+    n_main, n_mtp = 9 + 6, 8 + 5
+    want = main + 0.3 * mtp * n_main / n_mtp
+    (alone_grad,) = torch.autograd.grad(want, model.model.mtp_layers[0].eh_proj.weight)
+    assert stats["ce_sum"] == pytest.approx(float(main.detach()), rel=1e-4)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    assert torch.allclose(packed_grad, alone_grad, atol=1e-5)

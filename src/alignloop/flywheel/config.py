@@ -20,7 +20,7 @@ from alignloop.rl.config import RLSamplingSection, RLSection
 from alignloop.sections import RunSection
 from alignloop.sim.config import EngineResponderSection, SimConfig
 from alignloop.train.config import DPOTrainSection, LossKind, SFTTrainSection
-from alignloop.train.pretrain import PretrainDataSection
+from alignloop.train.pretrain import MTPSection, PretrainDataSection
 
 STAGES: tuple[str, ...] = ("simulate", "ingest", "filter", "build", "sft", "preference", "rm", "rl", "eval", "abtest",
                            "report")
@@ -87,6 +87,7 @@ class PretrainStageSection(Section):
     enabled: bool = False
     data: PretrainDataSection = PretrainDataSection()
     train: SFTTrainSection = SFTTrainSection()
+    mtp: MTPSection = MTPSection()
 
 
 class PreferenceStageSection(Section):

@@ -356,5 +356,6 @@ def pretrain_base(recipe: FlywheelRecipe, run: str, force: bool) -> str:
     section = recipe.pretrain
     stage = run_pretrain(PretrainRecipe(run=RunSection(name=run, dir=recipe.run.dir),
                                         model=ModelSection(name=recipe.flywheel.base_model),
-                                        data=section.data, train=section.train), run=run, force=force)
+                                        data=section.data, train=section.train, mtp=section.mtp), run=run,
+                         force=force)
     return str(stage.path("model"))

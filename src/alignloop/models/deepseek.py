@@ -783,16 +783,29 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
                     scores_out: list | None = None) -> list[torch.Tensor]:
         """Logits of each MTP depth k = 1..D: [B, T-k, V]; row i combines h^{k-1}_i with Emb(t_{i+k}).
 
-        Masks: causal (+ a 2D padding mask); a 4D (packed/document) mask is not supported here yet.
+        Masks: causal (+ a 2D padding mask), or a packed row's document ids (see `mtp_hidden`).
         Positions are those of the embedded token (i + k), as transformers' MTP drafting does.
         The MTP blocks' routing/scores are appended to `routing_out`/`scores_out` when given.
         """
-        if attention_mask is not None and attention_mask.dim() == 4:
-            raise ValueError("the MTP modules take a causal or 2D padding mask, not a 4D mask")
+        return [self.lm_head(h) for h in self.mtp_hidden(input_ids, hidden, attention_mask, position_ids,
+                                                          routing_out=routing_out, scores_out=scores_out)]
+
+    def mtp_hidden(self, input_ids: torch.Tensor, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None = None,
+                   routing_out: list | None = None, scores_out: list | None = None) -> list[torch.Tensor]:
+        """Each MTP depth's normed output [B, T-k, D] (the lm_head's input), for a fused head loss.
+
+        Packed rows (`doc_ids` [B, T], -1 on padding, with the block-causal 4D `attention_mask` the main
+        stack used): MTP row i is position i + k's token on top of position i's hidden state, so it is
+        real only when both lie in one document; a row that straddles a boundary (the first k tokens of
+        each document) is masked out of every other row's attention, as it would not exist unpacked.
+        """
         B, T = input_ids.shape
+        if attention_mask is not None and attention_mask.dim() == 4 and doc_ids is None:
+            raise ValueError("a 4D (packed) mask needs doc_ids: which MTP rows lie within one document")
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        logits = []
+        out = []
         h = hidden
         for k, layer in enumerate(self.model.mtp_layers, start=1):
             n = T - k
@@ -801,15 +814,20 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
             emb = self.model.embed_tokens(input_ids[:, k:])
             x = layer.eh_proj(torch.cat((layer.enorm(emb), layer.hnorm(h[:, :n])), dim=-1))
             cos, sin = self.model.rope(position_ids[:, k:], x.dtype)
-            pad = attention_mask[:, k:] if attention_mask is not None else None
-            mask = self.model._masks(pad, B, n, 0, x.device, x.dtype, absorb=False)
+            if doc_ids is not None:
+                inside = (doc_ids[:, :n] == doc_ids[:, k:]) & (doc_ids[:, k:] >= 0)  # [B, n]
+                allowed = attention_mask[:, :, k:, k:] & inside[:, None, None, :]
+                mask = allowed | torch.eye(n, dtype=torch.bool, device=x.device)  # no empty row (NaN)
+            else:
+                pad = attention_mask[:, k:] if attention_mask is not None else None
+                mask = self.model._masks(pad, B, n, 0, x.device, x.dtype, absorb=False)
             h, idx, s = layer(x, cos, sin, mask, None, False)
             if routing_out is not None:
                 routing_out.append(idx)
             if scores_out is not None:
                 scores_out.append(s)
-            logits.append(self.lm_head(layer.shared_head.norm(h)))
-        return logits
+            out.append(layer.shared_head.norm(h))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ The corpus is conversations rendered with the model's chat template, from three 
 
 It is SFT's machinery with a different mask: an all-ones loss mask (the loss is the mean
 next-token cross-entropy over every token but each document's last), `PackedBatches` (first-fit
-packing, per-document attention through `TokenLogprobs(segments=...)`), `SFTObjective`. A
+packing, per-document attention through `TokenLogprobs(segments=...)`), `SFTObjective`. A model
+with multi-token-prediction modules (the DeepSeek-style presets) also learns them: `MTPObjective`
+adds `mtp.weight` x the mean over depths of their cross-entropy (DeepSeek-V3: 0.3), on the same
+packed rows, so the MTP head can draft for speculative decoding afterwards. A
 document longer than a row is cut into row-sized pieces, not skipped: with no assistant turn to
 keep whole, a piece is as good a training text as any (each piece restarts its positions at 0).
 """
@@ -25,17 +28,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import Field
 
+from alignloop.models.deepseek import HeadCrossEntropy, moe_layers
 from alignloop.recipes import ExistingFile, Section
 from alignloop.runs import Stage
 from alignloop.sections import ModelSection, RunSection
 from alignloop.train import session
 from alignloop.train.config import SFTTrainSection
 from alignloop.train.context import check_fits_context
-from alignloop.train.logprobs import TokenLogprobs
+from alignloop.train.logprobs import TokenLogprobs, causal_lm
 from alignloop.train.loop import StepCallback
-from alignloop.train.packing import Example
+from alignloop.train.moe_balance import real_tokens
+from alignloop.train.packing import Example, PackedBatch
 from alignloop.train.sft import SFTObjective, packed_batches
 from alignloop.train.sft_data import read_conversations, split
 from alignloop.ui import say
@@ -51,11 +57,52 @@ class PretrainDataSection(Section):
                                       "made before tokenizing")
 
 
+class MTPSection(Section):
+    weight: float = Field(0.3, ge=0, description="multi-token prediction loss weight (models with MTP modules; "
+                                                  "DeepSeek-V3: 0.3, then 0.1); 0 leaves the modules untrained")
+
+
 class PretrainRecipe(Section):
     run: RunSection = RunSection()
     model: ModelSection = ModelSection()
     data: PretrainDataSection = PretrainDataSection()
     train: SFTTrainSection = SFTTrainSection()
+    mtp: MTPSection = MTPSection()
+
+
+class MTPObjective(SFTObjective):
+    """SFT's cross-entropy plus `weight` x the mean over MTP depths of theirs, on packed rows.
+
+    One forward of the main stack (per-document attention through the block mask) feeds both the
+    head and the MTP modules (`DeepseekForCausalLM.mtp_hidden`); every head runs fused with its loss
+    (`head_cross_entropy`'s kernel), never as [B, T, V] logits. Depth k's target at position i is
+    token i + k + 1 of the same document; rows across a document boundary carry no loss.
+    """
+
+    def __init__(self, weight: float) -> None:
+        self.mtp_weight = weight
+
+    def loss(self, module: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        lm = causal_lm(module.model)
+        mask = batch.attention_mask()
+        select = batch.loss_mask
+        with real_tokens(moe_layers(lm), batch.doc_ids >= 0):
+            out = lm.model(batch.input_ids, mask, batch.position_ids)
+            ce = HeadCrossEntropy.apply(out.last_hidden_state[select], lm.lm_head.weight, batch.targets[select])
+            depths = lm.mtp_hidden(batch.input_ids, out.pre_norm_hidden, mask, batch.position_ids, batch.doc_ids)
+        T, mtp = batch.input_ids.shape[1], []
+        for k, h in enumerate(depths, start=1):
+            # Target of row i: token i + k + 1, in the same document as token i (and not padding).
+            n = T - k - 1
+            docs = batch.doc_ids
+            keep = (docs[:, :n] == docs[:, k + 1:]) & (docs[:, :n] >= 0)
+            mtp.append(HeadCrossEntropy.apply(h[:, :n][keep], lm.lm_head.weight, batch.input_ids[:, k + 1:][keep])
+                       * (select.sum() / keep.sum().clamp(min=1)))  # on the main loss's token scale
+        mtp_loss = torch.stack(mtp).mean() if mtp else ce.new_zeros(())
+        stats = {"ce_sum": float(ce.detach()), "tokens": batch.n_tokens}
+        if mtp:
+            stats["mtp_ce_sum"] = float(mtp_loss.detach())
+        return ce + self.mtp_weight * mtp_loss, stats
 
 
 @dataclass
@@ -162,9 +209,11 @@ def run_pretrain(recipe: PretrainRecipe, run: str | None = None, force: bool = F
 
     model = session.make_trainable(model, cfg)
     module = TokenLogprobs(model)
-    result = session.train(module, SFTObjective(), batches, cfg, stage, eval_batches=eval_batches,
+    with_mtp = recipe.mtp.weight > 0 and len(getattr(getattr(causal_lm(model), "model", None), "mtp_layers", ())) > 0
+    objective = MTPObjective(recipe.mtp.weight) if with_mtp else SFTObjective()
+    result = session.train(module, objective, batches, cfg, stage, eval_batches=eval_batches,
                            callbacks=callbacks, description="pretrain")
-    keep = ("loss", "ce", "moe/maxvio")
+    keep = ("loss", "ce", "mtp_ce", "moe/maxvio")
     session.finish(stage, module, model, tokenizer, recipe.model, cfg,
                    extra={"data": counts.as_dict(), "train": session.summarise(result, keep)})
     session.report("pretrain", result, stage)
