@@ -27,12 +27,13 @@ import torch
 
 from alignloop.bench.harness import alternate_rounds, fixed_threads, headline, machine_facts, summary
 from alignloop.bench.mla_expanded import ExpandedKVLM
+from alignloop.bench.prompts import bench_prompts
 from alignloop.engine.deepseek import DeepseekLM
 from alignloop.engine.engine import pick_dtype
 from alignloop.engine.mtp import MTPGreedy
 from alignloop.models import deepseek as ds
 from alignloop.models import deepseek_checkpoint as ckpt
-from alignloop.models import load_model
+from alignloop.models import load_model, load_tokenizer
 from alignloop.ui import say
 
 
@@ -49,6 +50,18 @@ def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     # Token ids past the first 1000 (specials and bytes); lengths vary by up to 25% so rows differ.
     lengths = torch.randint(max(1, length * 3 // 4), length + 1, (batch,), generator=g).tolist()
     return [torch.randint(1000, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _chat_prompts(checkpoint: str, batch: int, length: int) -> list[list[int]]:
+    """The generate bench's fixed prompts as user turns in the checkpoint's chat template, cut to `length`."""
+    tokenizer = load_tokenizer(checkpoint)
+    texts = bench_prompts()
+    out = []
+    for i in range(batch):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": texts[i % len(texts)]}],
+                                             add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"][-length:])
+    return out
 
 
 def _decode_run(lm: DeepseekLM, prompts: list[list[int]], steps: int) -> dict[str, Any]:
@@ -74,7 +87,10 @@ def run_bench(model: str = "small-deepseek", batch: int = 16, prompt_len: int = 
             net, weights = ckpt.load_hf(checkpoint), f"trained checkpoint {checkpoint}"
         else:
             net, weights = load_model(model, seed=seed)[0], f"random init ({model}, seed {seed})"
-        prompts = _prompts(batch, prompt_len, net.config.vocab_size, seed)
+        # A trained model gets real chat prompts (the generate bench's, in its chat template): MTP's
+        # acceptance on random ids would say little about drafting the text it learned.
+        prompts = (_chat_prompts(checkpoint, batch, prompt_len) if checkpoint else
+                   _prompts(batch, prompt_len, net.config.vocab_size, seed))
         ours = DeepseekLM(net, torch_dtype, max_slots=batch)
         peer = ExpandedKVLM(net, torch_dtype, max_slots=batch)
         say(f"bench mla-decode: {batch} rows, prompts <= {prompt_len} tokens, {steps} decode steps, {torch_dtype}")
