@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from alignloop.models import deepseek as ds
 
 
-def test_head_cross_entropy_matches_full_logits():
+@pytest.mark.parametrize("scale", [1.0, 40.0], ids=["exp-without-max", "max-subtracted"])
+def test_head_cross_entropy_matches_full_logits(scale):
     torch.manual_seed(0)
-    hidden = torch.randn(3, 300, 8, dtype=torch.float64, requires_grad=True)  # 900 rows: 4 chunks
+    # scale 40: |h| |w| is far above the bound under which exp runs without subtracting the max.
+    hidden = (torch.randn(3, 300, 8, dtype=torch.float64) * scale).requires_grad_()  # 900 rows: 4 chunks
     weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 50, (3, 300))
     labels[0, :7] = -100
