@@ -43,3 +43,12 @@ def _loud_console():
     set_quiet(False)
     yield
     set_quiet(False)
+
+
+@pytest.fixture
+def one_thread():
+    """A few-M-parameter model on a shared 2-core machine: one torch thread avoids barrier waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,13 +18,7 @@ PROMPTS = [[5, 17, 300, 9], list(range(100, 113)), [42], list(range(1000, 1030))
 MAX_TOKENS = [6, 9, 3, 12, 5]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A 6M-parameter model on a shared 2-core machine: one thread avoids barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # a 6M-parameter model: one thread
 
 
 @pytest.fixture(scope="module")

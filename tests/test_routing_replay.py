@@ -16,12 +16,7 @@ from alignloop.rl.trajectory import Trajectory, collate, collate_shared
 PROMPTS = [[5, 17, 99, 3, 41, 8], [5, 17, 99, 3, 41, 8], [7, 7, 2]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # a 6M-parameter model: one thread
 
 
 def _traj(tokens: list[int], first_policy: int, layers: int = 2, K: int = 2, base: int = 0) -> Trajectory:
