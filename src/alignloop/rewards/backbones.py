@@ -26,6 +26,7 @@ from alignloop.rewards import textstats
 from alignloop.rewards.config import BackboneSection
 from alignloop.rewards.encoder import PackedEncoder
 from alignloop.runs import atomic_path, atomic_write_json
+from alignloop.train.logprobs import causal_lm
 from alignloop.train.lora import add_lora
 
 
@@ -217,7 +218,9 @@ class LMBackbone:
         for i in range(0, len(texts), bs):
             batch = self.tokenizer(texts[i:i + bs], padding=True, truncation=True, max_length=self.config.max_length,
                                    return_tensors="pt")
-            hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1]
+            # The decoder alone: the LM head's [B, T, vocab] logits would be a fifth of SmolLM2's
+            # FLOPs (and its largest activation) spent on nothing. LoRA layers stay in the modules.
+            hidden = causal_lm(self.model).get_decoder()(**batch).last_hidden_state
             last = batch["attention_mask"].sum(1) - 1  # right padding: the last real token
             out.append(hidden[torch.arange(len(last)), last].float())
             if progress:
