@@ -494,6 +494,12 @@ class MoE(nn.Module):
         # tokens), which would otherwise push the bias toward whatever experts padding picks.
         self.real_tokens: torch.Tensor | None = None
 
+    def real_mask(self, B: int, T: int) -> torch.Tensor | None:
+        """`real_tokens` where it describes this [B, T] input; None (every token counts) otherwise,
+        e.g. for an MTP block, which sees T - k rows of the batch the mask was set for."""
+        mask = self.real_tokens
+        return mask if mask is not None and mask.shape == (B, T) else None
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.load.data = self.load.data.float()  # token counts: bf16 is exact only up to 256
@@ -517,9 +523,8 @@ class MoE(nn.Module):
             idx = torch.where(forced[:, :1] >= 0, forced, idx)
         w = self.gate.weights(scores, idx)
         if self.training and torch.is_grad_enabled():
-            counted = idx
-            if self.real_tokens is not None and self.real_tokens.shape == (B, T):
-                counted = idx[self.real_tokens.reshape(B * T)]
+            real = self.real_mask(B, T)
+            counted = idx if real is None else idx[real.reshape(B * T)]
             self.load += torch.bincount(counted.flatten(), minlength=self.load.numel()).to(self.load.dtype)
         y = self.experts(flat, idx, w).view(B, T, D) + self.shared_experts(x)
         return y, idx.view(B, T, -1), scores.view(B, T, -1)

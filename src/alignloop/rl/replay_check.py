@@ -46,11 +46,11 @@ def _side(metrics: Path, replay: bool) -> ReplaySide:
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in rows]))
 
-    own, alt = (mean("engine_gap"), mean(f"{other}/engine_gap"))
-    own_c, alt_c = (mean("engine_clip_frac"), mean(f"{other}/engine_clip_frac"))
-    if replay:
-        return ReplaySide(True, own, alt, own_c, alt_c, len(rows))
-    return ReplaySide(False, alt, own, alt_c, own_c, len(rows))
+    # The run's own forward logs the plain keys; the check's other forward, the tagged ones.
+    with_replay = "" if replay else "replay/"
+    router_own = "noreplay/" if replay else ""
+    return ReplaySide(replay, mean(f"{with_replay}engine_gap"), mean(f"{router_own}engine_gap"),
+                      mean(f"{with_replay}engine_clip_frac"), mean(f"{router_own}engine_clip_frac"), len(rows))
 
 
 def replay_check(recipe: RLRecipe, run: str, force: bool = False) -> dict[str, Any]:

@@ -174,7 +174,7 @@ class TokenLogprobs(torch.nn.Module):
         super().__init__()
         self.model = model
         # Found once: walking every module per forward would tax dense models (none) on each micro batch.
-        self._moe_layers = [m for _, m in moe_layers_named(model)]
+        self.moe_layers = [m for _, m in moe_layers_named(model)]
 
     def forward(
         self,
@@ -199,10 +199,10 @@ class TokenLogprobs(torch.nn.Module):
                 allowed = block_causal_mask(segments)
             mask = attention_inputs(lm, allowed)
         # MoE models count expert load on real tokens only (padding has document id -1).
-        real = segments >= 0 if segments is not None and self._moe_layers else None
+        real = segments >= 0 if segments is not None and self.moe_layers else None
         with route, _adapter_inputs_uncast(self.model, input_ids.device.type), fused_lora(self.model), \
-                real_tokens(self._moe_layers, real):
-            return self._logprobs(lm, decoder_inputs(input_ids, position_ids, mask, routing, self._moe_layers),
+                real_tokens(self.moe_layers, real):
+            return self._logprobs(lm, decoder_inputs(input_ids, position_ids, mask, routing, self.moe_layers),
                                   select, targets)
 
     def _logprobs(self, lm, kwargs, select, targets) -> torch.Tensor:

@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import transformers_weight_conversion
 
 from alignloop.models import load_model
+from alignloop.models.deepseek import DeepseekForCausalLM
 from alignloop.train.config import LoraSection
 
 
@@ -46,8 +47,6 @@ def _no_v4_moe_remap(model: torch.nn.Module) -> Iterator[None]:
     layout, so "all-linear" means what it says: every Linear (MLA projections, shared experts, dense
     FFNs); the routed experts' fused tensors and the router stay frozen (full fine-tuning trains them).
     """
-    from alignloop.models.deepseek import DeepseekForCausalLM
-
     if not isinstance(model, DeepseekForCausalLM):
         yield
         return

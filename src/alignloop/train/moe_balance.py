@@ -102,9 +102,7 @@ class Balancer:
 
         def hook(layer: MoE, args: Any, output: tuple) -> None:
             _, idx, scores = output
-            mask = layer.real_tokens
-            # An MTP block sees T - k rows of a [B, T] batch: its mask does not apply (all rows count).
-            self._captured.append((idx, scores, mask if mask is not None and mask.shape == idx.shape[:2] else None))
+            self._captured.append((idx, scores, layer.real_mask(*idx.shape[:2])))
 
         handles = [m.register_forward_hook(hook) for _, m in moe_layers_named(self.module)]
         try:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from alignloop.models.deepseek import HeadCrossEntropy, moe_layers
+from alignloop.models.deepseek import DeepseekForCausalLM, HeadCrossEntropy
 from alignloop.recipes import ExistingFile, Section
 from alignloop.runs import Stage
 from alignloop.sections import ModelSection, RunSection
@@ -86,7 +86,7 @@ class MTPObjective(SFTObjective):
         lm = causal_lm(module.model)
         mask = batch.attention_mask()
         select = batch.loss_mask
-        with real_tokens(moe_layers(lm), batch.doc_ids >= 0):
+        with real_tokens(module.moe_layers, batch.doc_ids >= 0):  # found once, not per micro batch
             out = lm.model(batch.input_ids, mask, batch.position_ids)
             ce = HeadCrossEntropy.apply(out.last_hidden_state[select], lm.lm_head.weight, batch.targets[select])
             depths = lm.mtp_hidden(batch.input_ids, out.pre_norm_hidden, mask, batch.position_ids, batch.doc_ids)
@@ -209,7 +209,8 @@ def run_pretrain(recipe: PretrainRecipe, run: str | None = None, force: bool = F
 
     model = session.make_trainable(model, cfg)
     module = TokenLogprobs(model)
-    with_mtp = recipe.mtp.weight > 0 and len(getattr(getattr(causal_lm(model), "model", None), "mtp_layers", ())) > 0
+    with_mtp = recipe.mtp.weight > 0 and isinstance(causal_lm(model), DeepseekForCausalLM) \
+        and len(causal_lm(model).model.mtp_layers) > 0
     objective = MTPObjective(recipe.mtp.weight) if with_mtp else SFTObjective()
     result = session.train(module, objective, batches, cfg, stage, eval_batches=eval_batches,
                            callbacks=callbacks, description="pretrain")
