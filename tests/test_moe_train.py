@@ -139,3 +139,24 @@ def test_packed_mtp_loss_equals_each_document_alone():
     assert stats["ce_sum"] == pytest.approx(float(main.detach()), rel=1e-4)
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
     assert torch.allclose(packed_grad, alone_grad, atol=1e-5)
+
+
+def test_a_training_checkpoint_keeps_the_router_bias(tmp_path):
+    """The balancing bias is a buffer, not a parameter: a resumed run must not start it from zero."""
+    from alignloop.models import load_model
+    from alignloop.models.deepseek import moe_layers
+    from alignloop.train.checkpoint import load_checkpoint, save_checkpoint
+
+    def parts():
+        net, _ = load_model("tiny-deepseek")
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        return net, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    net, opt, sched = parts()
+    for i, layer in enumerate(moe_layers(net)):
+        layer.gate.e_score_correction_bias.fill_(0.25 + i)
+    saved = save_checkpoint(tmp_path, 1, net, opt, sched, {})
+    again, opt2, sched2 = parts()
+    load_checkpoint(saved, again, opt2, sched2)
+    assert [float(m.gate.e_score_correction_bias[0]) for m in moe_layers(again)] == \
+        [0.25 + i for i in range(len(moe_layers(again)))]

@@ -68,11 +68,11 @@ def test_parallel_is_a_train_key_of_every_trainer():
     from alignloop.train import dist
     from alignloop.train.config import DistillRecipe, DPORecipe, SFTRecipe
 
-    assert TrainSection().parallel == "ddp" and dist.strategy_of(TrainSection()) == "ddp"
+    assert TrainSection().parallel.strategy == "ddp" and dist.strategy_of(TrainSection()) == "ddp"
     for name, recipe_class in (("sft", SFTRecipe), ("dpo", DPORecipe), ("distill", DistillRecipe)):
         recipe = load_recipe(REPO / "recipes" / f"{name}_tiny.toml", recipe_class, ["train.parallel=fsdp"])
         assert isinstance(recipe.train, TrainSection)
-        assert recipe.train.parallel == "fsdp" and dist.strategy_of(recipe.train) == "fsdp"
+        assert recipe.train.parallel.strategy == "fsdp" and dist.strategy_of(recipe.train) == "fsdp"
         with pytest.raises(AlignloopError, match="train.parallel"):
             load_recipe(REPO / "recipes" / f"{name}_tiny.toml", recipe_class, ["train.parallel=zero3"])
 

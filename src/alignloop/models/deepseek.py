@@ -389,6 +389,9 @@ class Router(nn.Module):
     is moved by `update_router_bias`; it changes *which* experts are picked, never their weights.
     """
 
+    # Buffers that training changes: training checkpoints keep them beside the parameters.
+    trained_buffers = ("e_score_correction_bias",)
+
     def __init__(self, config: DeepseekV3Config) -> None:
         super().__init__()
         E = config.n_routed_experts

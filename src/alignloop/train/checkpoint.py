@@ -4,6 +4,8 @@ One checkpoint is one folder `checkpoints/step-000040/`:
 
     trainable.safetensors   the trainable parameters (all of them for full fine-tuning, only the
                             adapters for LoRA: frozen weights come back from the base model)
+    buffers.safetensors     buffers that training moves without a gradient (an MoE router's
+                            balancing bias: a module lists them in `trained_buffers`); absent when none
     optimizer.safetensors   the optimizer state flattened to tensors `state.<i>.<key>`; the param
                             groups (hyper-parameters) and any non-tensor state ride along as JSON
                             in the file's metadata
@@ -17,7 +19,7 @@ is one line (`DiskFullError`) naming the folder and the checkpoint that is still
 (not pickle) means a checkpoint can be read without running code from it.
 
 Under torchrun (see `dist`), saving and loading are collective: every process calls them. Sharded
-(FSDP2) weights and optimizer moments are gathered into full tensors and rank 0 alone writes the
+(FSDP2, expert-parallel) weights and optimizer moments are gathered into full tensors and rank 0 alone writes the
 files above, with every process's RNG state (`rank<r>.`-prefixed tensors, `rng_ranks` in
 trainer_state.json); on load every process reads the full tensors and keeps its own shard. So a
 checkpoint is the same whatever the number of processes or the strategy, and resumes under any.
@@ -62,6 +64,15 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if p.requires_grad}
 
 
+def trained_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> buffer for every buffer a module declares in `trained_buffers` (e.g. a router's bias)."""
+    out = {}
+    for prefix, sub in dist.unwrap(module).named_modules():
+        for name in getattr(sub, "trained_buffers", ()):
+            out[f"{prefix}.{name}" if prefix else name] = getattr(sub, name)
+    return out
+
+
 def optimizer_param_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the optimizer's own numbering (param-group order)."""
     name_of = {id(p): name for name, p in dist.unwrap(module).named_parameters()}
@@ -75,6 +86,7 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     too, so a resume with a differently built model fails loudly instead of mixing up moments.
     """
     sd = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the moments' owners
     tensors: dict[str, torch.Tensor] = {}
     other: dict[str, dict[str, Any]] = {}
     # Sorted: under FSDP2 each full_tensor is a collective, so all processes must go in one order.
@@ -83,7 +95,7 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
         for key in sorted(state):
             value = state[key]
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = dist.full_tensor(value).contiguous()
+                tensors[f"state.{index}.{key}"] = dist.full_tensor(value, like=params[index]).contiguous()
             else:
                 other.setdefault(str(index), {})[key] = value
     meta = {"param_groups": sd["param_groups"], "non_tensor_state": other, "param_names": names}
@@ -98,7 +110,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
         i = int(index)
-        if params is not None and dist.is_sharded(params[i]) and value.shape == params[i].shape:
+        if params is not None and dist.is_sharded(params[i]) and value.shape == dist.full_shape(params[i]):
             value = dist.shard_like(value, params[i])
         state.setdefault(i, {})[name] = value
     for index, values in meta["non_tensor_state"].items():
@@ -160,6 +172,7 @@ def save_checkpoint(
     # Gather first, on every process (collectives under FSDP2), then only rank 0 touches the disk.
     dist.reshard(module)
     weights = trainable_state(module)
+    buffers = {name: b.detach().cpu().contiguous() for name, b in trained_buffers(module).items()}
     opt_tensors, opt_meta = flatten_optimizer(optimizer, optimizer_param_names(module, optimizer))
     rng_tensors, rng_meta = rng_state()
     per_rank = dist.gather_objects((rng_tensors, rng_meta))
@@ -179,6 +192,8 @@ def save_checkpoint(
             root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             save_file(weights, tmp / "trainable.safetensors")
+            if buffers:
+                save_file(buffers, tmp / "buffers.safetensors")
             save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={_META_KEY: json.dumps(opt_meta)})
             save_file(rng_tensors, tmp / "rng.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
@@ -304,6 +319,14 @@ def load_checkpoint(
     with torch.no_grad():
         for name, tensor in weights.items():
             dist.copy_into(params[name], tensor)
+        buffers = trained_buffers(module)
+        if (path / "buffers.safetensors").exists():  # checkpoints of dense models have none
+            saved = load_file(path / "buffers.safetensors")
+            if set(saved) != set(buffers):
+                raise ValueError(f"checkpoint {path} does not match the model's trained buffers "
+                                 f"(saved {sorted(saved)[:3]}, model {sorted(buffers)[:3]})")
+            for name, tensor in saved.items():
+                buffers[name].copy_(tensor)
 
     with safe_open(path / "optimizer.safetensors", framework="pt") as f:
         meta = json.loads(f.metadata()[_META_KEY])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from alignloop.engine.config import SamplingSection
 from alignloop.recipes import ExistingFile, Section
@@ -41,6 +41,49 @@ class MoESection(Section):
                                 "(V3: 1e-4); 0: off")
 
 
+GradSync = Literal["correct", "none", "experts_too"]
+
+
+class ParallelSection(Section):
+    """How several processes (torchrun) share the work; a plain single-process run ignores it.
+
+    `train.parallel = "ddp"` (or "fsdp") is shorthand for `{strategy = "ddp"}`. With `expert = e > 1`
+    (MoE models, DDP only) each group of e consecutive ranks splits the routed experts e ways and
+    sends tokens to their experts by all-to-all; every rank still sees its own share of the batch
+    (see `alignloop.train.expert_parallel`).
+    """
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="replicate the model (ddp) or shard it (fsdp, FSDP2)")
+    expert: int = Field(1, ge=1, description="expert-parallel size: routed experts split this many ways "
+                        "(must divide the number of processes and of routed experts); 1: off")
+    capacity_factor: float | None = Field(
+        None, gt=0, description="cap each expert at factor x its even share of a rank's routed tokens; "
+        "the tokens over it skip their routed experts and are counted (ep/dropped); none: never drop")
+    grad_sync: GradSync = Field(
+        "correct", description="diagnostics only: 'none' skips every gradient reduction, 'experts_too' "
+        "also averages expert gradients over all ranks (the two classic bugs)")
+    check_replicas: bool = Field(False, description="log ep/replica_divergence every step: the largest "
+                                 "relative difference of a replicated parameter from rank 0's (one broadcast)")
+
+    @model_validator(mode="after")
+    def _ep_needs_ddp(self) -> ParallelSection:
+        if self.expert > 1 and self.strategy != "ddp":
+            raise ValueError("expert parallelism shards the experts itself: use strategy = 'ddp' with expert > 1")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_shorthand(self, handler: Any) -> Any:
+        # A run without expert parallelism dumps as the bare strategy, as before this section
+        # existed, so the config hashes of existing runs (and their checkpoints) stay valid.
+        data = handler(self)
+        plain = {k: v for k, v in data.items() if k != "strategy"} == _PLAIN_REST
+        return data["strategy"] if plain else data
+
+
+_PLAIN_REST = {"expert": 1, "capacity_factor": None, "grad_sync": "correct", "check_replicas": False}
+
+
 class TrainSection(Section):
     # optimizer (AdamW)
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
@@ -68,8 +111,8 @@ class TrainSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # several processes (torchrun; see alignloop.train.dist): ignored in a plain single-process run
-    parallel: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="under torchrun: replicate the model (ddp) or shard it (fsdp, FSDP2)")
+    parallel: ParallelSection = Field(
+        ParallelSection(), description="under torchrun: 'ddp', 'fsdp', or a table with the expert-parallel size")
 
     # full fine-tuning (lora = false / absent) or LoRA
     lora: LoraSection | None = None
@@ -84,6 +127,11 @@ class TrainSection(Section):
     seed: int = 0
     track: list[Tracker] = Field(default_factory=list, description="also log metrics to these experiment "
                                  "trackers (optional extras: pip install 'alignloop[track]')")
+
+    @field_validator("parallel", mode="before")
+    @classmethod
+    def _strategy_shorthand(cls, value: Any) -> Any:
+        return {"strategy": value} if isinstance(value, str) else value
 
     @field_validator("lora", mode="before")
     @classmethod

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from alignloop.models.fingerprint import model_fingerprint
 from alignloop.runs import config_hash
 from alignloop.sections import ModelSection
-from alignloop.train import dist
+from alignloop.train import dist, expert_parallel
 from alignloop.train.cache import load_or_compute
 from alignloop.train.config import DPOTrainSection, LossKind
 from alignloop.train.dpo_data import PairBatch, PairBatches, TokenizedPair, pairs_digest
@@ -256,7 +256,8 @@ def cached_reference(module: torch.nn.Module, pairs: Sequence[TokenizedPair], mo
 
     The cache is keyed by the model, the tokens, the precision and its shape (ld_dpo keeps the
     shared-length sums too; alpha is applied at train time, so one cache serves every alpha).
-    Under torchrun rank 0 computes and writes it; the others then find it there and read it.
+    Under torchrun rank 0 computes and writes it; the others then find it there and read it
+    (expert-parallel: all compute it together, since every forward exchanges tokens).
     """
     if cfg.loss == "simpo":
         return None
@@ -266,7 +267,8 @@ def cached_reference(module: torch.nn.Module, pairs: Sequence[TokenizedPair], mo
     fingerprint = config_hash({"model": model_fingerprint(model), "tokens": pairs_digest(pairs),
                                "bf16": cfg.bf16, "device": device.type, "version": 2,
                                **({"shared": True} if shared else {})})
-    with dist.main_first():
+    # Expert-parallel forwards are collective: then every process computes (rank 0 still writes).
+    with contextlib.nullcontext() if expert_parallel.active(module) else dist.main_first():
         return load_or_compute(path, fingerprint, lambda: {"logps": compute_reference(
             module, pairs, cfg.micro_batch, 2 * cfg.max_seq_len, pad_id, device, cfg.bf16, cfg.packing, shared)},
             "reference log-probs")["logps"]

@@ -40,7 +40,7 @@ import torch
 from alignloop.errors import AlignloopError
 from alignloop.runs import Stage
 from alignloop.train import checkpoint as ckpt
-from alignloop.train import dist, moe_balance
+from alignloop.train import dist, expert_parallel, moe_balance
 from alignloop.train.checkpoint import resume
 from alignloop.train.config import TrainSection
 from alignloop.train.metrics import MetricLog, NonFiniteError, require_finite
@@ -274,6 +274,7 @@ class _Trainee:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sync: Callable[[bool], contextlib.AbstractContextManager] | None
     device: torch.device
+    ep: expert_parallel.ExpertParallel | None = None  # routed experts split across processes
 
     @property
     def trainable(self) -> list[torch.Tensor]:
@@ -283,9 +284,13 @@ class _Trainee:
 def _prepare(module: torch.nn.Module, config: TrainSection, steps: int, ctx: dist.Context,
              description: str) -> _Trainee:
     strategy = dist.strategy_of(config)
-    wrapped = dist.wrap(module, strategy)  # FSDP2 swaps in sharded parameters: before the optimizer
+    # Both swap in sharded parameters, so they come before the optimizer. Expert parallelism
+    # reduces gradients itself (two groups), so its module is called unwrapped.
+    ep = expert_parallel.setup(module, getattr(config, "parallel", None))
+    wrapped = module if ep is not None else dist.wrap(module, strategy)
     if ctx.enabled:
-        say(f"{description}: {dist.describe(ctx, strategy)}")
+        say(f"{description}: {dist.describe(ctx, strategy)}"
+            + (f"; {expert_parallel.describe(ep)}" if ep is not None else ""))
         if (warning := dist.warn_uneven(config.grad_accum, ctx)) is not None:
             say(warning)
     if ctx.is_main and (warning := _warmup_past_the_end(config, steps)) is not None:
@@ -293,8 +298,8 @@ def _prepare(module: torch.nn.Module, config: TrainSection, steps: int, ctx: dis
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, Schedule(config.schedule, steps, config.warmup_for(steps),
                                                    config.min_lr_ratio))
-    return _Trainee(module, wrapped, optimizer, scheduler, dist.gradient_sync(wrapped) if ctx.enabled else None,
-                    next(module.parameters()).device)
+    sync = dist.gradient_sync(wrapped) if ctx.enabled and ep is None else None
+    return _Trainee(module, wrapped, optimizer, scheduler, sync, next(module.parameters()).device, ep)
 
 
 def _warmup_past_the_end(config: TrainSection, steps: int) -> str | None:
@@ -333,7 +338,11 @@ def _step(t: _Trainee, objective: Objective, stream: BatchStream, config: TrainS
     loss_total, stats = dist.reduce_sums(loss_total, stats)
 
     max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-    grad_norm = dist.to_float(torch.nn.utils.clip_grad_norm_(t.trainable, max_norm))
+    if t.ep is not None:
+        t.ep.reduce_gradients(t.trainable)
+        grad_norm = t.ep.clip_grad_norm(t.trainable, max_norm)
+    else:
+        grad_norm = dist.clip_grad_norm(t.trainable, max_norm)
     metrics = {**_reduce(loss_total, stats, max(weight, 1e-12)), "lr": lr, "grad_norm": grad_norm}
     # Before the update: one NaN in the weights would poison every later step and checkpoint.
     # Every process sees the same reduced numbers, so all of them stop here together.
@@ -342,8 +351,12 @@ def _step(t: _Trainee, objective: Objective, stream: BatchStream, config: TrainS
     t.scheduler.step()
     if after_step is not None:
         metrics.update(after_step())
+    if t.ep is not None:
+        metrics.update(t.ep.step_metrics())
     seconds = time.perf_counter() - began
     metrics.update(epoch=stream.epochs_done(), seconds=seconds)
+    if "ep/a2a_s" in metrics:
+        metrics["ep/a2a_share"] = round(metrics["ep/a2a_s"] / seconds, 4)
     if stats.get("tokens"):
         metrics["tokens_per_s"] = int(stats["tokens"]) / seconds
     return metrics
@@ -387,6 +400,8 @@ def train(
     steps = total_steps(config, len(batches(0)))
     t = _prepare(module, config, steps, ctx, description)
     balancer = moe_balance.balancer_for(module, config)  # None for a dense model
+    if balancer is not None and t.ep is not None:
+        balancer.all_reduce = t.ep.syncs  # the "none" diagnostic leaves even the counts unsynced
     if balancer is not None and balancer.alpha > 0:
         objective = moe_balance.BalancedObjective(objective, balancer, moe_balance.top_k_of(module))
     # Resume from the newest checkpoint, if it was made with this very config.

@@ -86,13 +86,14 @@ class Balancer:
     module: torch.nn.Module
     gamma: float = 1e-3
     alpha: float = 0.0
+    all_reduce: bool = True  # sum the counts over processes (under torchrun) before the update
     _captured: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
     def after_step(self) -> dict[str, float]:
         """Once after each optimizer step: the step's load statistics, then the bias update
         (which consumes the counts; all-reduced over processes under torchrun)."""
         stats = layer_stats(self.module)
-        update_router_bias(self.module, self.gamma)
+        update_router_bias(self.module, self.gamma, all_reduce=self.all_reduce)
         return stats
 
     @contextlib.contextmanager
