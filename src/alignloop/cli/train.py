@@ -57,3 +57,40 @@ def pretrain(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: 
     from alignloop.train.pretrain import PretrainRecipe, run_pretrain
 
     done(run_pretrain(load(recipe, PretrainRecipe, set_), run=run, force=force))
+
+
+@app.command("ep-check")
+def ep_check(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None,
+             trainer: str = typer.Option("pretrain", "--trainer", help="pretrain or sft: the recipe's trainer"),
+             processes: int = typer.Option(2, "--processes", min=2, help="torchrun processes = expert-parallel size")
+             ) -> None:
+    """Expert-parallel gradient sync, shown: the MoE recipe trained on one process and on PROCESSES
+    with correct, no, and wrong (experts over all ranks) gradient reduction; per-step gradient norm,
+    loss and replica divergence plotted into runs/<run>/ep-check/, distances from the one-process
+    reference and the speed of each printed, ending with one JSON line."""
+    import json
+    from pathlib import Path
+
+    from alignloop.train.ep_check import Plan
+    from alignloop.train.ep_check import ep_check as check
+
+    if trainer not in ("pretrain", "sft"):
+        raise typer.BadParameter("use pretrain or sft", param_hint="--trainer")
+    schema = _schema(trainer)
+    loaded = load(recipe, schema, set_)  # fails here, not in four child processes, on a bad recipe
+    folder = Path(loaded.run.dir) / (run or loaded.run.name or "ep-check") / "ep-check"
+    report = check(Plan(trainer, Path(recipe), list(set_ or []), folder, processes))
+    ratio = {"ours": report["modes"]["correct"]["tokens_per_s"], "peer": report["reference"]["tokens_per_s"],
+             "unit": "train tok/s (EP processes vs 1 process)", "ratio": report["speed_ratio"],
+             "a2a_share": report["modes"]["correct"].get("a2a_share", 0.0)}
+    print(json.dumps(ratio))
+
+
+def _schema(trainer: str):
+    if trainer == "pretrain":
+        from alignloop.train.pretrain import PretrainRecipe
+
+        return PretrainRecipe
+    from alignloop.train.config import SFTRecipe
+
+    return SFTRecipe
