@@ -206,3 +206,17 @@ def test_parallel_section_shorthand_keeps_old_config_hashes():
     assert TrainSection(parallel={"expert": 2}).model_dump(mode="json")["parallel"]["expert"] == 2
     with pytest.raises(ValueError, match="strategy = 'ddp'"):
         ParallelSection(strategy="fsdp", expert=2)
+
+
+def test_ep_check_report_and_plot_from_the_runs(runs, tmp_path):
+    """`alignloop train ep-check` summarises the same four runs this module trained."""
+    from alignloop.train.ep_check import Plan, plot, summarise, table
+
+    report = summarise(Plan("sft", RECIPE, [], runs))
+    modes = report["modes"]
+    assert modes["correct"]["experts_vs_reference"] <= RTOL < modes["experts_too"]["experts_vs_reference"]
+    assert modes["none"]["replica_divergence"][-1] > 1e-2
+    assert max(modes["experts_too"]["replica_divergence"]) == 0.0
+    assert 0 < modes["correct"]["a2a_share"] < 1 and report["speed_ratio"] > 0
+    assert plot(report, tmp_path / "ep.png").stat().st_size > 10_000
+    assert len(table(report)) == 6

@@ -1,14 +1,20 @@
 """`alignloop train ep-check RECIPE`: what goes wrong in expert-parallel training, shown.
 
-Trains one MoE recipe (pre-training or SFT) four times on the same global batch:
+Trains one MoE recipe (pre-training or SFT) five times on the same global batch:
 
-    reference     one process, all experts (as many threads as the parallel runs have processes)
+    reference     one process, all experts, one thread: the same kernels each parallel process runs
+    fastest       the same with as many threads as the parallel runs have processes (for speed only)
     correct       P processes, experts split P ways, replicated gradients over all ranks and
                   expert gradients over their expert-data group (`expert_parallel`)
     none          the same without any gradient reduction (the forgotten hooks)
     experts_too   expert gradients averaged over all ranks as well (the replicas agree, wrongly)
 
-then writes `ep_check.png` (per step: gradient norm, loss, and the replicas' divergence, per mode)
+A one-process run with more threads is no reference for the weights: on tiny-deepseek, 30 steps
+at 2 threads end 1e-3 (replicated) and 1e-2 (experts) away from the same run at 1 thread, because
+fp32 summation order flips near-tied top-k choices and the bias update turns each flip into a full
+step; the correct expert-parallel run ends 1e-7 from the 1-thread run.
+
+Then it writes `ep_check.png` (per step: gradient norm, loss, and the replicas' divergence, per mode)
 and `ep_check.json` into runs/<run>/ep-check/, and prints a table with each mode's final distance
 from the reference and the speed of the correct mode against one process. Each parallel run is a
 `torchrun` of `alignloop train KIND` (the same code path as a real launch); the reference runs in a
@@ -57,30 +63,29 @@ def stage_dir(plan: Plan, name: str) -> Path:
     return _run_dir(plan, name) / "r" / plan.kind
 
 
-def _command(plan: Plan, name: str, parallel: bool) -> tuple[list[str], dict[str, str]]:
+def _command(plan: Plan, name: str, parallel: bool, threads: int) -> tuple[list[str], dict[str, str]]:
     sets = [*plan.overrides, "run.name=r", f"run.dir={_run_dir(plan, name)}"]
     if parallel:
         sets += [f"train.parallel.expert={plan.processes}", f"train.parallel.grad_sync={name}",
                  "train.parallel.check_replicas=true"]
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={plan.processes}", "-m", "alignloop.cli"]
-        threads = 1
     else:
         head = [sys.executable, "-m", "alignloop.cli"]
-        threads = plan.processes  # the same cores as the parallel run, in one process
     cmd = [*head, "train", plan.kind, str(plan.recipe), *[a for s in sets for a in ("--set", s)]]
     return cmd, {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0"}
 
 
 def run_all(plan: Plan) -> None:
-    """The four trainings, one after the other (each finished one is skipped on a rerun)."""
-    for name, parallel in (("reference", False), *((m, True) for m in MODES)):
+    """The five trainings, one after the other (each finished one is skipped on a rerun)."""
+    runs = [("reference", False, 1), ("fastest", False, plan.processes), *((m, True, 1) for m in MODES)]
+    for name, parallel, threads in runs:
         if (stage_dir(plan, name) / "manifest.json").exists():
             say(f"ep-check: {name} done before, kept")
             continue
-        say(f"ep-check: training {name} ({plan.processes} processes)" if parallel
-            else f"ep-check: training the 1-process reference ({plan.processes} threads)")
-        cmd, env = _command(plan, name, parallel)
+        say(f"ep-check: training {name} ({plan.processes} processes, 1 thread each)" if parallel
+            else f"ep-check: training {name} (1 process, {threads} thread{'s' if threads > 1 else ''})")
+        cmd, env = _command(plan, name, parallel, threads)
         child = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if child.returncode != 0:
             raise AlignloopError(f"ep-check: the {name} run failed (exit {child.returncode}):\n"
@@ -127,8 +132,11 @@ def summarise(plan: Plan) -> dict[str, Any]:
             "replicated_vs_reference": distance(weights, reference, experts=False),
             "experts_vs_reference": distance(weights, reference, experts=True),
             **speed(rows)}
+    fastest = stage_dir(plan, "fastest")
+    out["fastest"] = speed(metrics(fastest)) if (fastest / "metrics.jsonl").exists() else dict(out["reference"])
+    out["fastest"]["threads"] = plan.processes if (fastest / "metrics.jsonl").exists() else 1
     correct = out["modes"]["correct"]
-    out["speed_ratio"] = round(correct["tokens_per_s"] / out["reference"]["tokens_per_s"], 3)
+    out["speed_ratio"] = round(correct["tokens_per_s"] / out["fastest"]["tokens_per_s"], 3)
     return out
 
 
@@ -138,12 +146,12 @@ def plot(report: dict[str, Any], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     colours = {"correct": "tab:green", "none": "tab:red", "experts_too": "tab:orange"}
     labels = {"correct": "correct", "none": "no gradient sync", "experts_too": "experts wrongly reduced"}
     ref = report["reference"]
     for ax, key, title in ((axes[0], "grad_norm", "gradient norm (before clipping)"), (axes[1], "loss", "training loss")):
-        ax.plot(range(1, len(ref[key]) + 1), ref[key], "k--", linewidth=1.5, label="1 process (reference)")
+        ax.plot(range(1, len(ref[key]) + 1), ref[key], "k--", linewidth=1.5, label="1 process, 1 thread (reference)")
         for mode, data in report["modes"].items():
             ax.plot(range(1, len(data[key]) + 1), data[key], color=colours[mode], linewidth=1.2, label=labels[mode])
         ax.set_title(title)
@@ -154,9 +162,18 @@ def plot(report: dict[str, Any], out: Path) -> Path:
         values = [max(v, 1e-12) for v in data["replica_divergence"]]
         axes[2].plot(range(1, len(values) + 1), values, color=colours[mode], label=labels[mode])
     axes[2].set_yscale("log")
-    axes[2].set_title("replicas: max |p - p(rank 0)| / |p(rank 0)|")
+    axes[2].set_title("replicas apart: max |p - p(rank 0)| / |p(rank 0)|\n(0 drawn at 1e-12)", fontsize=10)
     axes[2].set_xlabel("optimizer step")
     axes[2].legend(fontsize=8)
+    modes = list(report["modes"])
+    x = range(len(modes))
+    for offset, key, name in ((-0.2, "replicated_vs_reference", "replicated"), (0.2, "experts_vs_reference", "routed experts")):
+        axes[3].bar([i + offset for i in x], [max(report["modes"][m][key], 1e-12) for m in modes], width=0.4,
+                    label=name, color="tab:blue" if offset < 0 else "tab:purple")
+    axes[3].set_xticks(list(x), [labels[m] for m in modes], fontsize=8)
+    axes[3].set_yscale("log")
+    axes[3].set_title("final weights: |p - p(reference)| / |p(reference)|")
+    axes[3].legend(fontsize=8)
     fig.suptitle(f"expert parallel, {report['processes']} processes vs 1 on the same global batch ({report['kind']})")
     fig.tight_layout()
     with atomic_path(out) as tmp:
@@ -175,8 +192,9 @@ def table(report: dict[str, Any]) -> list[str]:
                      f"{d['replica_divergence'][-1]:>14.2e} {d['replicated_vs_reference']:>17.2e} "
                      f"{d['experts_vs_reference']:>14.2e}")
     correct = report["modes"]["correct"]
+    fastest = report["fastest"]
     lines.append(f"speed: {report['processes']}-process EP {correct['tokens_per_s']:.1f} tok/s vs 1 process "
-                 f"{ref['tokens_per_s']:.1f} tok/s (x{report['speed_ratio']:.2f}); all-to-all "
+                 f"({fastest['threads']} threads) {fastest['tokens_per_s']:.1f} tok/s (x{report['speed_ratio']:.2f}); all-to-all "
                  f"{correct.get('a2a_share', 0.0):.1%} of the EP step time. Same cores for both: this "
                  f"measures the overhead of splitting the experts, not a speed-up.")
     return lines

@@ -150,15 +150,14 @@ class ShardedExperts(nn.Module):
             expert, token, weight = expert[keep], token[keep], weight[keep]
 
         send_counts = torch.bincount(expert, minlength=E)  # [E]: already grouped by destination rank
-        recv_counts = torch.empty_like(send_counts)
-        tdist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        recv_counts = _exchange(send_counts, [per] * e, [per] * e, self.group, self.clock)
         received_from = recv_counts.view(e, per)  # [source rank, local expert]
         send = send_counts.view(e, per).sum(1).tolist()
         recv = received_from.sum(1).tolist()
         received = _AllToAll.apply(x[token], send, recv, self.group, self.clock)
 
         # What arrived is ordered (source, expert); the experts want it (expert, source).
-        segment = torch.repeat_interleave(torch.arange(e * per), received_from.flatten())
+        segment = torch.repeat_interleave(torch.arange(e * per, device=x.device), received_from.flatten())
         by_expert = ((segment % per) * e + segment // per).argsort(stable=True)
         chunks = received[by_expert].split(received_from.sum(0).tolist())
         outs = []
@@ -178,7 +177,7 @@ def _within_capacity(expert: torch.Tensor, n_experts: int, capacity: int) -> tor
     """For pairs sorted by expert: True for the first `capacity` pairs of each expert."""
     counts = torch.bincount(expert, minlength=n_experts)
     start = torch.cumsum(counts, 0) - counts
-    return torch.arange(expert.numel()) - start[expert] < capacity
+    return torch.arange(expert.numel(), device=expert.device) - start[expert] < capacity
 
 
 @dataclass
