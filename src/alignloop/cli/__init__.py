@@ -25,7 +25,7 @@ from typing import Annotated  # noqa: E402
 import typer  # noqa: E402
 
 from alignloop import __version__  # noqa: E402
-from alignloop.cli import bench, chat, eval, flywheel, logs, reward, rl, template, train  # noqa: E402
+from alignloop.cli import bench, chat, eval, export, flywheel, logs, reward, rl, template, train  # noqa: E402
 from alignloop.errors import AlignloopError  # noqa: E402
 from alignloop.ui import console, set_quiet  # noqa: E402
 
@@ -66,6 +66,7 @@ app.add_typer(eval.app, name="eval")
 app.command("abtest")(eval.abtest)
 app.command("flywheel")(flywheel.flywheel)
 app.command("report")(flywheel.report)
+app.add_typer(export.app, name="export")
 app.add_typer(template.app, name="template")
 app.add_typer(bench.app, name="bench")
 

@@ -92,6 +92,22 @@ class Engine:
         model, tokenizer = load_model(name, dtype="float32", seed=seed)
         return cls(model, tokenizer, **kwargs)
 
+    @classmethod
+    def from_fp8(cls, folder: str, **kwargs) -> Engine:
+        """Serve an FP8 checkpoint folder (`alignloop export fp8`): projections stay e4m3 in memory,
+        dequantised per matmul (Llama-family models). transformers reads the folder first for its
+        config and the bf16 parts, dequantising on CPU; those dense copies are then dropped."""
+        from alignloop.fp8.checkpoint import block_of, read_fp8
+
+        model, tokenizer = load_model(folder, dtype="float32")
+        engine = cls(model, tokenizer, **kwargs)
+        if not hasattr(engine.lm, "use_fp8"):
+            raise ValueError(f"{folder}: weight-only FP8 serving covers Llama-family models; this is "
+                             f"{model.config.model_type} (serve it dequantised with Engine.from_name)")
+        pairs, _, config = read_fp8(folder)
+        engine.lm.use_fp8(pairs, block_of(config))
+        return engine
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.lm.load_weights(named_tensors)
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignloop.fp8.linear import Fp8Linear
+
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # Below this many tokens, a separate forward for the shared prefix costs more than it saves.
 MIN_SHARED_PREFIX = 4
@@ -227,7 +229,40 @@ class CausalLM:
             (target if span is None else target[span[0] : span[1]]).copy_(t)
         self._pack()
 
+    def use_fp8(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], block: int) -> None:
+        """Serve the projections from an FP8 checkpoint's e4m3 weights and block scales (weight-only:
+        `fp8.linear.Fp8Linear` dequantises each right before its matmul); their dense buffers are freed.
+        Embeddings, norms and the head stay in the engine's dtype."""
+        scratch: dict = {}
+        names = {"qkv_fn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_fn": ("self_attn.o_proj",),
+                 "gate_up_fn": ("mlp.gate_proj", "mlp.up_proj"), "down_fn": ("mlp.down_proj",)}
+        for i, layer in enumerate(self.layers):
+            for fn, parts in names.items():
+                keys = [f"model.layers.{i}.{p}.weight" for p in parts]
+                missing = [k for k in keys if k not in pairs]
+                if missing:
+                    raise ValueError(f"FP8 checkpoint lacks {missing[0]} (or it is not stored in fp8)")
+                bias = layer["qkv_bias"] if fn == "qkv_fn" else None
+                layer[fn] = Fp8Linear([pairs[k] for k in keys], self.dtype, scratch, bias, block)
+            for dense in ("qkv", "o", "gate_up", "down"):
+                layer[dense] = torch.empty(0, dtype=self.dtype)
+        self.fp8 = True
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of the weights (fp8 projections count their fp8 values and scales)."""
+        total = sum(t.numel() * t.element_size() for t in (self.embed, self.final_norm))
+        total += 0 if self._tied else self.lm_head.numel() * self.lm_head.element_size()
+        for layer in self.layers:
+            for key, value in layer.items():
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+                elif isinstance(value, Fp8Linear):
+                    total += value.nbytes
+        return total
+
     def _pack(self) -> None:
+        if getattr(self, "fp8", False):
+            raise ValueError("this engine serves FP8 weights: it cannot take new weights in place")
         for layer in self.layers:
             layer["qkv_fn"] = PackedLinear(layer["qkv"], layer["qkv_bias"])
             layer["o_fn"] = PackedLinear(layer["o"])
