@@ -74,7 +74,10 @@ def pick_block(state: dict[str, torch.Tensor]) -> int:
     """128 (DeepSeek's blocks), or the largest power of two below it that divides every quantised
     weight's dimensions. transformers' CPU dequantisation refuses partial blocks: SmolLM2's 576-wide
     hidden size (4.5 x 128) loads with 64 x 64 blocks and fails with 128 x 128."""
-    dims = {d for n, t in state.items() if is_quantised_name(n, t) for d in t.shape}
+    return largest_block({d for n, t in state.items() if is_quantised_name(n, t) for d in t.shape})
+
+
+def largest_block(dims: set[int]) -> int:
     block = BLOCK
     while block > 1 and any(d % block for d in dims):
         block //= 2

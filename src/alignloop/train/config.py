@@ -117,6 +117,11 @@ class TrainSection(Section):
     # full fine-tuning (lora = false / absent) or LoRA
     lora: LoraSection | None = None
 
+    # FP8: train against the rounding FP8 serving applies (see alignloop.fp8.qat)
+    fp8: Literal["off", "qat", "torchao"] = Field(
+        "off", description="qat: projections fake-quantised to e4m3 blocks in the forward (straight-through "
+        "backward); torchao: FP8 GEMMs via torchao's Float8Linear (GPUs with FP8 only)")
+
     # MoE models only: router-bias balancing and load logging
     moe: MoESection = MoESection()
 
@@ -140,6 +145,15 @@ class TrainSection(Section):
         if value is False or (isinstance(value, str) and value.strip().lower() in ("none", "null", "off", "")):
             return None
         return value
+
+    @model_serializer(mode="wrap")
+    def _without_unused_new_keys(self, handler: Any) -> Any:
+        # Keys added after runs already exist are dumped only when set, so those runs' config
+        # hashes (and checkpoints) stay valid.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("fp8") == "off":
+            data.pop("fp8")
+        return data
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> TrainSection:

@@ -93,6 +93,15 @@ def make_trainable(model: torch.nn.Module, cfg: Any) -> torch.nn.Module:
     reproducible. `cfg`: any section with `lora`, `device` and `seed` (train's, rl's).
     """
     torch.manual_seed(cfg.seed)
+    fp8 = getattr(cfg, "fp8", "off")
+    if fp8 == "qat":  # before LoRA: the adapters' base layers are then the fake-quantised ones
+        from alignloop.fp8.qat import fake_quantize_model
+
+        say(f"fp8 qat: {fake_quantize_model(model)} projections train against e4m3 rounding")
+    elif fp8 == "torchao":
+        from alignloop.fp8.qat import torchao_float8
+
+        model = torchao_float8(model)
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora)
     else:
