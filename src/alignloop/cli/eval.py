@@ -1,4 +1,4 @@
-"""`alignloop eval groundtruth RECIPE` and `alignloop abtest A B`: offline ground truth and the A/B test."""
+"""`alignloop eval groundtruth|fp8 RECIPE` and `alignloop abtest A B`: offline ground truth, FP8 serving, the A/B test."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def groundtruth(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, forc
     from alignloop.eval.stage import run_groundtruth
 
     run_groundtruth(load(recipe, GroundTruthRecipe, set_), run=run, force=force)
+
+
+@app.command("fp8")
+def fp8(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """BF16 vs FP8 after the fact (PTQ) vs FP8 trained for (QAT): the recipe's SFT fine-tuned twice, both
+    exported to FP8, scored on held-out loss and on held-out simulated users' ground truth (gain over
+    the base model, paired, 95% intervals, share of the gain kept), with the weights' bytes."""
+    from alignloop.eval.fp8 import Fp8Recipe, run_fp8_experiment
+
+    run_fp8_experiment(load(recipe, Fp8Recipe, set_))
 
 
 def abtest(
