@@ -220,3 +220,56 @@ def test_ep_check_report_and_plot_from_the_runs(runs, tmp_path):
     assert 0 < modes["correct"]["a2a_share"] < 1 and report["speed_ratio"] > 0
     assert plot(report, tmp_path / "ep.png").stat().st_size > 10_000
     assert len(table(report)) == 6
+
+
+_RL_CHILD = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    from alignloop.models import load_model
+    from alignloop.rl.config import RLSection
+    from alignloop.rl.trainer import Trainer
+    from alignloop.rl.trajectory import Trajectory
+    from alignloop.train import dist
+    from alignloop.train.config import ParallelSection
+
+    ctx = dist.init_from_env()
+    net, _ = load_model("tiny-deepseek", seed=0)
+
+    def trajectories(step):
+        g = torch.Generator().manual_seed(step)
+        out = []
+        for i in range(6):  # 3 groups of 2, rewards 0 and 1: every sequence has an advantage
+            prompt, reply = 5 + i % 3, 8 + i % 4
+            tokens = torch.randint(3, 400, (prompt + reply,), generator=g).tolist()
+            out.append(Trajectory(tokens, [False] * prompt + [True] * reply, [0.0] * prompt + [-2.0] * reply,
+                                  reward=float(i % 2), group=i // 2))
+        return out
+
+    cfg = RLSection(bf16=False, lr=1e-3, micro_batch=1, share_prefix=False, max_grad_norm=0.5, group=2)
+    trainer = Trainer(net, cfg, temperature=1.0, parallel=ParallelSection(expert=2) if ctx.enabled else None)
+    losses = [trainer.step(trajectories(s))["loss"] for s in range(3)]
+    state = dist.full_state_dict(trainer.module)
+    if ctx.is_main:
+        torch.save({"state": state, "losses": losses}, sys.argv[1])
+""")
+
+
+def test_rl_trainer_role_with_experts_split_matches_one_process(tmp_path):
+    """GRPO's Trainer under torchrun with expert parallelism: 3 steps (6 sequences each, one micro
+    batch per sequence, clipping at 0.5) equal the same steps in one process."""
+    script = tmp_path / "rl_child.py"
+    script.write_text(_RL_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert one.returncode == 0, one.stderr[-4000:]
+    a, b = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert a["losses"] == pytest.approx(b["losses"], rel=RTOL)
+    strip = {k.removeprefix("model."): v for k, v in a["state"].items()}
+    ref = {k.removeprefix("model."): v for k, v in b["state"].items()}
+    assert _relative(strip, ref, experts=True) <= RTOL and _relative(strip, ref, experts=False) <= RTOL

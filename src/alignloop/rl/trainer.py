@@ -39,7 +39,8 @@ from alignloop.rl.policy import PolicyLogprobs
 from alignloop.rl.trajectory import Batch, Trajectory, collate, collate_shared
 from alignloop.rl.weights import policy_weights
 from alignloop.train import checkpoint as ckpt
-from alignloop.train import session
+from alignloop.train import dist, expert_parallel, session
+from alignloop.train.config import ParallelSection
 from alignloop.train.lora import merged
 from alignloop.train.loop import autocast, make_optimizer
 from alignloop.train.schedule import Schedule, make_scheduler
@@ -64,22 +65,27 @@ def _require_finite(**values: float) -> None:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: RLSection, temperature: float = 1.0, pad_id: int = 0,
-                 max_tokens: int = 64) -> None:
+                 max_tokens: int = 64, parallel: ParallelSection | None = None) -> None:
+        """`parallel` (under torchrun, MoE models): split the routed experts across the processes
+        (`train.expert_parallel`). Every process then calls `step` with the same trajectories and
+        trains on its share of the micro batches; the result is the one-process step."""
         self.cfg = cfg
         self.model = model
         self.pad_id = pad_id
         self.max_tokens = max_tokens
         self.device = next(model.parameters()).device
+        self._ref = None
+        if cfg.beta > 0 and not hasattr(model, "peft_config"):
+            # Before any expert sharding: the frozen reference stays whole on every process.
+            self._ref = copy.deepcopy(model).requires_grad_(False).eval()
         self.module = PolicyLogprobs(model, temperature, value_head=cfg.algorithm == "ppo",
                                      entropy_grad=cfg.entropy_coef > 0).to(self.device)
         self.module.train()
+        self.ep = expert_parallel.setup(self.module, parallel)  # before the optimizer: it swaps parameters
         self.optimizer = make_optimizer(self.module, cfg)
         self.scheduler = make_scheduler(self.optimizer, Schedule(cfg.schedule, cfg.steps * cfg.epochs,
                                                                  cfg.warmup_steps, cfg.min_lr_ratio))
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._ref = None
-        if cfg.beta > 0 and not hasattr(model, "peft_config"):
-            self._ref = copy.deepcopy(model).requires_grad_(False).eval()
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _forward(self, module: torch.nn.Module, b: Batch):
@@ -155,19 +161,39 @@ class Trainer:
         if ppo:
             self._ppo_advantages(batches, pre, rewards)
 
+        # Expert parallel: this process trains micro batches r, r + W, ... (and padding passes, so
+        # every process runs as many forwards and backwards: each one exchanges tokens). The losses
+        # are normalised by the whole step's counts (`norm`), so the step's gradient is the sum over
+        # processes: times W here, as `ExpertParallel.reduce_gradients` averages.
+        ctx = dist.context()
+        mine = dist.my_share(len(batches), ctx) if self.ep is not None else list(range(len(batches)))
+        padding = (dist.passes_per_process(len(batches), ctx) - len(mine)) if self.ep is not None and batches else 0
+        scale = float(ctx.world) if self.ep is not None else 1.0
         stats: dict[str, float] = {}
         last_grad_norm = 0.0
         for _ in range(cfg.epochs):
             self.optimizer.zero_grad(set_to_none=True)
             totals: dict[str, float] = {}
-            for b, p in zip(batches, pre):
+            for i in mine:
                 with autocast(self.device, cfg.bf16):
-                    loss, s = self._loss(b, p, seq_adv, norm)
-                loss.backward()
+                    loss, s = self._loss(batches[i], pre[i], seq_adv, norm)
+                (loss * scale if scale != 1.0 else loss).backward()
                 for k, v in s.items():
                     totals[k] = totals.get(k, 0.0) + v
+            for _ in range(padding):
+                j = mine[0] if mine else 0
+                with autocast(self.device, cfg.bf16):
+                    loss, s = self._loss(batches[j], pre[j], seq_adv, norm)
+                (loss * 0.0).backward()
+                for k in s:
+                    totals.setdefault(k, 0.0)
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-            last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)) if batches else 0.0
+            if self.ep is not None:
+                totals = _reduce_totals(totals)
+                self.ep.reduce_gradients(self.trainable)
+                last_grad_norm = self.ep.clip_grad_norm(self.trainable, max_norm) if batches else 0.0
+            else:
+                last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)) if batches else 0.0
             _require_finite(loss=totals.get("loss", 0.0), gradient_norm=last_grad_norm)  # before the update
             self.optimizer.step()
             self.scheduler.step()
@@ -246,6 +272,18 @@ class Trainer:
         whitened = adv_fns.whiten([p["adv"] for p in pre], [b.mask for b in batches])
         for p, adv in zip(pre, whitened):
             p["adv"] = adv
+
+
+def _reduce_totals(totals: dict[str, float]) -> dict[str, float]:
+    """Every process's step statistics combined: sums summed, `*_max` maxed."""
+    maxed = {k: v for k, v in totals.items() if k.endswith("_max")}
+    _, summed = dist.reduce_sums(0.0, {k: v for k, v in totals.items() if k not in maxed})
+    if maxed and dist.context().enabled:
+        keys = sorted(maxed)
+        box = torch.tensor([maxed[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+        maxed = dict(zip(keys, box.tolist()))
+    return {**summed, **maxed}
 
 
 class TrainerRole:
