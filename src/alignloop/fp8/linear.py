@@ -1,4 +1,4 @@
-"""Weight-only FP8 for serving on CPU: projections kept in e4m3 with their block scales (1 byte per
+"""Weight-only FP8 for serving (on a GPU with FP8 and Triton, the fused kernel instead): projections kept in e4m3 with their block scales (1 byte per
 weight plus 4 bytes per 128 x 128 block), dequantised into one shared buffer right before each matmul.
 
 CPUs without FP8 matmul units (this one: AVX-512 BF16, no AMX-FP8) cannot multiply e4m3 directly;
@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from alignloop.fp8 import triton_linear
 from alignloop.fp8.blockwise import BLOCK
 
 
@@ -30,6 +31,7 @@ class Fp8Linear:
                  scratch: dict[tuple[int, int], torch.Tensor], bias: torch.Tensor | None = None,
                  block: int = BLOCK) -> None:
         self.block = block
+        self.stored = parts  # as in the checkpoint: what the fused GPU kernel takes
         self.parts = [(q.contiguous(), s.float().repeat_interleave(block, 0)[: q.shape[0]].contiguous())
                       for q, s in parts]
         self.rows = sum(q.shape[0] for q, _ in parts)
@@ -61,6 +63,10 @@ class Fp8Linear:
         return w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.block == BLOCK and self.cols % BLOCK == 0 and triton_linear.available():
+            # The real FP8 GEMM where the hardware has it: no dequantised weight at all.
+            y = torch.cat([triton_linear.fp8_linear(x, q, s) for q, s in self.stored], dim=-1)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight(), self.bias)
 
     @property
