@@ -25,7 +25,7 @@ from typing import Annotated  # noqa: E402
 import typer  # noqa: E402
 
 from alignloop import __version__  # noqa: E402
-from alignloop.cli import bench, chat, eval, export, flywheel, logs, reward, rl, template, train  # noqa: E402
+from alignloop.cli import bench, chat, eval, export, flywheel, logs, reward, rl, serve, template, train  # noqa: E402
 from alignloop.errors import AlignloopError  # noqa: E402
 from alignloop.ui import console, set_quiet  # noqa: E402
 
@@ -57,6 +57,7 @@ def _root(
 # the whole flywheel; then the tools around it.
 for command in (chat.chat, chat.generate, chat.models):
     app.command()(command)
+app.command("serve")(serve.serve)
 app.add_typer(logs.app, name="logs")
 app.add_typer(train.app, name="train")
 app.add_typer(reward.rm_app, name="rm")

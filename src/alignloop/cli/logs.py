@@ -26,6 +26,19 @@ def simulate(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: 
     done(run_simulate(load(recipe, SimulateRecipe, set_), run=run, force=force))
 
 
+@app.command("export")
+def export(
+    store: Annotated[str, typer.Argument(help="The server's log store: a SQLite file or a postgresql:// URL.")],
+    out: Annotated[Path, typer.Argument(help="Folder for <table>.parquet (what `alignloop logs ingest` takes).")],
+) -> None:
+    """Export the log store of `alignloop serve` as the five log tables (Parquet), for ingest."""
+    from alignloop.serve.store import LogStore
+
+    counts = LogStore(store).export(out)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    print(out)
+
+
 @app.command("ingest")
 def ingest(
     inputs: Annotated[list[Path] | None, typer.Argument(
