@@ -52,14 +52,14 @@ def postgres():
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         as_postgres = ["runuser", "-u", "postgres", "--"]
         shutil.chown(home, "postgres")
-    run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, text=True)
     run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
     run(pg_ctl, "-D", str(data), "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=on",
         "-l", str(data / "log.txt"), "-w", "start")
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], check=False, capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
 
 

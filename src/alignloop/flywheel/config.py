@@ -14,8 +14,14 @@ from alignloop.data.builders import BuildConfig
 from alignloop.data.config import FilterSection
 from alignloop.eval.config import DecisionSection, OfflineEvalSection
 from alignloop.recipes import Section
-from alignloop.rewards.config import (HEADS, BackboneSection, CombineSection, EvalSection, HeadTrainSection,
-                                      check_safety_head)
+from alignloop.rewards.config import (
+    HEADS,
+    BackboneSection,
+    CombineSection,
+    EvalSection,
+    HeadTrainSection,
+    check_safety_head,
+)
 from alignloop.rl.config import RLSamplingSection, RLSection
 from alignloop.sections import RunSection
 from alignloop.sim.config import EngineResponderSection, SimConfig
@@ -37,6 +43,11 @@ class FlywheelSection(Section):
         default_factory=list, description="optional stages to leave out (without rl, the new model is SFT's)")
     base_model: str = Field("smollm2-135m", description="the deployed model before the first turn")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    deploy: Literal["simulate", "server"] = Field(
+        "simulate", description="simulate: the deployed model answers inside the simulator and its tables are "
+        "the logs; server: it runs behind `alignloop serve` (in this process, on loopback), the simulated "
+        "users talk to it over HTTP and the logs are what the server's log store holds (slower: every "
+        "answer is the real model, turn 1 included)")
 
 
 class LogsSection(Section):
@@ -186,6 +197,9 @@ class FlywheelRecipe(Section):
         if self.rl.users_seed in (self.world.seed, self.eval.users.seed):
             raise ValueError("rl.users_seed must differ from world.seed and eval.users.seed "
                              "(RL prompts come from users nobody evaluates on)")
+        if self.logs.real and self.flywheel.deploy == "server":
+            raise ValueError('flywheel.deploy = "server" needs simulated users to talk to the server; with '
+                             'logs.source = "ingest" the logs are already there')
         if self.logs.real and self.flywheel.turns > 1:
             # Turn n+1's logs are users talking to turn n's model; real users are not here to do that.
             raise ValueError('flywheel.turns must be 1 with logs.source = "ingest": turn 2 would need users '

@@ -35,9 +35,14 @@ from alignloop.rl.hacking import GroundTruthFn
 from alignloop.rl.reward_env import RewardModelEnvSection
 from alignloop.rl.stage import run_rl
 from alignloop.rl.user_env import UserSimEnvSection
-from alignloop.runs import atomic_path
+from alignloop.runs import atomic_path, atomic_write_json
 from alignloop.sections import ModelSection, RunSection
-from alignloop.sim.config import OutputSection, ResponderSection, SimConfig, SimulateRecipe
+from alignloop.sim.config import (
+    OutputSection,
+    ResponderSection,
+    SimConfig,
+    SimulateRecipe,
+)
 from alignloop.sim.stage import run_simulate
 from alignloop.train.config import DPODataSection, DPORecipe, SFTDataSection, SFTRecipe
 from alignloop.train.pretrain import PretrainRecipe, run_pretrain
@@ -78,20 +83,47 @@ def _manifest(stage_dir: Path) -> dict:
 
 def simulate(turn: Turn, force: bool) -> dict:
     """Turn 1: the recipe's world with the built-in responder as the deployed model (big, fast);
-    turn n+1: fresh users talking to turn n's model through the engine (small, slow)."""
+    turn n+1: fresh users talking to turn n's model through the engine (small, slow).
+    With `flywheel.deploy = "server"`, every turn's model runs behind a real server and the logs
+    are its log store's (`alignloop.serve.simclient`)."""
     world = _world(turn)
-    stage = run_simulate(SimulateRecipe(run=turn.run_section, simulate=world, output=OutputSection()),
-                         force=force)
+    recipe = SimulateRecipe(run=turn.run_section, simulate=world, output=OutputSection())
+    if turn.recipe.flywheel.deploy == "server":
+        return _simulate_through_server(turn, recipe, force)
+    stage = run_simulate(recipe, force=force)
     m = _manifest(stage.dir)
     return {"counts": m.get("counts"), "speed": m.get("speed"), "responder": world.responder.version()}
 
 
+def _simulate_through_server(turn: Turn, recipe: SimulateRecipe, force: bool) -> dict:
+    from alignloop.serve.simclient import Deployment
+
+    e = turn.recipe.next_world.engine
+    version = f"turn-{turn.number - 1}" if turn.number > 1 else "base"
+    store = turn.dir("deploy") / "logs.db"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    # A re-run after a kill posts the same rows again (the world is deterministic): no-ops in the store.
+    with Deployment(turn.deployed, store, version, max_batch=e.max_batch, dtype=e.dtype,
+                    max_tokens=e.max_tokens, temperature=e.temperature, top_p=e.top_p) as deployment:
+        stage = run_simulate(recipe, force=force, relay=deployment)
+        if deployment.responder.requests:
+            atomic_write_json(store.parent / "server.json", {"url": deployment.url, "version": version,
+                                                              "requests": deployment.responder.requests,
+                                                              "rows_posted": deployment.posted})
+    m = _manifest(stage.dir)
+    server = json.loads((store.parent / "server.json").read_text())
+    return {"counts": m.get("counts"), "speed": m.get("speed"), "responder": f"server:{version}",
+            "server": {**server, "store": str(store)}}
+
+
 def _world(turn: Turn) -> SimConfig:
     world = turn.recipe.world
-    if turn.number == 1:
+    if turn.number == 1 and turn.recipe.flywheel.deploy == "simulate":
         return world
     nxt = turn.recipe.next_world
     responder = ResponderSection(kind="engine", engine=nxt.engine.model_copy(update={"model": turn.deployed}))
+    if turn.number == 1:  # served: the recipe's world, answered by the base model
+        return world.model_copy(update={"responder": responder})
     # A seed of the turn's own: its users are fresh people, not turn 1's world again.
     return world.model_copy(update={"seed": world.seed + 7919 * turn.number, "users": nxt.users, "days": nxt.days,
                                     "max_turns": nxt.max_turns, "responder": responder})

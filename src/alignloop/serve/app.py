@@ -11,6 +11,8 @@
     POST /api/conversations/{id}/messages   the user's message; answered with candidate 0
     POST /api/turns/{id}/candidates the next alternative for a user turn (swipe right, regenerate)
     POST /api/events                read / swipe / select / vote / edit / report, stored before the 200
+    POST /api/logs                  whole log rows from a trusted producer (an ingest key): the
+                                    simulated users' clients, another product's log shipper
 
 Every /v1 and /api call but signup and characters needs `Authorization: Bearer <key>`: a key from
 signup, or one of the recipe's static keys (401 otherwise). A user only ever sees their own
@@ -34,15 +36,17 @@ import uuid
 from collections import defaultdict, deque
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from alignloop.data.schema import LOG_SCHEMAS, ROW_MODELS
 from alignloop.engine.api import SamplingParams
 from alignloop.serve.backends import ModelBackend, assign
 from alignloop.serve.config import ServeRecipe
@@ -103,6 +107,14 @@ class Event(Strict):
 
 class Events(Strict):
     events: list[Event] = Field(..., min_length=1)
+
+
+class LogRows(Strict):
+    users: list[dict] = []
+    sessions: list[dict] = []
+    conversations: list[dict] = []
+    turns: list[dict] = []
+    events: list[dict] = []
 
 
 # ---- plumbing -----------------------------------------------------------------------------------
@@ -186,6 +198,7 @@ class Server:
         self.versions = [m.version for m in recipe.models]
         self.shares = [m.share for m in recipe.models]
         self.static_keys = {key_hash(k): f"k-{key_hash(k)[:16]}" for k in recipe.serve.api_keys}
+        self.ingest_keys = {key_hash(k) for k in recipe.serve.ingest_keys}
         self.limiter = RateLimiter(recipe.limits.requests_per_minute)
         self.signups = RateLimiter(recipe.limits.signups_per_minute)
 
@@ -435,7 +448,35 @@ def create_app(recipe: ServeRecipe, backends: dict[str, ModelBackend] | None = N
         await run_in_threadpool(server.store.write, {"events": rows}, updates)
         return {"event_ids": [r["event_id"] for r in rows]}
 
+    @app.post("/api/logs")
+    async def post_logs(body: LogRows, request: Request):
+        header = request.headers.get("authorization", "")
+        if key_hash(header.removeprefix("Bearer ").strip()) not in server.ingest_keys:
+            raise HTTPException(403, "posting log rows needs an ingest key (serve.ingest_keys)")
+        rows = await run_in_threadpool(_validate_rows, body)
+        written = await run_in_threadpool(server.store.write, rows)
+        return {"rows": sum(len(v) for v in rows.values()), "new": written}
+
     return app
+
+
+def _validate_rows(body: LogRows) -> dict[str, list[dict]]:
+    """Rows checked by the log schema's row models (422 naming the first bad one; nothing written)."""
+    out: dict[str, list[dict]] = {}
+    for table, model in ROW_MODELS.items():
+        if table not in LOG_SCHEMAS:
+            continue
+        rows = []
+        for i, raw in enumerate(getattr(body, table)):
+            try:
+                row = model.model_validate(raw).model_dump()
+            except ValidationError as e:
+                first = e.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in first["loc"]) or "row"
+                raise HTTPException(422, f"{table}[{i}].{where}: {first['msg']}") from None
+            rows.append({k: (int(v.timestamp() * 1000) if isinstance(v, datetime) else v) for k, v in row.items()})
+        out[table] = rows
+    return out
 
 
 def _validate_events(server: Server, events: list[Event], user: str) -> tuple[list[dict], list]:

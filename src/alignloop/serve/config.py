@@ -36,6 +36,9 @@ class ServeSection(Section):
     store: str = Field("runs/serve/logs.db", description="SQLite file, or a postgresql:// URL")
     api_keys: list[str] = Field(default_factory=list,
                                 description="static keys for the OpenAI API (beside the keys users sign up for)")
+    ingest_keys: list[str] = Field(default_factory=list,
+                                   description="keys that may post whole log rows to /api/logs (a trusted log "
+                                               "producer, e.g. the simulated users); never a user's key")
     salt: str = Field("alignloop", description="salt of the user-id hash recorded in the logs")
     session_gap_s: float = Field(1800, gt=0, description="silence after which a user's next action starts a session")
     max_batch: int = Field(8, ge=1, description="requests decoded together by the engine loop")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
 
 from alignloop.data.io import FORMATS, TableWriter
 from alignloop.data.schema import LOG_SCHEMAS
@@ -21,27 +24,47 @@ from alignloop.sim.world import describe_world, simulate_blocks
 from alignloop.ui import progress, say
 
 
+class LogRelay(Protocol):
+    """A deployed product between the simulated users and the logs (`alignloop.serve.simclient`):
+    its `responder` answers the users, `post` hands it each block's log rows, `export` writes the
+    logs it stored (Parquet, one file per table) into a folder."""
+
+    responder: Responder
+
+    def post(self, logs: dict[str, pa.Table]) -> None: ...
+
+    def export(self, folder: Path) -> list[Path]: ...
+
+    def describe(self) -> dict: ...
+
+
 def run_simulate(recipe: SimulateRecipe, run: str | None = None, force: bool = False,
-                 responder: Responder | None = None) -> Stage:
+                 responder: Responder | None = None, relay: LogRelay | None = None) -> Stage:
     """The simulate stage: the world of `recipe.simulate`, block by block, into `runs/<run>/simulate/`.
 
-    `responder` stands in for the recipe's deployed model (tests pass a fake). Returns the finished
-    stage, or the complete one untouched when the recipe has not changed (unless `force`).
+    `responder` stands in for the recipe's deployed model (tests pass a fake). With a `relay` (a
+    served deployment), its responder answers, every block's logs go to it, and `logs/` is what it
+    stored; the simulator's own tables stay beside them in `sim_logs/` to compare. Returns the
+    finished stage, or the complete one untouched when the recipe has not changed (unless `force`).
     """
     cfg, fmt = recipe.simulate, recipe.output.format
-    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "simulate", recipe.stage_config())
+    config = recipe.stage_config() | ({"relay": relay.describe()} if relay is not None else {})
+    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "simulate", config)
     if stage.skip_if_complete(force):
         return stage
     logs_dir, truth_dir = stage.path("logs"), stage.path("ground_truth")
+    sim_dir = stage.path("sim_logs") if relay is not None else logs_dir
     _drop_stale(logs_dir, LOG_SCHEMAS, fmt)
     _drop_stale(truth_dir, TRUTH_SCHEMAS, fmt)
+    if relay is not None:
+        responder = relay.responder
     responder = responder if responder is not None else make_responder(cfg.responder)
 
     blocks = -(-cfg.users // cfg.block_users)
     events = 0
     simulating = 0.0  # seconds spent simulating, writing excluded
     started = time.perf_counter()
-    with (TableWriter(logs_dir, LOG_SCHEMAS, fmt) as logs_out,
+    with (TableWriter(sim_dir, LOG_SCHEMAS, fmt) as logs_out,
           TableWriter(truth_dir, TRUTH_SCHEMAS, fmt) as truth_out,
           progress() as bar):
         task = bar.add_task("simulate", total=blocks, info="")
@@ -51,6 +74,8 @@ def run_simulate(recipe: SimulateRecipe, run: str | None = None, force: bool = F
             simulating += block_seconds
             events += logs["events"].num_rows
             logs_out.write(logs)
+            if relay is not None:
+                relay.post(logs)
             truth_out.write(truth)
             stage.log_metrics(step=number, users=truth["users"].num_rows, events=logs["events"].num_rows,
                               turns=logs["turns"].num_rows, seconds=round(block_seconds, 3),
@@ -65,7 +90,10 @@ def run_simulate(recipe: SimulateRecipe, run: str | None = None, force: bool = F
              "events_per_s": round(events / max(simulating, 1e-9)),
              "events_per_s_with_writing": round(events / max(total, 1e-9))}
     stage.log_metrics(**{f"total_{k}": v for k, v in logs_out.rows.items()}, **speed)
-    stage.finish([*logs_out.close(), *truth_out.close(), world], extra={"counts": counts, "speed": speed})
+    outputs = [*logs_out.close(), *truth_out.close(), world]
+    if relay is not None:
+        outputs += relay.export(logs_dir)
+    stage.finish(outputs, extra={"counts": counts, "speed": speed})
     say(f"[green]simulate: {events:,} events[/] from {cfg.users:,} users over {cfg.days} days "
         f"({speed['events_per_s']:,} events/s simulating) -> {stage.dir}")
     return stage

@@ -66,6 +66,8 @@
 
   // A stable pastel hue per character, so each one is recognisable in the sidebar and the chat.
   function hue(s) {
+    const i = state.characters.findIndex((c) => c.name === s);
+    if (i >= 0) return Math.round(230 + (i * 360) / state.characters.length) % 360; // evenly spread
     let x = 7;
     for (const ch of String(s || "")) x = (x * 131 + ch.codePointAt(0)) % 1000003;
     return Math.round((x % 360) * 137.508) % 360; // golden angle: neighbours far apart
@@ -305,6 +307,7 @@
       showError(e);
     }
     renderCharacters();
+    render(); // the header and the conversations take the characters' colours
   }
 
   async function loadConversations() {
@@ -695,8 +698,7 @@
           h("div", { class: "msg-name" }, state.conv.character_name,
             !isLast && it.cands.length > 1 ? h("span", { class: "muted small" }, ` · ${it.idx + 1}/${it.cands.length}`) : null),
           ...assistantBody(it, isLast),
-          isLast && (it.cands.length || it.generating) && state.editing !== (current(it) || {}).turn_id
-            ? (it.cands.length ? controls(it) : null) : null)));
+          isLast && it.cands.length && state.editing !== current(it).turn_id ? controls(it) : null)));
     });
     box.append(inner);
     if (scroll || nearBottom) box.scrollTop = box.scrollHeight;
