@@ -215,3 +215,35 @@ def test_store_rejects_nothing_twice(tmp_path):
     assert store.write({"events": [row]}) == 1
     assert store.write({"events": [row]}) == 0  # re-sent: a no-op
     assert store.count("events") == 1
+
+
+def test_a_served_ab_test_is_read_back_from_the_store(engine, tmp_path):
+    from alignloop.eval.abtest import ABSettings, logged_abtest
+    from alignloop.models import load_model
+
+    other = Engine(*load_model("tiny-llama", dtype="float32", seed=1), dtype="float32", max_batch=4,
+                   show_progress=False)
+    recipe = ServeRecipe.model_validate({
+        "serve": {"store": str(tmp_path / "ab.db"), "context": 256},
+        "models": [{"version": "a", "model": "tiny-llama"}, {"version": "b", "model": "tiny-llama", "seed": 1}],
+        "generation": {"max_tokens": 4}})
+    backends = {"a": ModelBackend("a", engine, context=256, threads=1),
+                "b": ModelBackend("b", other, context=256, threads=1)}
+    with TestClient(create_app(recipe, backends=backends)) as client:
+        first = client.get("/api/characters").json()[0]["id"]
+        served = {}
+        for i in range(24):
+            h = auth(signup(client)["api_key"])
+            c = client.post("/api/conversations", headers=h, json={"character_id": first}).json()
+            served[c["conversation_id"]] = c["model_version"]
+            m = client.post(f"/api/conversations/{c['conversation_id']}/messages", headers=h,
+                            json={"text": "hi", "parent_id": None}).json()
+            if i % 3 == 0:  # some users reply: the continue rate differs between users
+                client.post(f"/api/conversations/{c['conversation_id']}/messages", headers=h,
+                            json={"text": "go on", "parent_id": m["candidate"]["turn_id"]})
+        logs = client.app.state.server.store.tables()
+    assert set(served.values()) == {"a", "b"}  # both versions got users
+    result = logged_abtest(logs, "a", "b", ABSettings(resamples=100))
+    assert result.exposed == {"a": list(served.values()).count("a"), "b": list(served.values()).count("b")}
+    assert "continue_rate" in result.comparisons and result.ground_truth is None
+    assert 0 <= result.srm_p_value <= 1 and isinstance(result.decision.launch, bool)

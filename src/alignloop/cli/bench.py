@@ -239,6 +239,29 @@ def bench_grpo(
                                                                    peer_generation=peer_generation, dtype=dtype))
 
 
+@app.command("serve")
+def bench_serve(
+    model: ModelOpt = "smollm2-135m",
+    clients: Annotated[int, typer.Option(min=1, help="Concurrent clients (and the engine's batch size).")] = 8,
+    seconds: Annotated[float, typer.Option(min=1.0, help="How long each round's clients run.")] = 20.0,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16, both sides.")] = "auto",
+    rounds: RoundsOpt = 3,
+    threads: ThreadsOpt = None,
+    run: RunOpt = None,
+    runs_dir: RunsDirOpt = Path("runs"),
+) -> None:
+    """The server under N concurrent streaming clients (with events) vs the same requests straight to the
+    engine in-process and vs one at a time: tokens/s, time to first token, latency, lost events."""
+    from alignloop.bench.serve import run_bench
+
+    config = {"model": model, "clients": clients, "seconds": seconds, "max_tokens": max_tokens, "dtype": dtype,
+              "rounds": rounds, "threads": threads}
+    _record_bench("serve", config, run, runs_dir, lambda: run_bench(
+        model=model, clients=clients, seconds=seconds, max_tokens=max_tokens, rounds=rounds, threads=threads,
+        dtype=dtype))
+
+
 @app.command("moe-train")
 def bench_moe_train(
     preset: Annotated[str, typer.Option(help="DeepSeek preset (tiny-deepseek ~6M, small-deepseek ~30M).")]

@@ -36,15 +36,25 @@ def fp8(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 
 def abtest(
-    control: Annotated[str, typer.Argument(help="Control arm: 'template[:k=v,...]', a zoo name or a model folder.")],
+    control: Annotated[str, typer.Argument(help="Control arm: 'template[:k=v,...]', a zoo name or a model folder "
+                                                "(with --store: a served model version).")],
     treatment: Annotated[str, typer.Argument(help="Treatment arm, same forms.")],
     recipe: Annotated[Path | None, typer.Option(help="An abtest recipe (TOML); default: built-in settings.")] = None,
+    store: Annotated[str | None, typer.Option(
+        help="Read a real A/B test from `alignloop serve`'s log store (SQLite file or postgresql:// URL) "
+             "instead of simulating one: users are in the arm of the version that served them.")] = None,
+    shares: Annotated[str, typer.Option(help="With --store: the arms' assigned shares, for the sample-ratio "
+                                             "check, e.g. 1,1.")] = "1,1",
+    ground_truth: Annotated[Path | None, typer.Option(
+        help="With --store, when simulated users were the clients: their ground_truth/ folder, reported "
+             "beside the decision (never an input to it).")] = None,
     set_: SetOpt = None,
     run: RunOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Simulated A/B test on fresh users: per-user metrics, CIs, p-values, safety gate, decision."""
-    from alignloop.eval.abtest_stage import run_abtest
+    """A/B test: simulated on fresh users (per-user metrics, CIs, p-values, safety gate, decision), or read
+    from a served product's logs (--store)."""
+    from alignloop.eval.abtest_stage import run_abtest, run_logged_abtest
     from alignloop.eval.config import ABTestRecipe
 
     if recipe is None:
@@ -53,4 +63,14 @@ def abtest(
         loaded = ABTestRecipe()
     else:
         loaded = load(recipe, ABTestRecipe, set_)
-    run_abtest(loaded, control, treatment, run=run, force=force)
+    if store is None:
+        run_abtest(loaded, control, treatment, run=run, force=force)
+        return
+    from alignloop.data.io import read_tables
+    from alignloop.serve.store import LogStore
+    from alignloop.sim.truth import TRUTH_SCHEMAS
+
+    a, _, b = shares.partition(",")
+    truth = read_tables(ground_truth, TRUTH_SCHEMAS) if ground_truth else None
+    run_logged_abtest(LogStore(store).tables(), control, treatment, loaded, run=run, shares=(float(a), float(b)),
+                      truth=truth, source=store)

@@ -159,14 +159,23 @@ class ABResult:
 # --- per-user metrics --------------------------------------------------------------------------
 
 
-def user_metrics(logs: Mapping[str, pa.Table], truth: Mapping[str, pa.Table]) -> pl.DataFrame:
-    """One row per user who had at least one session: every metric of `METRICS` (null if unmeasurable)."""
+def user_metrics(logs: Mapping[str, pa.Table], truth: Mapping[str, pa.Table] | None) -> pl.DataFrame:
+    """One row per user who had at least one session: every metric of `METRICS` (null if unmeasurable).
+
+    Without ground truth (a real product's logs), the ground-truth metrics are null and an answer
+    counts as unsafe when a user reported it: the safety gate then reads the observed report rate."""
     turns = pl.from_arrow(logs["turns"])
     conversations = pl.from_arrow(logs["conversations"]).select("conversation_id", "user_id")
     sessions = pl.from_arrow(logs["sessions"]).group_by("user_id").agg(sessions=pl.len())
     events = pl.from_arrow(logs["events"])
     labels = pl.from_arrow(derive_labels(logs))
-    candidates = pl.from_arrow(truth["candidates"]).select("turn_id", "engagement", "n_unsafe")
+    if truth is not None:
+        candidates = pl.from_arrow(truth["candidates"]).select("turn_id", "engagement", "n_unsafe")
+    else:
+        reported = events.filter(pl.col("type") == "report").select("turn_id").unique()
+        candidates = (turns.filter(pl.col("role") == "assistant").select("turn_id")
+                      .with_columns(engagement=pl.lit(None, dtype=pl.Float64),
+                                    n_unsafe=pl.col("turn_id").is_in(reported["turn_id"].implode()).cast(pl.Int32)))
 
     turns = turns.join(conversations, on="conversation_id", how="left")
     answers = turns.filter(pl.col("role") == "assistant").join(candidates, on="turn_id", how="left")
@@ -379,6 +388,40 @@ def _agreement(truth: Mapping) -> str:
     if truth["truth_better"]:
         return "disagrees: ground truth is better, the observable KPIs did not show it"
     return "disagrees: the observable KPIs say better, ground truth does not"
+
+
+def logged_abtest(logs: Mapping[str, pa.Table], control: str, treatment: str, settings: ABSettings = ABSettings(),
+                  shares: tuple[float, float] = (1.0, 1.0), truth: Mapping[str, pa.Table] | None = None) -> ABResult:
+    """The A/B test a served product ran (`alignloop serve` with two model versions): users are in
+    the arm their conversations' `model_version` says (the server assigns each user one version by
+    a stable hash), compared on the observable KPIs; `truth` (simulated users behind the server)
+    adds the ground-truth check beside them."""
+    conversations = pl.from_arrow(logs["conversations"])
+    versions = conversations.group_by("user_id").agg(pl.col("model_version").unique())
+    mixed = versions.filter(pl.col("model_version").list.len() > 1)
+    if mixed.height:
+        raise AlignloopError(f"{mixed.height} user(s) talked to more than one version: the logs are not one A/B "
+                             f"test with per-user assignment (e.g. user {mixed['user_id'][0]})")
+    arm_of = versions.with_columns(arm=pl.col("model_version").list.first()).select("user_id", "arm")
+    found = set(arm_of["arm"].to_list())
+    for name in (control, treatment):
+        if name not in found:
+            raise AlignloopError(f"no conversations of version '{name}' in these logs (found: {sorted(found)})")
+    users = user_metrics(logs, truth).join(arm_of, on="user_id", how="inner")
+    per_user = {name: users.filter(pl.col("arm") == name).drop("arm") for name in (control, treatment)}
+    unsafe = {}
+    for name, u in per_user.items():
+        shown = u["shown_answers"].fill_null(0).sum()
+        unsafe[name] = float(u["unsafe_answers"].fill_null(0).sum() / shown) if shown else 0.0
+    exposed = {name: per_user[name].height for name in (control, treatment)}
+    srm = sample_ratio_p_value([exposed[control], exposed[treatment]], list(shares))
+    rng = np.random.default_rng(settings.seed)
+    comparisons = {m: c for m in METRICS
+                   if (c := compare(m, per_user[control], per_user[treatment], rng, settings.resamples)) is not None}
+    parts = {"unsafe_rate": unsafe, "srm_p_value": srm, "comparisons": comparisons}
+    decision = decide(parts, settings, control, treatment)
+    return ABResult([control, treatment], exposed, exposed, srm, unsafe, comparisons, decision,
+                    primary_power(comparisons, settings), ground_truth_check(comparisons, settings), per_user)
 
 
 def simulate_abtest(world: SimConfig, control: tuple[str, Responder], treatment: tuple[str, Responder],

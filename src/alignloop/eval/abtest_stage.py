@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from alignloop.eval.abtest import ABResult, simulate_abtest, verdict_lines
+from alignloop.eval.abtest import ABResult, logged_abtest, simulate_abtest, verdict_lines
 from alignloop.eval.config import ABTestRecipe
 from alignloop.models.fingerprint import local_model_files
 from alignloop.runs import Stage, atomic_path, atomic_write_json, default_run_name
@@ -62,6 +62,31 @@ def run_abtest(recipe: ABTestRecipe, control: str, treatment: str, run: str | No
             users.write_parquet(tmp)
         outputs.append(path)
     line = result.to_json()
+    atomic_write_json(stage.path("result.json"), line)
+    plot = stage.path("abtest.png")
+    plot_abtest(result, plot)
+    stage.finish([stage.path("result.json"), plot, *outputs])
+    print_abtest(result)
+    print_verdict(line)
+    return stage, line
+
+
+def run_logged_abtest(logs: dict, control: str, treatment: str, recipe: ABTestRecipe, run: str | None = None,
+                      shares: tuple[float, float] = (1.0, 1.0), truth: dict | None = None,
+                      source: str = "") -> tuple[Stage, dict]:
+    """The A/B test a served product ran, read from its logs (`alignloop abtest A B --store`): same
+    outputs as the simulated test, decided by the recipe's `[decision]` on observable KPIs."""
+    config = {"decision": recipe.decision.model_dump(mode="json"), "control": control, "treatment": treatment,
+              "source": source, "shares": list(shares), "rows": {k: v.num_rows for k, v in logs.items()}}
+    stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "abtest", config).start()
+    result = logged_abtest(logs, control, treatment, recipe.decision.settings(), shares, truth)
+    outputs = []
+    for name, users in result.per_user.items():
+        path = stage.path(f"per_user_{_safe(name)}.parquet")
+        with atomic_path(path) as tmp:
+            users.write_parquet(tmp)
+        outputs.append(path)
+    line = {**result.to_json(), "source": source}
     atomic_write_json(stage.path("result.json"), line)
     plot = stage.path("abtest.png")
     plot_abtest(result, plot)

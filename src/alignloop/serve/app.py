@@ -83,6 +83,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
     user: str | None = None
 
 
@@ -299,7 +300,8 @@ def create_app(recipe: ServeRecipe, backends: dict[str, ModelBackend] | None = N
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": version}
         if body.stream:
-            return StreamingResponse(_stream(backend, prompt, params, tools, head, body.logprobs),
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_stream(backend, prompt, params, tools, head, body.logprobs, usage),
                                      media_type="text/event-stream")
         import asyncio
 
@@ -555,7 +557,7 @@ def _logprobs(backend: ModelBackend, completion) -> dict:
     return {"content": content}
 
 
-async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logprobs: bool):
+async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logprobs: bool, usage: bool = False):
     """SSE chunks as the engine produces text; with tools, the parsed message comes at the end
     (a tool call is only known once complete). A client that goes away cancels its requests."""
     import asyncio
@@ -578,7 +580,7 @@ async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logp
     try:
         for i in range(len(params)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        remaining, started = len(params), [False] * len(params)
+        remaining, started, generated = len(params), [False] * len(params), 0
         while remaining:
             i, item = await queue.get()
             if isinstance(item, str):
@@ -592,6 +594,7 @@ async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logp
                 yield f"data: {json.dumps({'error': {'message': str(item), 'index': i}})}\n\n"
             else:
                 remaining -= 1
+                generated += len(item.token_ids)
                 message = backend.parse(item.text, tools)
                 delta = {}
                 if tools:
@@ -600,6 +603,10 @@ async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logp
                         call["index"] = j
                 extra = {"logprobs": _logprobs(backend, item)} if logprobs else None
                 yield chunk(i, delta, _finish(item, message), extra)
+        if usage:
+            counts = {"prompt_tokens": len(prompt), "completion_tokens": generated,
+                      "total_tokens": len(prompt) + generated}
+            yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': counts})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         for t in tasks:
