@@ -3,6 +3,7 @@ API's conversation tree and events, the log export, and the security rules (401/
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pyarrow.parquet as pq
@@ -247,3 +248,43 @@ def test_a_served_ab_test_is_read_back_from_the_store(engine, tmp_path):
     assert result.exposed == {"a": list(served.values()).count("a"), "b": list(served.values()).count("b")}
     assert "continue_rate" in result.comparisons and result.ground_truth is None
     assert 0 <= result.srm_p_value <= 1 and isinstance(result.decision.launch, bool)
+
+
+def test_tools_are_rendered_and_tool_calls_parsed(tiny_qwen2, tmp_path, monkeypatch):
+    from alignloop.engine.api import Completion
+
+    model, tokenizer = tiny_qwen2
+    tokenizer = copy.copy(tokenizer)
+    # A template that offers tools the way Qwen2.5's does (the tiny presets carry SmolLM2's, which has none).
+    tokenizer.chat_template = (
+        "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}"
+        "\n</tools><|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    engine = Engine(model, tokenizer, dtype="float32", max_batch=2, show_progress=False)
+    recipe = ServeRecipe.model_validate({"serve": {"store": str(tmp_path / "t.db"), "api_keys": ["static-key"],
+                                                   "context": 512},
+                                         "models": [{"version": "q", "model": "tiny-qwen2"}]})
+    backend = ModelBackend("q", engine, context=512, threads=1, family="qwen2.5")
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                       "required": ["city"]}}}]
+    assert "get_weather" in engine.tokenizer.decode(backend.encode(MESSAGES, tools))
+    written = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": "2"}}\n</tool_call>'
+
+    async def fake_generate(prompt, params, on_token=None):
+        return Completion(list(prompt), [1, 2, 3], [-0.1, -0.2, -0.3], written, "stop", 2)
+
+    monkeypatch.setattr(backend, "generate", fake_generate)
+    with TestClient(create_app(recipe, backends={"q": backend})) as client:
+        r = client.post("/v1/chat/completions", headers=H, json={"messages": MESSAGES, "tools": tools})
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+        call = choice["message"]["tool_calls"][0]["function"]
+        assert call["name"] == "get_weather" and json.loads(call["arguments"]) == {"city": "Paris", "days": 2}
+
+
+def test_tools_on_a_model_without_a_tool_format_are_a_clear_400(client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    r = client.post("/v1/chat/completions", headers=H, json={"messages": MESSAGES, "tools": tools})
+    assert r.status_code == 400 and "tool-call format" in r.json()["detail"]

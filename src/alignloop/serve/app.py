@@ -281,6 +281,10 @@ def create_app(recipe: ServeRecipe, backends: dict[str, ModelBackend] | None = N
             raise HTTPException(404, f"model '{version}' is not served here (GET /v1/models)")
         backend = server.backends[version]
         tools = body.tools if body.tool_choice != "none" else None
+        if tools and (backend.family is None or backend.family.tool_calls is None):
+            raise HTTPException(400, f"model '{version}' has no tool-call format in its chat template "
+                                     f"({backend.family.name if backend.family else 'unknown family'}): "
+                                     "it cannot be offered tools")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         for m in messages:
             if m["role"] == "developer":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alignloop.chat.families import detect_family_of_tokenizer
+from alignloop.chat.families import detect_family_of_tokenizer, get_family
 from alignloop.chat.parse import parse_assistant
 from alignloop.chat.render import render
 from alignloop.data.stablehash import hash_strings, unit_interval
@@ -36,18 +36,21 @@ class Generated:
 
 
 class ModelBackend:
-    def __init__(self, version: str, engine: Engine, context: int = 2048, threads: int | None = None):
+    def __init__(self, version: str, engine: Engine, context: int = 2048, threads: int | None = None,
+                 family: str | None = None):
         self.version = version
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.online = OnlineEngine(engine, context=context, threads=threads).start()
-        self.family = detect_family_of_tokenizer(self.tokenizer)
+        # The chat family decides how tool calls are written and parsed; detected from the template
+        # unless the recipe names it (a fine-tuned model's template may not be recognisable).
+        self.family = get_family(family) if family else detect_family_of_tokenizer(self.tokenizer)
 
     @classmethod
     def from_section(cls, section: ModelVersionSection, serve: ServeSection) -> ModelBackend:
         engine = Engine.from_name(section.model, seed=section.seed, dtype=section.dtype, max_batch=serve.max_batch,
                                   show_progress=False)
-        return cls(section.version, engine, serve.context, serve.threads or None)
+        return cls(section.version, engine, serve.context, serve.threads or None, section.chat_family)
 
     def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         tok = self.tokenizer

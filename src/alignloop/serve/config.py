@@ -13,6 +13,8 @@ class ModelVersionSection(Section):
     share: float = Field(1.0, gt=0, description="relative share of users assigned to it (stable hash of the user)")
     dtype: str = Field("auto", description="engine dtype: auto, float32 or bfloat16")
     seed: int = Field(0, description="init seed for tiny test presets")
+    chat_family: str | None = Field(None, description="chat family for tool calls (e.g. qwen2.5); default: "
+                                                       "detected from the model's chat template")
 
 
 class GenerationSection(Section):
