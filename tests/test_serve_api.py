@@ -249,6 +249,17 @@ def test_a_served_ab_test_is_read_back_from_the_store(engine, tmp_path, monkeypa
     assert "continue_rate" in result.comparisons and result.ground_truth is None
     assert 0 <= result.srm_p_value <= 1 and isinstance(result.decision.launch, bool)
 
+    # The same test from the command line, and the store's export for ingest.
+    from typer.testing import CliRunner
+
+    from alignloop.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, ["abtest", "a", "b", "--store", str(tmp_path / "ab.db"), "--run", "served-ab"])
+    assert out.exit_code == 0, out.output
+    assert "observable decision:" in out.output and (tmp_path / "runs" / "served-ab" / "abtest" / "abtest.png").exists()
+    out = CliRunner().invoke(app, ["logs", "export", str(tmp_path / "ab.db"), str(tmp_path / "export")])
+    assert out.exit_code == 0 and "users=24" in out.output
 
 def test_tools_are_rendered_and_tool_calls_parsed(tiny_qwen2, tmp_path, monkeypatch):
     from alignloop.engine.api import Completion
@@ -288,14 +299,3 @@ def test_tools_on_a_model_without_a_tool_format_are_a_clear_400(client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     r = client.post("/v1/chat/completions", headers=H, json={"messages": MESSAGES, "tools": tools})
     assert r.status_code == 400 and "tool-call format" in r.json()["detail"]
-    # The same test from the command line, and the store's export for ingest.
-    from typer.testing import CliRunner
-
-    from alignloop.cli import app
-
-    monkeypatch.chdir(tmp_path)
-    out = CliRunner().invoke(app, ["abtest", "a", "b", "--store", str(tmp_path / "ab.db"), "--run", "served-ab"])
-    assert out.exit_code == 0, out.output
-    assert "observable decision:" in out.output and (tmp_path / "runs" / "served-ab" / "abtest" / "abtest.png").exists()
-    out = CliRunner().invoke(app, ["logs", "export", str(tmp_path / "ab.db"), str(tmp_path / "export")])
-    assert out.exit_code == 0 and "users=24" in out.output
