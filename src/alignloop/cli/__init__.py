@@ -25,7 +25,7 @@ from typing import Annotated  # noqa: E402
 import typer  # noqa: E402
 
 from alignloop import __version__  # noqa: E402
-from alignloop.cli import bench, chat, eval, export, flywheel, logs, reward, rl, serve, template, train  # noqa: E402
+from alignloop.cli import bench, chat, env, eval, export, flywheel, logs, reward, rl, serve, template, train  # noqa: E402
 from alignloop.errors import AlignloopError  # noqa: E402
 from alignloop.ui import console, set_quiet  # noqa: E402
 
@@ -63,6 +63,7 @@ app.add_typer(train.app, name="train")
 app.add_typer(reward.rm_app, name="rm")
 app.add_typer(reward.reward_app, name="reward")
 app.add_typer(rl.app, name="rl")
+app.add_typer(env.app, name="env")
 app.add_typer(eval.app, name="eval")
 app.command("abtest")(eval.abtest)
 app.command("flywheel")(flywheel.flywheel)

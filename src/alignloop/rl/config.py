@@ -8,6 +8,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from alignloop.engine.api import SamplingParams
 from alignloop.recipes import Section
+from alignloop.rl.agent_env import AgentEnvSection
 from alignloop.rl.arithmetic import ArithmeticEnvSection
 from alignloop.rl.losses import Aggregation, KLKind
 from alignloop.rl.reward_env import RewardModelEnvSection
@@ -34,9 +35,10 @@ def _env_kind(value: Any) -> str:
 # key of another kind is an unknown key like any typo.
 EnvSection = Annotated[
     Annotated[ArithmeticEnvSection, Tag("arithmetic")] | Annotated[RewardModelEnvSection, Tag("reward_model")]
-    | Annotated[UserSimEnvSection, Tag("user_sim")] | Annotated[ToolEnvSection, Tag("tool")],
+    | Annotated[UserSimEnvSection, Tag("user_sim")] | Annotated[ToolEnvSection, Tag("tool")]
+    | Annotated[AgentEnvSection, Tag("agent")],
     Discriminator(_env_kind, custom_error_type="env_kind",
-                  custom_error_message="kind should be 'arithmetic', 'reward_model', 'user_sim' or 'tool'")]
+                  custom_error_message="kind should be 'arithmetic', 'reward_model', 'user_sim', 'tool' or 'agent'")]
 
 
 class RLSamplingSection(Section):
