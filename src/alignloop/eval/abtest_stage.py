@@ -55,20 +55,7 @@ def run_abtest(recipe: ABTestRecipe, control: str, treatment: str, run: str | No
     say(f"abtest: {recipe.world.users} fresh users per arm, {recipe.world.days} days: "
         f"{arms[0][0]} (control) vs {arms[1][0]} (treatment)")
     result = simulate_abtest(recipe.world, arms[0], arms[1], settings)
-    outputs = []
-    for name, users in result.per_user.items():
-        path = stage.path(f"per_user_{_safe(name)}.parquet")
-        with atomic_path(path) as tmp:
-            users.write_parquet(tmp)
-        outputs.append(path)
-    line = result.to_json()
-    atomic_write_json(stage.path("result.json"), line)
-    plot = stage.path("abtest.png")
-    plot_abtest(result, plot)
-    stage.finish([stage.path("result.json"), plot, *outputs])
-    print_abtest(result)
-    print_verdict(line)
-    return stage, line
+    return stage, _finish(stage, result)
 
 
 def run_logged_abtest(logs: dict, control: str, treatment: str, recipe: ABTestRecipe, run: str | None = None,
@@ -80,20 +67,25 @@ def run_logged_abtest(logs: dict, control: str, treatment: str, recipe: ABTestRe
               "source": source, "shares": list(shares), "rows": {k: v.num_rows for k, v in logs.items()}}
     stage = Stage(recipe.run.dir, run or recipe.run.name or default_run_name(), "abtest", config).start()
     result = logged_abtest(logs, control, treatment, recipe.decision.settings(), shares, truth)
+    return stage, _finish(stage, result, {"source": source})
+
+
+def _finish(stage: Stage, result: ABResult, extra: dict | None = None) -> dict:
+    """Write per-user tables, result.json and the plot, finish the stage, print the verdict."""
     outputs = []
     for name, users in result.per_user.items():
         path = stage.path(f"per_user_{_safe(name)}.parquet")
         with atomic_path(path) as tmp:
             users.write_parquet(tmp)
         outputs.append(path)
-    line = {**result.to_json(), "source": source}
+    line = {**result.to_json(), **(extra or {})}
     atomic_write_json(stage.path("result.json"), line)
     plot = stage.path("abtest.png")
     plot_abtest(result, plot)
     stage.finish([stage.path("result.json"), plot, *outputs])
     print_abtest(result)
     print_verdict(line)
-    return stage, line
+    return line
 
 
 def _safe(name: str) -> str:
