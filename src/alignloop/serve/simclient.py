@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import uvicorn
 
+from alignloop.errors import AlignloopError
 from alignloop.serve.app import create_app
 from alignloop.serve.config import ServeRecipe
 from alignloop.serve.run import bind
@@ -61,10 +62,18 @@ class ServerResponder:
         conversations = ctx.conversations(CHARACTERS)
 
         def ask(i: int) -> str:
-            r = self._http.post(f"{self.url}/v1/chat/completions",
-                                json=self.body | {"messages": conversations[i], "seed": seeds[i]})
-            r.raise_for_status()
-            return (r.json()["choices"][0]["message"]["content"] or "").strip()
+            messages = conversations[i]
+            while True:
+                r = self._http.post(f"{self.url}/v1/chat/completions",
+                                    json=self.body | {"messages": messages, "seed": seeds[i]})
+                # A long conversation outgrows the server's context: like a chat app, the client
+                # keeps the character's system prompt and drops the oldest exchange.
+                if r.status_code == 400 and "context" in r.text and len(messages) > 2:
+                    messages = [messages[0], *messages[3:]] if len(messages) > 3 else messages[:1] + messages[2:]
+                    continue
+                if r.status_code != 200:
+                    raise AlignloopError(f"the server answered {r.status_code}: {r.text[:300]}")
+                return (r.json()["choices"][0]["message"]["content"] or "").strip()
 
         texts = list(self._pool.map(ask, range(len(ctx))))
         self.requests += len(ctx)
@@ -94,8 +103,10 @@ class Deployment:
         self.version = version
         self.post_bytes = post_bytes
         self.recipe = ServeRecipe.model_validate({
+            # 2048 tokens of context x at most 16 rows: SmolLM2's KV cache is 0.75 GB in bf16; 64 rows of
+            # 8192 would be 12 GB. Longer conversations are cut by the client (`ServerResponder`).
             "serve": {"port": 0, "store": str(store), "api_keys": [self.key], "ingest_keys": [self.ingest_key],
-                      "max_batch": max_batch, "threads": threads, "context": 1024},
+                      "max_batch": min(max_batch, 16), "threads": threads, "context": 2048},
             "models": [{"version": version, "model": model, "dtype": dtype}],
             "generation": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p},
             # The simulated users are many people behind one key: no per-user rate limit for them.
