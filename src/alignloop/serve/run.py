@@ -31,7 +31,9 @@ def serve(recipe: ServeRecipe, ready: Callable[[str], None] | None = None, app=N
     sock = bind(recipe.serve.host, recipe.serve.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
+    # Keep-alive well past uvicorn's 5 s default: a client reusing a pooled connection just as the
+    # server closes it sees a reset, and clients of a chat product pause longer than 5 s.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, timeout_keep_alive=120)
     server = uvicorn.Server(config)
     versions = ", ".join(f"{m.version} ({m.model}, share {m.share:g})" for m in recipe.models)
     console.print(f"models: {versions}; store: {recipe.serve.store}", highlight=False)

@@ -63,9 +63,18 @@ class ServerResponder:
 
         def ask(i: int) -> str:
             messages = conversations[i]
+            retries = 3
             while True:
-                r = self._http.post(f"{self.url}/v1/chat/completions",
-                                    json=self.body | {"messages": messages, "seed": seeds[i]})
+                try:
+                    r = self._http.post(f"{self.url}/v1/chat/completions",
+                                        json=self.body | {"messages": messages, "seed": seeds[i]})
+                except (httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError):
+                    # A pooled keep-alive connection the server closed as it was reused: a seeded
+                    # completion is safe to send again (the same seed gives the same answer).
+                    retries -= 1
+                    if retries < 0:
+                        raise
+                    continue
                 # A long conversation outgrows the server's context: like a chat app, the client
                 # keeps the character's system prompt and drops the oldest exchange.
                 if r.status_code == 400 and "context" in r.text and len(messages) > 2:
@@ -120,7 +129,7 @@ class Deployment:
         self.app = create_app(self.recipe)
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=120))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 60
