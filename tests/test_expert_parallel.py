@@ -45,6 +45,11 @@ CASES = {
     "capacity": [*BASE, *EP, "train.parallel.capacity_factor=0.5", "train.steps=2"],
 }
 RTOL = 1e-5
+# Expert weights after 4 Adam steps: the expert-parallel run sums each token's expert outputs in
+# another order than the single process (its experts live on two ranks), fp32 rounding of ~1e-7
+# per sum that Adam's normalised update grows on near-zero gradients. Measured: 7.0e-6 on an
+# AVX-512 CPU, 1.36e-5 on an AMX CPU (same code); the wrong reduction is at 3.5e-2.
+EXPERT_RTOL = 2e-5
 IDS = (torch.arange(64).view(2, 32) * 7) % 500  # any tokens: the logits check needs no data
 
 _CHILD = textwrap.dedent("""
@@ -134,7 +139,7 @@ def test_correct_reduction_matches_one_process_on_the_combined_batch(runs):
     # Per kind, not per element: AdamW's first steps move an element by ~lr * sign(grad), so an
     # element whose gradient is ~0 can differ by lr/30 on fp32 summation-order noise alone
     # (measured: 1 of 196,608 in one expert tensor), while the kinds agree to ~7e-6 and ~8e-7.
-    assert _relative(mine, theirs, experts=True) <= RTOL
+    assert _relative(mine, theirs, experts=True) <= EXPERT_RTOL
     assert _relative(mine, theirs, experts=False) <= RTOL
 
 
@@ -214,7 +219,7 @@ def test_ep_check_report_and_plot_from_the_runs(runs, tmp_path):
 
     report = summarise(Plan("sft", RECIPE, [], runs))
     modes = report["modes"]
-    assert modes["correct"]["experts_vs_reference"] <= RTOL < modes["experts_too"]["experts_vs_reference"]
+    assert modes["correct"]["experts_vs_reference"] <= EXPERT_RTOL < modes["experts_too"]["experts_vs_reference"]
     assert modes["none"]["replica_divergence"][-1] > 1e-2
     assert max(modes["experts_too"]["replica_divergence"]) == 0.0
     assert 0 < modes["correct"]["a2a_share"] < 1 and report["speed_ratio"] > 0
@@ -272,4 +277,4 @@ def test_rl_trainer_role_with_experts_split_matches_one_process(tmp_path):
     assert a["losses"] == pytest.approx(b["losses"], rel=RTOL)
     strip = {k.removeprefix("model."): v for k, v in a["state"].items()}
     ref = {k.removeprefix("model."): v for k, v in b["state"].items()}
-    assert _relative(strip, ref, experts=True) <= RTOL and _relative(strip, ref, experts=False) <= RTOL
+    assert _relative(strip, ref, experts=True) <= EXPERT_RTOL and _relative(strip, ref, experts=False) <= RTOL
