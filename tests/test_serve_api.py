@@ -302,13 +302,9 @@ def test_tools_on_a_model_without_a_tool_format_are_a_clear_400(client):
 
 
 def test_simulated_users_keep_long_conversations_within_the_context(engine, tmp_path):
-    import threading
-    import time
-
     import numpy as np
-    import uvicorn
 
-    from alignloop.serve.run import bind
+    from alignloop.serve.run import InThread
     from alignloop.serve.simclient import ServerResponder
     from alignloop.sim.responder import Context
 
@@ -316,22 +312,13 @@ def test_simulated_users_keep_long_conversations_within_the_context(engine, tmp_
                                                    "context": 96}, "models": [{"version": "v1"}],
                                          "generation": {"max_tokens": 4}})
     app = create_app(recipe, backends={"v1": ModelBackend("v1", engine, context=96, threads=1)})
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
+    with InThread(app) as served:
         long_history = [[{"role": "user", "content": f"message {i} " * 6}, {"role": "assistant", "content": "ok " * 6}]
                         for i in range(8)]
         ctx = Context(characters=np.array([0, 1]), user_pieces=np.full((2, 1), -1), user_words=np.full((2, 1), -1),
                       previous=np.full(2, -1), user_texts=["and now?", "hi"],
                       history=[[m for pair in long_history for m in pair], []])
-        responder = ServerResponder(f"http://127.0.0.1:{sock.getsockname()[1]}", "static-key", "v1", max_tokens=4)
+        responder = ServerResponder(served.url, "static-key", "v1", max_tokens=4)
         texts = responder.respond(ctx, np.random.default_rng(0)).text_list()
         responder.close()
         assert len(texts) == 2 and responder.requests == 2
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)

@@ -9,11 +9,8 @@ either. The screenshot of the page goes into the test's folder and /tmp/ui_scree
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
-from typing import Self
 
 import pyarrow.parquet as pq
 import pytest
@@ -35,34 +32,6 @@ def sync_playwright():
     return sp
 
 
-class LiveServer:
-    """The app on a loopback port, served by uvicorn in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def playwright_api():
     """Skips (before the model loads) without Chromium or Playwright."""
@@ -82,6 +51,7 @@ def live(engine, tmp_path):
     from alignloop.serve.app import create_app
     from alignloop.serve.backends import ModelBackend
     from alignloop.serve.config import ServeRecipe
+    from alignloop.serve.run import InThread
 
     recipe = ServeRecipe.model_validate({
         "serve": {"store": str(tmp_path / "logs.db"), "context": 256},
@@ -90,7 +60,7 @@ def live(engine, tmp_path):
         "limits": {"max_message_chars": MAX_MESSAGE_CHARS},
     })
     app = create_app(recipe, backends={"v1": ModelBackend("v1", engine, context=256, threads=1)})
-    with LiveServer(app) as server:
+    with InThread(app) as server:
         yield server, app.state.server.store
 
 

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from alignloop.serve.run import start_process
 from alignloop.serve.store import LogStore
 
 
@@ -67,17 +67,7 @@ def start_server(tmp_path: Path, store: str) -> tuple[subprocess.Popen, str]:
     recipe = tmp_path / "serve.toml"
     recipe.write_text(f'[serve]\nport = 0\nstore = "{store}"\ncontext = 128\nthreads = 1\n'
                       f'[[models]]\nversion = "v1"\nmodel = "tiny-llama"\n[generation]\nmax_tokens = 4\n')
-    proc = subprocess.Popen([sys.executable, "-m", "alignloop.cli", "--quiet", "serve", str(recipe)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("serving on "):
-            return proc, line.split()[-1]
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"the server did not start: {proc.stdout.read()}")
+    return start_process(recipe, timeout=120)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

@@ -26,7 +26,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +33,18 @@ from typing import Any
 
 import httpx
 
-from alignloop.bench.harness import alternate_rounds, fixed_threads, headline, machine_facts, summary
+from alignloop.bench.harness import (
+    alternate_rounds,
+    fixed_threads,
+    headline,
+    machine_facts,
+    summary,
+)
 from alignloop.bench.prompts import bench_prompts
 from alignloop.engine.api import SamplingParams
 from alignloop.engine.engine import Engine
 from alignloop.errors import AlignloopError
+from alignloop.serve.run import start_process
 from alignloop.serve.store import LogStore
 from alignloop.ui import say
 
@@ -59,17 +65,7 @@ class ServerProcess:
             f'threads = {threads}\ncontext = 1024\n'
             f'[[models]]\nversion = "bench"\nmodel = "{model}"\ndtype = "{dtype}"\n'
             f'[generation]\nmax_tokens = {max_tokens}\n[limits]\nrequests_per_minute = 1000000\n')
-        self.proc = subprocess.Popen([sys.executable, "-m", "alignloop.cli", "--quiet", "serve", str(recipe)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 300
-        while True:
-            line = self.proc.stdout.readline()
-            if line.startswith("serving on "):
-                self.url = line.split()[-1]
-                return
-            if (not line and self.proc.poll() is not None) or time.monotonic() > deadline:
-                self.proc.kill()
-                raise AlignloopError(f"bench serve: the server did not start: {self.proc.stdout.read()[-2000:]}")
+        self.proc, self.url = start_process(recipe)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -159,11 +159,7 @@ class Engine:
             while waiting or live:
                 if live:
                     decode_steps += 1
-                    last = torch.tensor([s.out.token_ids[-1] for s in live])
-                    positions = torch.tensor([s.length - 1 for s in live])
-                    logits = self.lm.decode(last, positions)
-                    self._keep_routing(live)
-                    self._append(live, logits)
+                    self._decode_step(live)
                     generated += len(live)
                 finished = self._retire(live, results)
                 if waiting and len(live) < self.max_batch:
@@ -177,6 +173,14 @@ class Engine:
         self.stats = {"decode_steps": decode_steps, "generated_tokens": generated,
                       "seconds": time.perf_counter() - started}
         return results  # type: ignore[return-value]
+
+    def _decode_step(self, live: list[_Live]) -> None:
+        """One token for every live row: feed each row's last token, sample the next."""
+        last = torch.tensor([s.out.token_ids[-1] for s in live])
+        positions = torch.tensor([s.length - 1 for s in live])
+        logits = self.lm.decode(last, positions)
+        self._keep_routing(live)
+        self._append(live, logits)
 
     def _admit(self, waiting: deque, prompts, params, first_slot: int) -> list[_Live]:
         """Prefill as many waiting prompts as fit (slots and a token budget) and sample their first token."""

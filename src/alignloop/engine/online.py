@@ -161,9 +161,7 @@ class OnlineEngine:
                 s.done = True
         if live:
             self.steps += 1
-            last = torch.tensor([s.out.token_ids[-1] for s in live])
-            positions = torch.tensor([s.length - 1 for s in live])
-            eng._append(live, eng.lm.decode(last, positions))
+            eng._decode_step(live)
             self.generated += len(live)
             self._stream(live, requests)
         eng._retire(live, results)

@@ -128,10 +128,10 @@ def router(server: Server) -> APIRouter:
                 "turns": [{k: t[k] for k in ("turn_id", "parent_id", "role", "text", "candidate_index")}
                           | {"shown": bool(t["shown"]), "selected": bool(t["selected"])} for t in turns]}
 
-    async def answer(conversation: dict, user_turn: dict, index: int, user: str) -> dict:
+    async def answer(conversation: dict, user_turn: dict, index: int, turns: dict[str, dict]) -> dict:
         """Generate candidate `index` for `user_turn` and store it (shown: candidate 0 is on screen
-        at once; later ones when a swipe event says so)."""
-        turns = {t["turn_id"]: t for t in await run_in_threadpool(server.store.turns_of, conversation["conversation_id"])}
+        at once; later ones when a swipe event says so). `turns`: the conversation's turns by id,
+        as the caller already read them."""
         path, node = [], user_turn
         while node is not None:
             path.append(node)
@@ -187,7 +187,7 @@ def router(server: Server) -> APIRouter:
             updates = [("UPDATE turns SET selected = (turn_id = ?) WHERE parent_id = ? AND role = 'assistant'",
                         (p["turn_id"], p["parent_id"]))]
         await run_in_threadpool(server.store.write, {"turns": [turn], "events": [event]}, updates)
-        candidate = await answer(c, turn, 0, user)
+        candidate = await answer(c, turn, 0, by_id)
         return {"user_turn": {"turn_id": turn["turn_id"], "text": turn["text"]}, "candidate": candidate}
 
     @routes.post("/api/turns/{turn_id}/candidates")
@@ -198,9 +198,9 @@ def router(server: Server) -> APIRouter:
             raise HTTPException(404, f"no turn '{turn_id}'")
         if turn["role"] != "user":
             raise HTTPException(422, "alternatives are generated for a user turn (the assistant turn's parent_id)")
-        siblings = [t for t in await run_in_threadpool(server.store.turns_of, c["conversation_id"])
-                    if t["parent_id"] == turn_id]
-        return await answer(c, turn, len(siblings), user)
+        turns = {t["turn_id"]: t for t in await run_in_threadpool(server.store.turns_of, c["conversation_id"])}
+        siblings = [t for t in turns.values() if t["parent_id"] == turn_id]
+        return await answer(c, turn, len(siblings), turns)
 
     @routes.post("/api/events")
     async def post_events(body: Events, user: str = authed):

@@ -21,20 +21,17 @@ UI and `alignloop bench serve` exercise the per-click event API.
 from __future__ import annotations
 
 import secrets
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow as pa
-import uvicorn
 
 from alignloop.errors import AlignloopError
 from alignloop.serve.app import create_app
 from alignloop.serve.config import ServeRecipe
-from alignloop.serve.run import bind
+from alignloop.serve.run import InThread
 from alignloop.sim.responder import Context, Responses
 from alignloop.sim.traits import CHARACTERS
 
@@ -127,16 +124,8 @@ class Deployment:
 
     def __enter__(self) -> Deployment:
         self.app = create_app(self.recipe)
-        sock = bind("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_keep_alive=120))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the deployment's server did not start")
-            time.sleep(0.02)
+        self._served = InThread(self.app).__enter__()
+        self.url = self._served.url
         max_tokens, temperature, top_p = self.sampling
         self.responder = ServerResponder(self.url, self.key, self.version, max_tokens, temperature, top_p,
                                          concurrency=2 * self.recipe.serve.max_batch)
@@ -170,5 +159,4 @@ class Deployment:
     def __exit__(self, *exc) -> None:
         self.responder.close()
         self._http.close()
-        self._server.should_exit = True
-        self._thread.join(timeout=60)
+        self._served.__exit__(*exc)
