@@ -33,13 +33,7 @@ from typing import Any
 
 import httpx
 
-from alignloop.bench.harness import (
-    alternate_rounds,
-    fixed_threads,
-    headline,
-    machine_facts,
-    summary,
-)
+from alignloop.bench.harness import alternate_rounds, fixed_threads, headline, machine_facts, summary
 from alignloop.bench.prompts import bench_prompts
 from alignloop.engine.api import SamplingParams
 from alignloop.engine.engine import Engine
