@@ -219,7 +219,7 @@ def test_ep_check_report_and_plot_from_the_runs(runs, tmp_path):
     """`alignloop train ep-check` summarises the same four runs this module trained."""
     from alignloop.train.ep_check import Plan, plot, summarise, table
 
-    report = summarise(Plan("sft", RECIPE, [], runs, micro_batch=1, grad_accum=2))
+    report = summarise(Plan("sft", RECIPE, [], runs))
     modes = report["modes"]
     assert modes["correct"]["experts_vs_reference"] <= RTOL < modes["experts_too"]["experts_vs_reference"]
     assert modes["none"]["replica_divergence"][-1] > 1e-2

@@ -79,8 +79,7 @@ def ep_check(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None,
     schema = _schema(trainer)
     loaded = load(recipe, schema, set_)  # fails here, not in four child processes, on a bad recipe
     folder = Path(loaded.run.dir) / (run or loaded.run.name or "ep-check") / "ep-check"
-    report = check(Plan(trainer, Path(recipe), list(set_ or []), folder, processes,
-                        loaded.train.micro_batch, loaded.train.grad_accum))
+    report = check(Plan(trainer, Path(recipe), list(set_ or []), folder, processes))
     ratio = {"ours": report["modes"]["correct"]["tokens_per_s"], "peer": report["fastest"]["tokens_per_s"],
              "unit": "train tok/s (EP processes vs 1 process)", "ratio": report["speed_ratio"],
              "a2a_share": report["modes"]["correct"].get("a2a_share", 0.0)}

@@ -2,9 +2,7 @@
 
 Trains one MoE recipe (pre-training or SFT) five times on the same global batch:
 
-    reference     one process, all experts, one thread: the same kernels each parallel process runs,
-                  each step's micro batches forwarded together (micro_batch x P rows, grad_accum / P
-                  passes), so every expert sees the step's tokens in one GEMM as its owner rank does
+    reference     one process, all experts, one thread: the same kernels each parallel process runs
     fastest       the same with as many threads as the parallel runs have processes (for speed only)
     correct       P processes, experts split P ways, replicated gradients over all ranks and
                   expert gradients over their expert-data group (`expert_parallel`)
@@ -14,10 +12,13 @@ Trains one MoE recipe (pre-training or SFT) five times on the same global batch:
 A one-process run with more threads is no reference for the weights: on tiny-deepseek, 30 steps
 at 2 threads end 1e-3 (replicated) and 1e-2 (experts) away from the same run at 1 thread, because
 fp32 summation order flips near-tied top-k choices and the bias update turns each flip into a full
-step; the correct expert-parallel run ends 1e-7 from the 1-thread run. Nor is one pass per micro
-batch: an expert's weight gradient is then a sum of two GEMMs where the parallel run does one over
-the same rows, and Adam's sign-like first steps grow that fp32 reordering on near-zero gradients to
-~1e-5 of the expert weights after 4 steps (1.7e-6 with the combined batch, tiny-deepseek SFT).
+step; the correct expert-parallel run ends 1e-7 from the 1-thread run. For the same reason the
+reference runs one pass per micro batch, the shapes each parallel process runs, although an
+expert's gradient is then a sum of two GEMMs where its owner rank does one over the same rows: on
+pretrain_moe.toml, forwarding each step's micro batches together (micro_batch x 2) tracked the
+correct run's loss to 1e-7 for 19 steps, then a near-tie flipped and after 30 steps the experts
+were 1.0e-1 apart (7.5e-3 replicated). Over the few steps of the tests, where no tie flips, the
+combined batch is the tighter reference for the experts (`tests/test_expert_parallel.py`).
 
 Then it writes `ep_check.png` (per step: gradient norm, loss, and the replicas' divergence, per mode)
 and `ep_check.json` into runs/<run>/ep-check/, and prints a table with each mode's final distance
@@ -58,18 +59,6 @@ class Plan:
     overrides: list[str]
     folder: Path        # runs/<run>/ep-check
     processes: int = 2
-    micro_batch: int = 1  # the recipe's, after overrides: rows per forward of each parallel process
-    grad_accum: int = 1   # micro batches per step, shared round robin among the processes
-
-
-def one_process_batch(plan: Plan) -> list[str]:
-    """Overrides that make one process forward each step's micro batches P at a time: rank r
-    forwards micro batches r, r + P, ... (`dist.my_share`), so pass j of the parallel run holds
-    micro batches jP .. jP + P - 1, exactly the rows of one-process micro batch j at micro_batch x P."""
-    if plan.grad_accum % plan.processes:
-        return []  # uneven shares: the parallel run pads its passes; compare per micro batch instead
-    return [f"train.micro_batch={plan.micro_batch * plan.processes}",
-            f"train.grad_accum={plan.grad_accum // plan.processes}"]
 
 
 def _run_dir(plan: Plan, name: str) -> Path:
@@ -89,7 +78,6 @@ def _command(plan: Plan, name: str, parallel: bool, threads: int) -> tuple[list[
                 f"--nproc_per_node={plan.processes}", "-m", "alignloop.cli"]
     else:
         head = [sys.executable, "-m", "alignloop.cli"]
-        sets += one_process_batch(plan)
     cmd = [*head, "train", plan.kind, str(plan.recipe), *[a for s in sets for a in ("--set", s)]]
     return cmd, {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONHASHSEED": "0"}
 
