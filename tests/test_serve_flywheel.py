@@ -36,3 +36,5 @@ def test_a_turn_deployed_on_the_server_runs_end_to_end(tmp_path):
     versions = set(pq.read_table(folder / "logs" / "conversations.parquet").column("model_version").to_pylist())
     assert versions == {"base"}
     assert "abtest" in turn["summaries"] and (tmp_path / "served" / "report.html").exists()
+    report = (tmp_path / "served" / "report.html").read_text()
+    assert f"{sim['server']['requests']:,} answers generated over HTTP by version base" in report

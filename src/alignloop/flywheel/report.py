@@ -270,12 +270,25 @@ def _rm_lines(summaries: dict) -> list[str]:
     return [line for line in summaries.get("rm", {}).get("lines", []) if line.startswith("rm-eval ")]
 
 
+def _served_line(summaries: dict) -> str | None:
+    """How the turn's logs came about when the deployed model ran behind the real server."""
+    server = summaries.get("simulate", {}).get("server")
+    if not server:
+        return None
+    return (f"logs: through the server (deploy = \"server\"): {server['requests']:,} answers generated over "
+            f"HTTP by version {server['version']}, {server['rows_posted']:,} log rows posted to it and read back "
+            f"from its store {server['store']}")
+
+
 def _turn_sections(turn: dict, folder: Path, not_run: dict[str, str] | None = None) -> Fragment:
     """(html parts, markdown lines) for one turn."""
     n = turn["turn"]
     parts = [f"<h2>Turn {n}</h2><p>deployed: <code>{html.escape(turn['deployed'])}</code> &rarr; "
              f"new: <code>{html.escape(turn['model'])}</code></p>"]
     md = [f"## Turn {n}", "", f"- deployed: `{turn['deployed']}`, new: `{turn['model']}`"]
+    if (served := _served_line(turn["summaries"])) is not None:
+        parts.append(f"<p>{html.escape(served)}</p>")
+        md.append(f"- {served}")
     if not_run:
         # The numbers themselves are in the sections below; this says what they stand in for.
         heads = [line for line in _rm_lines(turn["summaries"]) if not line.startswith("rm-eval headline")]
