@@ -19,6 +19,7 @@ import torch
 
 from alignloop.engine.api import Completion, SamplingParams, per_prompt
 from alignloop.engine.llama import CausalLM
+from alignloop.engine.prefix_cache import PrefixCache
 from alignloop.engine.sampling import sample
 from alignloop.models import load_model
 from alignloop.ui import progress
@@ -86,6 +87,7 @@ class Engine:
         self.lm = _runner(model, self.dtype, max_batch, record_routing)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.stats: dict[str, float] = {}
+        self.prefix_cache: PrefixCache | None = None
 
     @classmethod
     def from_name(cls, name: str, seed: int = 0, **kwargs) -> Engine:
@@ -110,6 +112,18 @@ class Engine:
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.lm.load_weights(named_tensors)
+        if self.prefix_cache is not None:  # its keys/values came from the old weights
+            self.prefix_cache = PrefixCache(self.prefix_cache.max_bytes)
+
+    def use_prefix_cache(self, max_bytes: int) -> None:
+        """Keep finished requests' keys/values (up to `max_bytes`) and reuse them for later prompts
+        that start the same way (`prefix_cache.py`). Off by default: `generate`'s batches (RL, eval)
+        rarely repeat a finished sequence, and a reused prefix's keys were computed in another batch
+        shape, so low-precision logits can differ in the last bits from a full prefill's. The server
+        turns it on: a chat API re-sends the whole conversation every exchange."""
+        if not hasattr(self.lm, "slot_kv"):
+            raise ValueError(f"the prefix cache covers Llama-family runners, not {type(self.lm).__name__}")
+        self.prefix_cache = PrefixCache(max_bytes)
 
     # ---- public API --------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -198,7 +212,12 @@ class Engine:
             seed = sp.seed if sp.seed is not None else i
             stop_ids = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
             fresh.append(_Live(i, prompts[i], sp, seed, Completion(list(prompts[i])), stop_ids))
-        logits = self.lm.prefill([prompts[i] for i in batch], first_slot)
+        batch_prompts = [prompts[i] for i in batch]
+        if self.prefix_cache is not None:
+            cached = [self.prefix_cache.lookup(p) for p in batch_prompts]
+            logits = self.lm.prefill(batch_prompts, first_slot, cached)
+        else:
+            logits = self.lm.prefill(batch_prompts, first_slot)
         self._keep_routing(fresh)
         self._append(fresh, logits)
         return fresh
@@ -246,6 +265,12 @@ class Engine:
         if not done:
             return 0
         for i in done:
+            if self.prefix_cache is not None:
+                # The slot holds keys/values for the prompt and every generated token but the last
+                # (sampled, never fed back).
+                s = live[i]
+                n = s.length - 1
+                self.prefix_cache.store((s.prompt + s.out.token_ids)[:n], self.lm.slot_kv(i, n))
             results[live[i].index] = self._finalize(live[i])
         keep = len(live) - len(done)
         holes = [i for i in done if i < keep]

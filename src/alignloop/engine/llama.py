@@ -307,13 +307,29 @@ class CausalLM:
 
     # ---- prefill -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], first_slot: int) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]], first_slot: int,
+                cached: list[tuple[tuple[torch.Tensor, torch.Tensor], int] | None] | None = None) -> torch.Tensor:
         """Fill cache slots first_slot.. with whole prompts; return each prompt's last-token logits.
 
         Prompts that start alike (one system prompt for every chat; a GRPO group's copies of one
         prompt; earlier turns of a conversation) share their common prefix: it is computed once and
         its keys/values copied to every slot, so only the differing suffixes pay for a forward.
+
+        `cached` (per prompt, from a `prefix_cache.PrefixCache`: ((keys, values), n) or None) gives
+        keys/values of a prompt's first n tokens computed earlier: they are copied into the slot
+        and only the rest of that prompt is computed.
         """
+        if cached is not None and any(c is not None for c in cached):
+            starts = []
+            for i, c in enumerate(cached):
+                if c is None:
+                    starts.append(0)
+                    continue
+                (k, v), n = c
+                self.k_cache[:, first_slot + i, :, :n] = k[:, :, :n]
+                self.v_cache[:, first_slot + i, :, :n] = v[:, :, :n]
+                starts.append(n)
+            return self._logits(self._extend_rows([p[s:] for p, s in zip(prompts, starts)], first_slot, starts))
         shared = _common_prefix(prompts) if len(prompts) > 1 else 0
         if shared >= MIN_SHARED_PREFIX:
             self._extend([prompts[0][:shared]], first_slot, start=0)
@@ -354,6 +370,40 @@ class CausalLM:
                     attn_mask=mask, enable_gqa=True)
             h = self._mlp_and_residual(layer, h, attn.transpose(1, 2).reshape(b, width, -1))
         return h[torch.arange(b), torch.tensor([len(c) for c in chunks]) - 1]
+
+    def _extend_rows(self, chunks: list[list[int]], first_slot: int, starts: list[int]) -> torch.Tensor:
+        """`_extend` where each row's cache already holds its own number of positions (`starts[i]`).
+
+        One right-padded batch as there, with per-row positions: row i's query j sits at starts[i] + j
+        and sees keys 0..starts[i] + j. Only real tokens are written to the cache (a pad's position
+        could lie past the cache's end)."""
+        a = self.arch
+        b, width = len(chunks), max(len(c) for c in chunks)
+        lengths = [len(c) for c in chunks]
+        tokens = torch.zeros(b, width, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tokens[i, : len(c)] = torch.tensor(c)
+        start = torch.tensor(starts)
+        positions = (start[:, None] + torch.arange(width)[None, :]).clamp_(max=self.max_len - 1)  # [b, width]
+        cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+        end = max(s + n for s, n in zip(starts, lengths))
+        mask = (torch.arange(end)[None, None, :] <= positions[:, :, None])[:, None]   # [b, 1, width, end]
+        rows = slice(first_slot, first_slot + b)
+        h = F.embedding(tokens, self.embed)
+        for li, layer in enumerate(self.layers):
+            x = _rms_norm(h, layer["ln1"], a.rms_eps)
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, x, cos, sin))  # [b, heads, t, d]
+            for i, (s, n) in enumerate(zip(starts, lengths)):
+                self.k_cache[li, first_slot + i, :, s : s + n] = k[i, :, :n]
+                self.v_cache[li, first_slot + i, :, s : s + n] = v[i, :, :n]
+            attn = F.scaled_dot_product_attention(
+                q, self.k_cache[li, rows, :, :end], self.v_cache[li, rows, :, :end], attn_mask=mask, enable_gqa=True)
+            h = self._mlp_and_residual(layer, h, attn.transpose(1, 2).reshape(b, width, -1))
+        return h[torch.arange(b), torch.tensor(lengths) - 1]
+
+    def slot_kv(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of slot `slot`'s keys and values for positions 0..n-1 ([layers, kv_heads, n, d] each)."""
+        return self.k_cache[:, slot, :, :n].clone(), self.v_cache[:, slot, :, :n].clone()
 
     # ---- decode ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -50,6 +50,8 @@ class ModelBackend:
     def from_section(cls, section: ModelVersionSection, serve: ServeSection) -> ModelBackend:
         engine = Engine.from_name(section.model, seed=section.seed, dtype=section.dtype, max_batch=serve.max_batch,
                                   show_progress=False)
+        if serve.prefix_cache_mb and hasattr(engine.lm, "slot_kv"):   # Llama-family runners
+            engine.use_prefix_cache(serve.prefix_cache_mb << 20)
         return cls(section.version, engine, serve.context, serve.threads or None, section.chat_family)
 
     def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:

@@ -46,6 +46,8 @@ class ServeSection(Section):
     max_batch: int = Field(8, ge=1, description="requests decoded together by the engine loop")
     context: int = Field(2048, ge=16, description="prompt + answer tokens per request (the KV cache is sized once)")
     threads: int = Field(0, ge=0, description="torch threads for the engine loop; 0 = all cores")
+    prefix_cache_mb: int = Field(1024, ge=0, description="keys/values of finished requests kept for later "
+                                 "prompts that start the same way (a conversation's next exchange); 0 = off")
 
 
 class ServeRecipe(Section):

@@ -136,7 +136,10 @@ class Deployment:
             # bf16, 2 cores with AMX: 392-451 vs 207 tok/s, 64 tokens each). Longer conversations
             # are cut by the client (`ServerResponder`).
             "serve": {"port": 0, "store": str(store), "api_keys": [self.key], "ingest_keys": [self.ingest_key],
-                      "max_batch": min(max_batch, 64), "threads": threads, "context": 2048},
+                      "max_batch": min(max_batch, 64), "threads": threads, "context": 2048,
+                      # A lockstep world has hundreds of conversations open at once (~7 MB a
+                      # conversation of 300 tokens): room for their previous exchanges.
+                      "prefix_cache_mb": 4096},
             "models": [{"version": version, "model": model, "dtype": dtype}],
             "generation": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p},
             # The simulated users are many people behind one key: no per-user rate limit for them.
