@@ -4,14 +4,21 @@ full prefill gives, for one row or a batch whose rows reuse different lengths.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastapi.testclient import TestClient
+
 from alignloop.engine.api import SamplingParams
 from alignloop.engine.engine import Engine
 from alignloop.engine.prefix_cache import MIN_REUSE, PrefixCache
+from alignloop.serve.app import create_app
+from alignloop.serve.backends import ModelBackend
+from alignloop.serve.config import ServeRecipe
 
 
 def kv(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +104,8 @@ def test_next_exchange_reuses_the_previous_one_and_matches_a_full_prefill(engine
     assert stats["hits"] == 4
     earlier = sum(len(p) + len(c.token_ids) - 1 for p, c in zip(first, firsts))
     assert earlier <= stats["reused_tokens"] < earlier + len(follow[3])
+    assert [c.cached_tokens for c in got[:3]] == [len(p) + len(c.token_ids) - 1 for p, c in zip(first, firsts)]
+    assert all(c.cached_tokens == 0 for c in want)
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), rtol=1e-4, atol=1e-4)
@@ -108,3 +117,25 @@ def test_new_weights_empty_the_cache(engines, tiny):
     assert len(cached.prefix_cache) > 0
     cached.load_weights(tiny[0].state_dict().items())
     assert len(cached.prefix_cache) == 0
+
+
+def test_the_openai_api_reports_cached_prompt_tokens(tiny, tmp_path):
+    engine = Engine(*tiny, dtype="float32", max_batch=2, show_progress=False)
+    engine.use_prefix_cache(16 << 20)
+    recipe = ServeRecipe.model_validate({
+        "serve": {"store": str(tmp_path / "logs.db"), "api_keys": ["k"], "context": 256},
+        "models": [{"version": "v1", "model": "tiny-llama"}], "generation": {"max_tokens": 8}})
+    backends = {"v1": ModelBackend("v1", engine, context=256, threads=1)}
+    headers = {"Authorization": "Bearer k"}
+    messages = [{"role": "system", "content": "You answer in one short sentence, always."},
+                {"role": "user", "content": "what is a river made of?"}]
+    with TestClient(create_app(recipe, backends=backends)) as client:
+        first = client.post("/v1/chat/completions", headers=headers, json={"messages": messages, "seed": 1}).json()
+        assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        messages += [first["choices"][0]["message"], {"role": "user", "content": "and a mountain?"}]
+        body = {"messages": messages, "seed": 2, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/chat/completions", headers=headers, json=body) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    usage = chunks[-1]["usage"]
+    # At least the whole first prompt was reused (and the answer, where it re-tokenizes the same).
+    assert first["usage"]["prompt_tokens"] <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]

@@ -38,3 +38,6 @@ def test_a_turn_deployed_on_the_server_runs_end_to_end(tmp_path):
     assert "abtest" in turn["summaries"] and (tmp_path / "served" / "report.html").exists()
     report = (tmp_path / "served" / "report.html").read_text()
     assert f"{sim['server']['requests']:,} answers generated over HTTP by version base" in report
+    # Conversations go on over several exchanges: the server's prefix cache spared part of their prompts.
+    assert 0 < sim["server"]["cached_tokens"] < sim["server"]["prompt_tokens"]
+    assert "prefix cache" in report.split("answers generated over HTTP")[1].split("<")[0]

@@ -49,6 +49,8 @@ class Completion:
     (raw log-probs for greedy).
     `routing` (MoE models, when the engine records it): int16 [moe_layers, tokens, K], the experts
     chosen for prompt + token_ids except the last token (never fed to the model), for routing replay.
+    `cached_tokens`: how many prompt tokens were not computed because an earlier request's keys and
+    values were reused (`Engine.use_prefix_cache`; 0 without it).
     """
 
     prompt_token_ids: list[int]
@@ -58,6 +60,7 @@ class Completion:
     finish_reason: FinishReason = "length"
     stop_reason: int | str | None = None
     routing: torch.Tensor | None = None
+    cached_tokens: int = 0   # prompt tokens whose keys/values came from the engine's prefix cache
 
 
 class InferenceEngine(Protocol):

@@ -215,6 +215,8 @@ class Engine:
         batch_prompts = [prompts[i] for i in batch]
         if self.prefix_cache is not None:
             cached = [self.prefix_cache.lookup(p) for p in batch_prompts]
+            for s, c in zip(fresh, cached):
+                s.out.cached_tokens = c[1] if c is not None else 0
             logits = self.lm.prefill(batch_prompts, first_slot, cached)
         else:
             logits = self.lm.prefill(batch_prompts, first_slot)

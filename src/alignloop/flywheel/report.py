@@ -275,9 +275,13 @@ def _served_line(summaries: dict) -> str | None:
     server = summaries.get("simulate", {}).get("server")
     if not server:
         return None
-    return (f"logs: through the server (deploy = \"server\"): {server['requests']:,} answers generated over "
+    line = (f"logs: through the server (deploy = \"server\"): {server['requests']:,} answers generated over "
             f"HTTP by version {server['version']}, {server['rows_posted']:,} log rows posted to it and read back "
             f"from its store {server['store']}")
+    if server.get("prompt_tokens"):
+        line += (f"; prompt tokens {server['prompt_tokens']:,}, {server['cached_tokens']:,} of them "
+                 f"({server['cached_tokens'] / server['prompt_tokens']:.0%}) from the server's prefix cache")
+    return line
 
 
 def _turn_sections(turn: dict, folder: Path, not_run: dict[str, str] | None = None) -> Fragment:

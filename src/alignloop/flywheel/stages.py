@@ -109,6 +109,9 @@ def _simulate_through_server(turn: Turn, recipe: SimulateRecipe, force: bool) ->
         if deployment.responder.requests:
             atomic_write_json(store.parent / "server.json", {"url": deployment.url, "version": version,
                                                               "requests": deployment.responder.requests,
+                                                              "prompt_tokens": deployment.responder.prompt_tokens,
+                                                              "cached_tokens": deployment.responder.cached_tokens,
+                                                              "completion_tokens": deployment.responder.tokens,
                                                               "rows_posted": deployment.posted})
     m = _manifest(stage.dir)
     server = json.loads((store.parent / "server.json").read_text())

@@ -109,7 +109,8 @@ def router(server: Server) -> APIRouter:
         used = sum(len(c.token_ids) for c in completions)
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": {"prompt_tokens": len(prompt), "completion_tokens": used,
-                          "total_tokens": len(prompt) + used}}
+                          "total_tokens": len(prompt) + used,
+                          "prompt_tokens_details": {"cached_tokens": max(c.cached_tokens for c in completions)}}}
 
     return routes
 
@@ -161,7 +162,7 @@ async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logp
     try:
         for i in range(len(params)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        remaining, started, generated = len(params), [False] * len(params), 0
+        remaining, started, generated, cached = len(params), [False] * len(params), 0, 0
         while remaining:
             i, item = await queue.get()
             if isinstance(item, str):
@@ -176,6 +177,7 @@ async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logp
             else:
                 remaining -= 1
                 generated += len(item.token_ids)
+                cached = max(cached, item.cached_tokens)
                 message = backend.parse(item.text, tools)
                 delta = {}
                 if tools:
@@ -186,7 +188,7 @@ async def _stream(backend: ModelBackend, prompt, params, tools, head: dict, logp
                 yield chunk(i, delta, _finish(item, message), extra)
         if usage:
             counts = {"prompt_tokens": len(prompt), "completion_tokens": generated,
-                      "total_tokens": len(prompt) + generated}
+                      "total_tokens": len(prompt) + generated, "prompt_tokens_details": {"cached_tokens": cached}}
             yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': counts})}\n\n"
         yield "data: [DONE]\n\n"
     finally:

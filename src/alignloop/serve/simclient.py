@@ -54,6 +54,8 @@ class ServerResponder:
         self.concurrency = concurrency
         self.requests = 0
         self.tokens = 0  # completion tokens, from the server's usage
+        self.prompt_tokens = 0
+        self.cached_tokens = 0  # prompt tokens the server's prefix cache did not recompute
         self._lock = threading.Lock()
         self._began = self._said = time.perf_counter()
         self._http = httpx.Client(timeout=600, headers={"Authorization": f"Bearer {key}"},
@@ -91,6 +93,8 @@ class ServerResponder:
                 with self._lock:
                     self.requests += 1
                     self.tokens += body["usage"]["completion_tokens"]
+                    self.prompt_tokens += body["usage"]["prompt_tokens"]
+                    self.cached_tokens += (body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
                 return (body["choices"][0]["message"]["content"] or "").strip()
 
         texts = list(self._pool.map(ask, range(len(ctx))))
@@ -104,7 +108,8 @@ class ServerResponder:
         self._said = now
         elapsed = now - self._began
         say(f"simulate through the server: {self.requests:,} answers, {self.tokens:,} tokens in {elapsed / 60:.1f} min "
-            f"({self.tokens / max(elapsed, 1e-9):.1f} tok/s; this step's width {width})")
+            f"({self.tokens / max(elapsed, 1e-9):.1f} tok/s; this step's width {width}); prompt tokens "
+            f"{self.prompt_tokens:,}, {self.cached_tokens / max(self.prompt_tokens, 1):.0%} of them from the prefix cache")
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -125,7 +130,7 @@ class Deployment:
 
     def __init__(self, model: str, store: str | Path, version: str, max_batch: int = 16, threads: int = 0,
                  dtype: str = "auto", max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
-                 post_bytes: int = 4 << 20):
+                 post_bytes: int = 4 << 20, prefix_cache_mb: int = 4096):
         self.key, self.ingest_key = f"sim-{secrets.token_hex(8)}", f"ingest-{secrets.token_hex(8)}"
         self.version = version
         self.post_bytes = post_bytes
@@ -138,8 +143,8 @@ class Deployment:
             "serve": {"port": 0, "store": str(store), "api_keys": [self.key], "ingest_keys": [self.ingest_key],
                       "max_batch": min(max_batch, 64), "threads": threads, "context": 2048,
                       # A lockstep world has hundreds of conversations open at once (~7 MB a
-                      # conversation of 300 tokens): room for their previous exchanges.
-                      "prefix_cache_mb": 4096},
+                      # conversation of 300 tokens): 4 GB is room for their previous exchanges.
+                      "prefix_cache_mb": prefix_cache_mb},
             "models": [{"version": version, "model": model, "dtype": dtype}],
             "generation": {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p},
             # The simulated users are many people behind one key: no per-user rate limit for them.
