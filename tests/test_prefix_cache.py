@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fastapi.testclient import TestClient
 
+from alignloop.engine import llama
 from alignloop.engine.api import SamplingParams
 from alignloop.engine.engine import Engine
 from alignloop.engine.prefix_cache import MIN_REUSE, PrefixCache
@@ -83,8 +84,12 @@ def conversation(engine: Engine, words: list[str]) -> list[int]:
     return engine.encode_chat([{"role": "user", "content": " ".join(words)}])
 
 
-def test_next_exchange_reuses_the_previous_one_and_matches_a_full_prefill(engines):
+@pytest.mark.parametrize("row_by_row", [False, True])
+def test_next_exchange_reuses_the_previous_one_and_matches_a_full_prefill(engines, row_by_row, monkeypatch):
     plain, cached = engines
+    cached.use_prefix_cache(64 << 20)
+    if row_by_row:  # the path a batch with one long uncached prompt among short ones takes
+        monkeypatch.setattr(llama, "ATTENTION_SCORES_MAX", 0)
     greedy = SamplingParams(temperature=0.0, max_tokens=12)
     topics = (["tell", "me", "about", "rivers"], ["what", "do", "mountains", "do"], ["sing", "a", "song"])
     first = [conversation(plain, words * 3) for words in topics]

@@ -25,6 +25,8 @@ from alignloop.fp8.linear import Fp8Linear
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # Below this many tokens, a separate forward for the shared prefix costs more than it saves.
 MIN_SHARED_PREFIX = 4
+# Most attention-score entries (fp32: 4 bytes each) one batched prefill of cached rows may hold.
+ATTENTION_SCORES_MAX = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -329,7 +331,16 @@ class CausalLM:
                 self.k_cache[:, first_slot + i, :, :n] = k[:, :, :n]
                 self.v_cache[:, first_slot + i, :, :n] = v[:, :, :n]
                 starts.append(n)
-            return self._logits(self._extend_rows([p[s:] for p, s in zip(prompts, starts)], first_slot, starts))
+            chunks = [p[s:] for p, s in zip(prompts, starts)]
+            width, end = max(len(c) for c in chunks), max(len(p) for p in prompts)
+            if len(chunks) > 1 and len(chunks) * self.arch.heads * width * end > ATTENTION_SCORES_MAX:
+                # The attention scores of a padded batch are [rows, heads, width, end]: one long
+                # uncached prompt beside many short ones would make them gigabytes. Row by row then.
+                last = torch.cat([self._extend_rows([c], first_slot + i, [s])
+                                  for i, (c, s) in enumerate(zip(chunks, starts))])
+            else:
+                last = self._extend_rows(chunks, first_slot, starts)
+            return self._logits(last)
         shared = _common_prefix(prompts) if len(prompts) > 1 else 0
         if shared >= MIN_SHARED_PREFIX:
             self._extend([prompts[0][:shared]], first_slot, start=0)
