@@ -336,79 +336,69 @@ class CausalLM:
             if len(chunks) > 1 and len(chunks) * self.arch.heads * width * end > ATTENTION_SCORES_MAX:
                 # The attention scores of a padded batch are [rows, heads, width, end]: one long
                 # uncached prompt beside many short ones would make them gigabytes. Row by row then.
-                last = torch.cat([self._extend_rows([c], first_slot + i, [s])
+                last = torch.cat([self._extend([c], first_slot + i, [s])
                                   for i, (c, s) in enumerate(zip(chunks, starts))])
             else:
-                last = self._extend_rows(chunks, first_slot, starts)
+                last = self._extend(chunks, first_slot, starts)
             return self._logits(last)
         shared = _common_prefix(prompts) if len(prompts) > 1 else 0
         if shared >= MIN_SHARED_PREFIX:
-            self._extend([prompts[0][:shared]], first_slot, start=0)
+            self._extend([prompts[0][:shared]], first_slot, [0])
             rows = slice(first_slot + 1, first_slot + len(prompts))
             self.k_cache[:, rows, :, :shared] = self.k_cache[:, first_slot : first_slot + 1, :, :shared]
             self.v_cache[:, rows, :, :shared] = self.v_cache[:, first_slot : first_slot + 1, :, :shared]
         else:
             shared = 0
-        last = self._extend([p[shared:] for p in prompts], first_slot, start=shared)
+        last = self._extend([p[shared:] for p in prompts], first_slot, [shared] * len(prompts))
         return self._logits(last)
 
-    def _extend(self, chunks: list[list[int]], first_slot: int, start: int) -> torch.Tensor:
-        """Append token chunks to rows whose cache already holds `start` positions; return the
+    def _extend(self, chunks: list[list[int]], first_slot: int, starts: list[int]) -> torch.Tensor:
+        """Append token chunks to rows whose cache already holds `starts[i]` positions; return the
         hidden state of each chunk's last token. Chunks are right-padded into one batch: a pad
-        only ever sits after a row's real tokens, so no real query sees it, and decode overwrites
-        its cache entry later."""
-        a = self.arch
-        b, width = len(chunks), max(len(c) for c in chunks)
-        tokens = torch.zeros(b, width, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            tokens[i, : len(c)] = torch.tensor(c)
-        end = start + width
-        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]
-        rows = slice(first_slot, first_slot + b)
-        # Query i (at position start + i) sees every key up to its own position.
-        mask = None if start == 0 else torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-        h = F.embedding(tokens, self.embed)
-        for li, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer["ln1"], a.rms_eps)
-            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, x, cos, sin))  # [b, heads, t, d]
-            self.k_cache[li, rows, :, start:end] = k
-            self.v_cache[li, rows, :, start:end] = v
-            if mask is None:
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:
-                attn = F.scaled_dot_product_attention(
-                    q, self.k_cache[li, rows, :, :end], self.v_cache[li, rows, :, :end],
-                    attn_mask=mask, enable_gqa=True)
-            h = self._mlp_and_residual(layer, h, attn.transpose(1, 2).reshape(b, width, -1))
-        return h[torch.arange(b), torch.tensor([len(c) for c in chunks]) - 1]
+        only ever sits after a row's real tokens, so no real query sees it. Row i's query j sits at
+        starts[i] + j and sees keys 0..starts[i] + j.
 
-    def _extend_rows(self, chunks: list[list[int]], first_slot: int, starts: list[int]) -> torch.Tensor:
-        """`_extend` where each row's cache already holds its own number of positions (`starts[i]`).
-
-        One right-padded batch as there, with per-row positions: row i's query j sits at starts[i] + j
-        and sees keys 0..starts[i] + j. Only real tokens are written to the cache (a pad's position
-        could lie past the cache's end)."""
+        All rows at one start (a fresh batch, a shared prefix's suffixes): the pads' keys/values are
+        written too (decode overwrites them later) and from start 0 attention is plain causal. Rows
+        at their own starts (prefix-cache hits beside fresh prompts): only real tokens are written,
+        since a pad's position could lie past the cache's end."""
         a = self.arch
         b, width = len(chunks), max(len(c) for c in chunks)
         lengths = [len(c) for c in chunks]
         tokens = torch.zeros(b, width, dtype=torch.long)
         for i, c in enumerate(chunks):
             tokens[i, : len(c)] = torch.tensor(c)
-        start = torch.tensor(starts)
-        positions = (start[:, None] + torch.arange(width)[None, :]).clamp_(max=self.max_len - 1)  # [b, width]
-        cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
-        end = max(s + n for s, n in zip(starts, lengths))
-        mask = (torch.arange(end)[None, None, :] <= positions[:, :, None])[:, None]   # [b, 1, width, end]
         rows = slice(first_slot, first_slot + b)
+        start = starts[0]
+        if all(s == start for s in starts):
+            end = start + width
+            cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]
+            # Query i (at position start + i) sees every key up to its own position.
+            mask = None if start == 0 else torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            spans = None
+        else:
+            positions = (torch.tensor(starts)[:, None] + torch.arange(width)[None, :]).clamp_(max=self.max_len - 1)
+            cos, sin = self.cos[positions][:, :, None, :], self.sin[positions][:, :, None, :]
+            end = max(s + n for s, n in zip(starts, lengths))
+            mask = (torch.arange(end)[None, None, :] <= positions[:, :, None])[:, None]   # [b, 1, width, end]
+            spans = list(zip(starts, lengths))
         h = F.embedding(tokens, self.embed)
         for li, layer in enumerate(self.layers):
             x = _rms_norm(h, layer["ln1"], a.rms_eps)
             q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, x, cos, sin))  # [b, heads, t, d]
-            for i, (s, n) in enumerate(zip(starts, lengths)):
-                self.k_cache[li, first_slot + i, :, s : s + n] = k[i, :, :n]
-                self.v_cache[li, first_slot + i, :, s : s + n] = v[i, :, :n]
-            attn = F.scaled_dot_product_attention(
-                q, self.k_cache[li, rows, :, :end], self.v_cache[li, rows, :, :end], attn_mask=mask, enable_gqa=True)
+            if spans is None:
+                self.k_cache[li, rows, :, start:end] = k
+                self.v_cache[li, rows, :, start:end] = v
+            else:
+                for i, (s0, n) in enumerate(spans):
+                    self.k_cache[li, first_slot + i, :, s0 : s0 + n] = k[i, :, :n]
+                    self.v_cache[li, first_slot + i, :, s0 : s0 + n] = v[i, :, :n]
+            if mask is None:
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    q, self.k_cache[li, rows, :, :end], self.v_cache[li, rows, :, :end],
+                    attn_mask=mask, enable_gqa=True)
             h = self._mlp_and_residual(layer, h, attn.transpose(1, 2).reshape(b, width, -1))
         return h[torch.arange(b), torch.tensor(lengths) - 1]
 
