@@ -32,8 +32,8 @@ every text already embedded: what a repeated text costs) is beside the ratio, no
 What differs is inherent to the two designs, and counted in `ours_tokens` / `peer_tokens`: ours
 runs two short sequences per pair (message and response apart, [CLS] and [SEP] each) where the peer
 runs one longer one (the pair, cross-attending); ours computes 8 heads and text statistics where
-the peer computes one linear score; ours packs a batch's tokens (its matmuls compute only real
-tokens; attention pads to the batch's longest text), the peer pads every op to the batch's longest
+the peer computes one linear score; ours packs a batch's tokens (every op computes only real
+tokens; attention runs per run of equal-length texts), the peer pads every op to the batch's longest
 pair, as BERT in transformers does.
 """
 
@@ -148,16 +148,12 @@ class HFRewardModel:
 def token_accounting(ours: RewardModel, peer: HFRewardModel, contexts: list[list[dict]], responses: list[str]
                      ) -> dict[str, Any]:
     """Each side's texts and tokens for one round: `useful` (real tokens) and `computed` (rows through
-    the matmuls, padding included); ours' `attention_block` counts its padded attention positions;
+    the matmuls, padding included);
     `truncated`: the texts (ours) and pairs (peer) longer than the side's truncation length."""
     backbone = ours.backbone
     users = [last_user(c) for c in contexts]
     texts = list(dict.fromkeys(users + list(responses)))  # the cache embeds each distinct text once
-    useful = block = 0
-    for chunk in backbone.batches(texts):
-        lengths = [len(ids) for ids in backbone.token_ids(chunk)]
-        useful += sum(lengths)
-        block += len(lengths) * max(lengths)
+    useful = sum(len(ids) for chunk in backbone.batches(texts) for ids in backbone.token_ids(chunk))
     full = backbone.tokenizer(texts)["input_ids"]
     peer_useful = peer_computed = 0
     for rows in peer.batches(users, list(responses)):
@@ -165,7 +161,7 @@ def token_accounting(ours: RewardModel, peer: HFRewardModel, contexts: list[list
         peer_useful += int(mask.sum())
         peer_computed += mask.numel()
     pairs = peer.tokenizer(users, list(responses))["input_ids"]
-    return {"ours_tokens": {"texts": len(texts), "useful": useful, "computed": useful, "attention_block": block},
+    return {"ours_tokens": {"texts": len(texts), "useful": useful, "computed": useful},
             "peer_tokens": {"texts": len(users), "useful": peer_useful, "computed": peer_computed},
             "truncated": {"ours": sum(len(ids) > backbone.config.max_length for ids in full),
                           "peer": sum(len(ids) > peer.max_length for ids in pairs)}}
