@@ -40,7 +40,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, missing_from_peers, peers_python, peers_venv
+from alignloop.bench.peer_process import (
+    WorkerPeer,
+    WorkerProcess,
+    missing_from_peers,
+    peers_python,
+    peers_venv,
+)
+from alignloop.engine.allocator import tcmalloc_path
 from alignloop.errors import AlignloopError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -49,8 +56,6 @@ KV_CACHE_GIB = 2
 # reload its compile cache on CPU, so every start compiles); a stuck start is reported rather
 # than waited on forever.
 START_TIMEOUT_S = 1200
-TCMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
-                  "/usr/lib/libtcmalloc_minimal.so.4")
 
 
 def available() -> str | None:
@@ -68,7 +73,7 @@ def thread_binding(threads: int) -> str:
 
 def preload_libraries(venv: Path) -> list[str]:
     """TCMalloc (when the system has it) and Intel OpenMP, the order vLLM's CPU docs give."""
-    found = [p for p in TCMALLOC_PATHS if Path(p).exists()][:1]
+    found = [p for p in [tcmalloc_path()] if p is not None]
     found += [str(p) for p in sorted(venv.glob("lib/libiomp5.so"))][:1]
     return found
 
@@ -80,7 +85,7 @@ def worker_env(threads: int) -> dict[str, str]:
         "VLLM_CPU_OMP_THREADS_BIND": thread_binding(threads),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
-        "LD_PRELOAD": ":".join(preload + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else [])),
+        "LD_PRELOAD": ":".join(preload + [p for p in env.get("LD_PRELOAD", "").split(":") if p and p not in preload]),
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",

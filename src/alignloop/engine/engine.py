@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from alignloop.engine.allocator import keep_freed_memory
 from alignloop.engine.api import Completion, SamplingParams, per_prompt
 from alignloop.engine.llama import CausalLM
 from alignloop.engine.prefix_cache import PrefixCache
@@ -78,6 +79,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, dtype: str = "auto", max_batch: int = 64,
                  prefill_tokens: int = 4096, show_progress: bool = True, record_routing: bool = False):
+        keep_freed_memory()  # decode's megabyte tensors, reused instead of faulted in every step (allocator.py)
         self.tokenizer = tokenizer
         self.dtype = pick_dtype(dtype)
         self.max_batch = max_batch
