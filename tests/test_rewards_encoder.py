@@ -52,3 +52,14 @@ def test_empty_batch_and_too_long_text(bert):
     assert enc.encode([]).shape == (0, bert.config.hidden_size)
     with pytest.raises(ValueError, match="positions"):
         enc.encode([[101] + [2000] * 600 + [102]])
+
+
+def test_texts_of_equal_length_in_any_order_match_padded_bert(bert, tokenizer):
+    # Attention runs once per run of equal-length texts after sorting: the sort and its inverse
+    # must put every embedding back on its own text.
+    texts = ["red cat", "sure thing", "big dog", "hi", "a much longer text than the rest of them",
+             "blue fox", "ok", "green owl", "hi"]
+    ids = tokenizer(texts, truncation=True, max_length=128)["input_ids"]
+    assert len({len(i) for i in ids}) < len(ids) - 3   # several runs of equal length
+    out = PackedEncoder(bert, torch.float32).encode(ids)
+    torch.testing.assert_close(out, _reference(bert, tokenizer, texts), atol=1e-5, rtol=0)
