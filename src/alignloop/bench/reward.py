@@ -148,8 +148,7 @@ class HFRewardModel:
 def token_accounting(ours: RewardModel, peer: HFRewardModel, contexts: list[list[dict]], responses: list[str]
                      ) -> dict[str, Any]:
     """Each side's texts and tokens for one round: `useful` (real tokens) and `computed` (rows through
-    the matmuls, padding included);
-    `truncated`: the texts (ours) and pairs (peer) longer than the side's truncation length."""
+    the matmuls, padding included); `truncated`: the texts (ours) and pairs (peer) longer than the side's truncation length."""
     backbone = ours.backbone
     users = [last_user(c) for c in contexts]
     texts = list(dict.fromkeys(users + list(responses)))  # the cache embeds each distinct text once

@@ -40,14 +40,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alignloop.bench.peer_process import (
-    WorkerPeer,
-    WorkerProcess,
-    missing_from_peers,
-    peers_python,
-    peers_venv,
-)
-from alignloop.engine.allocator import tcmalloc_path
+from alignloop.bench.peer_process import WorkerPeer, WorkerProcess, missing_from_peers, peers_python, peers_venv
+from alignloop.engine.allocator import ld_preload, tcmalloc_path
 from alignloop.errors import AlignloopError
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -85,7 +79,7 @@ def worker_env(threads: int) -> dict[str, str]:
         "VLLM_CPU_OMP_THREADS_BIND": thread_binding(threads),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
-        "LD_PRELOAD": ":".join(preload + [p for p in env.get("LD_PRELOAD", "").split(":") if p and p not in preload]),
+        "LD_PRELOAD": ld_preload(preload, env.get("LD_PRELOAD", "")),
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_NO_USAGE_STATS": "1",
         "HF_HUB_OFFLINE": "1",

@@ -27,13 +27,13 @@ def _restart_under_tcmalloc(name: str) -> None:
     engine measured 938 vs 875 tok/s against tuned glibc malloc): the allocator vLLM's CPU docs ask
     for and its worker gets, so every side of `bench generate` runs on the same one. Only a real
     `alignloop bench NAME` command line restarts (not a test calling the command in-process)."""
-    from alignloop.engine.allocator import tcmalloc_loaded, tcmalloc_path
+    from alignloop.engine.allocator import ld_preload, tcmalloc_loaded, tcmalloc_path
 
     path = tcmalloc_path()
     if path is None or tcmalloc_loaded() or sys.argv[1:3] != ["bench", name]:
         return
     env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join([path] + [p for p in env.get("LD_PRELOAD", "").split(":") if p])
+    env["LD_PRELOAD"] = ld_preload([path], env.get("LD_PRELOAD", ""))
     os.execve(sys.executable, [sys.executable, "-m", "alignloop.cli", *sys.argv[1:]], env)
 
 
@@ -97,7 +97,7 @@ def bench_generate(
     _restart_under_tcmalloc("generate")
     from alignloop.bench.generate import run_bench
 
-    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
     config = {"model": model, "prompts": prompts, "max_tokens": max_tokens, "rounds": rounds, "threads": threads,
               "dtype": dtype, "peer_batches": peer_batches, "peer_dtypes": peer_dtypes, "paths": paths,
               "sweep_tokens": sweep_tokens, "timed_paths": timed_paths, "vllm": vllm,

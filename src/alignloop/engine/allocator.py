@@ -41,6 +41,12 @@ def tcmalloc_path() -> str | None:
     return next((p for p in TCMALLOC_PATHS if Path(p).exists()), None)
 
 
+def ld_preload(first: list[str], current: str) -> str:
+    """An LD_PRELOAD value: `first`, then what `current` already preloads, each library once."""
+    rest = [p for p in current.split(":") if p and p not in first]
+    return ":".join([*first, *rest])
+
+
 def tcmalloc_loaded() -> bool:
     """Is TCMalloc mapped into this process (preloaded)?"""
     try:
