@@ -8,9 +8,11 @@ intra-op threads, that is the wall time the step waits for the op) into what a d
 made of:
 
     gemm        the linear layers and the LM head (MKL / oneDNN linear ops, mm, addmm)
-    attention   the batched matmuls, their softmax, the copies of the strided cache slices into
-                contiguous buffers, the mask and scale (and prefill's fused attention)
-    kv_write    each layer's new keys/values into the cache (index_copy_)
+    attention   the native decode-attention kernel where it runs (bf16 on an AVX-512 CPU; it also
+                writes the new keys/values), else the batched matmuls, their softmax, the copies
+                of the strided cache slices into contiguous buffers, the mask and scale (and
+                prefill's fused attention)
+    kv_write    each layer's new keys/values into the cache (index_copy_) without the kernel
     norm_rope   RMSNorm, rotary embedding (mul, cat, add of rotations), SiLU and the residual adds
     sampling    every op on [rows, vocab] tensors but the LM head (the logits' fp32 copy, softmax,
                 top-p), random numbers, argmax
@@ -47,6 +49,7 @@ PARTS: dict[str, str] = {
     "aten::bmm": "attention", "aten::_softmax": "attention", "aten::softmax": "attention",
     "aten::copy_": "attention", "aten::add": "attention", "aten::masked_fill_": "attention",
     "aten::index_copy_": "kv_write", "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "alignloop::decode_attention": "attention",
     "aten::rms_norm": "norm_rope", "aten::_fused_rms_norm": "norm_rope", "aten::mul": "norm_rope",
     "aten::mul_": "norm_rope", "aten::cat": "norm_rope", "aten::silu": "norm_rope", "aten::add_": "norm_rope",
     "aten::silu_": "norm_rope",

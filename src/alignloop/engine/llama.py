@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignloop.engine import native
 from alignloop.fp8.linear import Fp8Linear
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -151,6 +152,7 @@ class CausalLM:
         half = sin.shape[-1] // 2
         self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(dtype)  # see _rotate
         self._scratch: dict[str, torch.Tensor] = {}
+        self.use_native = True  # the hand-written decode attention where it builds (`_native_attention`)
         self.k_cache = self.v_cache = torch.empty(0)
         self.ensure_cache(max_slots, min(self.max_len, 256))
 
@@ -414,24 +416,46 @@ class CausalLM:
         n = tokens.shape[0]
         span = int(positions.max()) + 1
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        # Where each row's new key/value goes in a layer's cache seen as [slot * kv_head * position, d]:
-        # one index_copy_ per layer (0.015 ms) instead of an advanced-index assignment (0.03 ms).
-        capacity = self.k_cache.shape[3]
-        heads = torch.arange(a.kv_heads)
-        where = ((torch.arange(n)[:, None] * a.kv_heads + heads[None, :]) * capacity + positions[:, None]).view(-1)
-        # Rows shorter than the longest one must not see stale cache entries beyond their position.
-        hidden = torch.arange(span)[None, :] > positions[:, None]
-        bias = torch.zeros(n, 1, span).masked_fill_(hidden[:, None, :], float("-inf"))
+        kernel = self._native_attention()
+        if kernel is None:
+            # Where each row's new key/value goes in a layer's cache seen as [slot * kv_head * position, d]:
+            # one index_copy_ per layer (0.015 ms) instead of an advanced-index assignment (0.03 ms).
+            capacity = self.k_cache.shape[3]
+            heads = torch.arange(a.kv_heads)
+            where = ((torch.arange(n)[:, None] * a.kv_heads + heads[None, :]) * capacity
+                     + positions[:, None]).view(-1)
+            # Rows shorter than the longest one must not see stale cache entries beyond their position.
+            hidden = torch.arange(span)[None, :] > positions[:, None]
+            bias = torch.zeros(n, 1, span).masked_fill_(hidden[:, None, :], float("-inf"))
+        else:
+            rows_at, scale = positions.to(torch.long).contiguous(), a.head_dim**-0.5
         h = F.embedding(tokens, self.embed)
         for li, layer in enumerate(self.layers):
             x = _rms_norm(h, layer["ln1"], a.rms_eps)
             q, k, v = self._qkv(layer, x, cos, sin)  # q [n, heads, d], k/v [n, kv_heads, d]
             k_cache, v_cache = self.k_cache[li], self.v_cache[li]
-            k_cache.view(-1, a.head_dim).index_copy_(0, where, k.reshape(-1, a.head_dim))
-            v_cache.view(-1, a.head_dim).index_copy_(0, where, v.reshape(-1, a.head_dim))
-            attn = self._decode_attention(q, k_cache[:n, :, :span], v_cache[:n, :, :span], bias)
+            if kernel is not None:  # writes k and v into the cache itself
+                attn = kernel(q, k, v, k_cache, v_cache, rows_at, scale)
+            else:
+                k_cache.view(-1, a.head_dim).index_copy_(0, where, k.reshape(-1, a.head_dim))
+                v_cache.view(-1, a.head_dim).index_copy_(0, where, v.reshape(-1, a.head_dim))
+                attn = self._decode_attention(q, k_cache[:n, :, :span], v_cache[:n, :, :span], bias)
             h = self._mlp_and_residual(layer, h, attn)
         return self._logits(h)
+
+    def _native_attention(self):
+        """The hand-written kernel for bf16 caches on a CPU (`native.decode_attention`), else None.
+
+        It writes the new keys and values and reads each row's cache where it lies, once; the
+        torch-ops path below copies every layer's slice out first. At 64 rows x ~100 positions
+        (SmolLM2's 3 KV heads, 2 threads, AMX Xeon) attention took 0.28 ms a layer against ~0.65,
+        and the 64-prompt rollout ran 1,055 against 957 tokens/s sampled, 1,179 against 1,034 with
+        EOS ignored. Its output differs from the torch path's by bf16 rounding only (its scores and
+        weights stay fp32): both are as close to the fp32 engine (tests/test_native_attention.py).
+        """
+        if self.dtype != torch.bfloat16 or self.k_cache.device.type != "cpu" or not self.use_native:
+            return None
+        return native.decode_attention()
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           bias: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""The hand-written decode-attention kernel: the same attention as fp32 torch maths, the cache
+written where it should be and nowhere else, bad input refused, and the bf16 engine decoding the
+same tokens with it as without it. Skips where the kernel cannot build (see `native.why_not`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignloop.engine import native
+from alignloop.engine.api import SamplingParams
+from alignloop.engine.engine import Engine
+
+pytestmark = pytest.mark.skipif(native.why_not() is not None, reason=f"native kernel: {native.why_not()}")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    fn = native.decode_attention()
+    if fn is None:
+        pytest.skip("the native kernel did not build here")
+    return fn
+
+
+def reference(q, k_cache, v_cache, positions, scale):
+    """fp32 attention of row i over positions 0..positions[i] of slot i."""
+    n, heads, dim = q.shape
+    group = heads // k_cache.shape[1]
+    out = torch.empty(n, heads, dim)
+    for i in range(n):
+        keys = k_cache[i, :, : positions[i] + 1].float().repeat_interleave(group, 0)
+        values = v_cache[i, :, : positions[i] + 1].float().repeat_interleave(group, 0)
+        weights = (torch.einsum("hd,htd->ht", q[i].float(), keys) * scale).softmax(-1)
+        out[i] = torch.einsum("ht,htd->hd", weights, values)
+    return out.reshape(n, heads * dim)
+
+
+@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 9, 3), (32, 4, 4), (48, 8, 2)])
+def test_kernel_matches_fp32_attention_and_writes_only_the_new_position(kernel, dim, heads, kv_heads):
+    torch.manual_seed(dim)
+    n, slots, capacity = 5, 7, 40
+    k_cache = torch.randn(slots, kv_heads, capacity, dim).bfloat16()
+    v_cache = torch.randn(slots, kv_heads, capacity, dim).bfloat16()
+    # Strided q, k and v, as the engine passes them: views of one fused projection.
+    fused = torch.randn(n, heads + 2 * kv_heads, dim).bfloat16()
+    q, k, v = fused.split((heads, kv_heads, kv_heads), dim=1)
+    positions = torch.tensor([0, 3, 39, 17, 1])
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    for i, p in enumerate(positions.tolist()):
+        expect_k[i, :, p], expect_v[i, :, p] = k[i], v[i]
+    out = kernel(q, k, v, k_cache, v_cache, positions, dim**-0.5)
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+    want = reference(q, expect_k, expect_v, positions.tolist(), dim**-0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == (n, heads * dim)
+    # Only the output's rounding to bf16 differs (fp32 inside): within one bf16 ulp of |x| <= ~4.
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=1e-2)
+
+
+def test_kernel_refuses_bad_input(kernel):
+    k_cache = torch.zeros(2, 1, 8, 16, dtype=torch.bfloat16)
+    q = torch.zeros(2, 1, 16, dtype=torch.bfloat16)
+    k = torch.zeros(2, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="position outside the cache"):
+        kernel(q, k, k.clone(), k_cache, k_cache.clone(), torch.tensor([0, 8]), 0.25)
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernel(q.float(), k, k.clone(), k_cache, k_cache.clone(), torch.tensor([0, 1]), 0.25)
+
+
+def test_bf16_decode_with_the_kernel_is_as_close_to_fp32_as_without(smollm2):
+    # Teacher-forced along the fp32 engine's greedy answer: every decode step's log-probs from the
+    # bf16 engine with the kernel and without it, each against fp32's. Both differ from fp32 by bf16
+    # rounding alone; a wrong position, mask or cache write would be far off.
+    model, tokenizer = smollm2
+    e32 = Engine(model, tokenizer, dtype="float32", show_progress=False)
+    e16 = Engine(model, tokenizer, dtype="bfloat16", show_progress=False)
+    errors: dict[str, list[float]] = {"kernel": [], "torch": []}
+    agree: dict[str, list[bool]] = {"kernel": [], "torch": []}
+    for text in ("What is the capital of France?", "Tell me a joke about cats."):
+        ids = e32.encode_chat([{"role": "user", "content": text}])
+        answer = e32.chat([[{"role": "user", "content": text}]], SamplingParams(temperature=0, max_tokens=16))[0]
+        seq = ids + answer.token_ids
+        logprobs = {}
+        for name, engine, use in (("fp32", e32, False), ("kernel", e16, True), ("torch", e16, False)):
+            engine.lm.use_native = use
+            engine.lm.ensure_cache(1, len(seq))
+            steps = [engine.lm.prefill([ids], 0)[0]]
+            steps += [engine.lm.decode(torch.tensor([seq[t]]), torch.tensor([t]))[0] for t in range(len(ids), len(seq) - 1)]
+            logprobs[name] = torch.log_softmax(torch.stack(steps).float(), -1)
+        truth = logprobs["fp32"]
+        for name in ("kernel", "torch"):
+            errors[name].append(float((logprobs[name] - truth).abs().mean()))
+            agree[name] += (logprobs[name].argmax(-1) == truth.argmax(-1)).tolist()
+    assert e16.lm._native_attention() is None  # the switch is honoured
+    kernel, torch_ops = sum(errors["kernel"]) / 2, sum(errors["torch"]) / 2
+    assert kernel < 0.15 and kernel < 1.5 * torch_ops + 0.02, errors
+    assert sum(agree["kernel"]) >= 0.85 * len(agree["kernel"]), agree
