@@ -1,10 +1,21 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from alignloop.engine import native
 from alignloop.engine.sampling import sample, uniforms
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def probabilities_from(request, monkeypatch):
+    """Every test twice: with the native softmax_blocks kernel (where it builds) and with torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "softmax_blocks", lambda: None)
+    elif native.softmax_blocks() is None:
+        pytest.skip(f"no native kernels here: {native.why_not() or 'the build failed'}")
+    return request.param
 
 
 def draw(logits, temperature=1.0, top_p=1.0, top_k=0, n=20000, seed=0):
@@ -58,7 +69,7 @@ def test_greedy_rows_take_the_argmax_beside_sampled_rows():
     assert tokens[[0, 2, 4]].tolist() == logits[[0, 2, 4]].argmax(-1).tolist()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     logits=st.lists(st.floats(-20, 20), min_size=2, max_size=64),
     top_p=st.floats(0.05, 1.0),
@@ -78,3 +89,34 @@ def test_a_sample_is_always_inside_the_allowed_set(logits, top_p, top_k, seed):
     least = probs[allowed > 0].min()
     for t in tokens.tolist():
         assert probs[t] >= least * (1 - 1e-5)
+
+
+def test_rows_sampled_without_top_k_read_the_kernels_block_mass(probabilities_from, monkeypatch):
+    # The native path is taken exactly when every row samples without top-k, and its log-probs are
+    # log softmax(logits / T) of the tokens drawn.
+    calls = []
+    kernel = native.softmax_blocks()
+    monkeypatch.setattr(native, "softmax_blocks", lambda: kernel and (lambda *a: calls.append(1) or kernel(*a)))
+    logits = torch.randn(4, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+    t = torch.tensor([1.0, 0.7, 1.3, 1.0])
+    tokens, logprobs = sample(logits, t, torch.full((4,), 0.9), torch.zeros(4, dtype=torch.long),
+                              np.arange(4, dtype=np.uint64), np.zeros(4, dtype=np.uint64))
+    assert len(calls) == (1 if probabilities_from == "native" else 0)
+    want = torch.log_softmax(logits.float() / t[:, None], -1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert torch.allclose(logprobs, want, atol=1e-4)
+    sample(logits, t, torch.ones(4), torch.tensor([0, 0, 5, 0]), np.arange(4, dtype=np.uint64),
+           np.zeros(4, dtype=np.uint64))
+    assert len(calls) == (1 if probabilities_from == "native" else 0)  # a top-k row: torch ops for all
+
+
+def test_masked_logits_are_never_drawn(probabilities_from):
+    # -inf logits (a masked token) reach the kernel, which assumes finite floats: it reports them,
+    # and the batch is drawn by torch ops instead.
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    logits[:, ::2] = float("-inf")
+    tokens, logprobs = sample(logits, torch.ones(3), torch.full((3,), 0.95), torch.zeros(3, dtype=torch.long),
+                              np.arange(3, dtype=np.uint64), np.zeros(3, dtype=np.uint64))
+    assert (tokens % 2 == 1).all() and torch.isfinite(logprobs).all()
+    if probabilities_from == "native":
+        _, _, finite = native.softmax_blocks()(logits, torch.ones(3), 8)
+        assert not bool(finite)

@@ -1,11 +1,14 @@
-"""The engine's one hand-written kernel (`csrc/decode_attention.cpp`), compiled on first use.
+"""The engine's hand-written CPU kernels (`csrc/*.cpp`), compiled on first use into one library:
 
-`decode_attention()` returns the compiled function, or None where it cannot be had: no C++
-compiler, no `ninja`, not an x86 CPU with AVX-512, or `ALIGNLOOP_NATIVE=0` in the environment. The
-engine then runs the same attention as torch ops, so nothing but speed depends on it.
+    decode_attention   a decode step's attention over the bf16 KV cache, read in place
+    softmax_blocks     a logits matrix's log-normaliser and per-block probability mass, for sampling
+
+`op(name)` returns the compiled operator (`torch.ops.alignloop.<name>`), or None where it cannot
+be had: no C++ compiler, no `ninja`, not an x86 CPU with AVX-512, or `ALIGNLOOP_NATIVE=0` in the
+environment. The engine then does the same work in torch ops, so nothing but speed depends on it.
 
 It is built with `-march=native` for the CPU it runs on: the build folder's name carries a hash of
-the source and of this CPU's flags, so a cache shared between machines never hands one CPU a binary
+the sources and of this CPU's flags, so a cache shared between machines never hands one CPU a binary
 made for another. The first build takes about a minute on 2 cores (torch's headers); later
 processes load it from `torch_extensions`' cache in well under a second.
 """
@@ -22,10 +25,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
-# -ffast-math lets GCC reassociate the dot products and call glibc's vector expf; finite math stays
-# off so the softmax's max and exp keep IEEE infinities.
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "decode_attention.cpp", CSRC / "softmax_blocks.cpp"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
+# -ffast-math lets GCC reassociate the sums into vector lanes and if-convert the max; it also
+# assumes finite floats, so the kernels check their inputs' bits where an infinity can come in
+# (masked logits) and leave such rows to torch ops.
 
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}
@@ -57,21 +62,28 @@ def why_not() -> str | None:
 
 
 def build_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + sorted(cpu_flags())).encode()).hexdigest()
-    return f"alignloop_decode_attention_{digest[:12]}"
+    text = b"".join(p.read_bytes() for p in sorted(CSRC.iterdir())) + " ".join(FLAGS + sorted(cpu_flags())).encode()
+    return f"alignloop_kernels_{hashlib.sha256(text).hexdigest()[:12]}"
+
+
+def op(name: str) -> Any:
+    """The compiled operator `name` (see the module), or None."""
+    with _lock:
+        if "built" not in _loaded:
+            _loaded["built"] = _build()
+        return getattr(_loaded["built"], name) if _loaded["built"] is not None else None
 
 
 def decode_attention() -> Any:
-    """The compiled `decode_attention(q, k_cache, v_cache, lengths, scale)`, or None (see the module)."""
-    with _lock:
-        if "fn" not in _loaded:
-            _loaded["fn"] = _build()
-        return _loaded["fn"]
+    return op("decode_attention")
+
+
+def softmax_blocks() -> Any:
+    return op("softmax_blocks")
 
 
 def _build() -> Any:
-    reason = why_not()
-    if reason is not None:
+    if why_not() is not None:
         return None
     import torch
     from torch.utils.cpp_extension import load
@@ -79,10 +91,9 @@ def _build() -> Any:
     try:
         # -fopenmp: torch's at::parallel_for is OpenMP in these headers; the library links the
         # libgomp.so.1 torch already loaded (same soname), so both share one thread pool.
-        load(name=build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        load(name=build_name(), sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as e:  # a broken toolchain must not stop generation: torch ops do the same work
-        warnings.warn(f"alignloop: the native decode-attention kernel did not build ({e}); using torch ops",
-                      stacklevel=3)
+        warnings.warn(f"alignloop: the native kernels did not build ({e}); using torch ops", stacklevel=3)
         return None
-    return torch.ops.alignloop.decode_attention
+    return torch.ops.alignloop

@@ -7,12 +7,19 @@ Two choices here are about speed and reproducibility:
 - Randomness is counter-based: the uniform number for token t of a request is a hash of
   (seed, t). A request's sample path therefore depends on its own seed only, not on which other
   requests happened to share its batch or in what order they were scheduled.
+
+When every row is sampled without top-k (the RL rollout's case), the probabilities need not be
+written out at all: the native `softmax_blocks` kernel gives each row's log-normaliser and per-block
+mass in one read of the logits, and the draw computes the few probabilities it looks at from the
+logits (`_FromLogits`). Elsewhere the same draw reads a softmax matrix (`_FromSoftmax`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from alignloop.engine import native
 
 _MAX_TRIES = 64
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -60,6 +67,13 @@ def sample(
     `seeds` and `counters` (per row: the request's seed and how many tokens it has) key the
     random numbers.
     """
+    kernel = native.softmax_blocks() if logits.device.type == "cpu" and logits.stride(-1) == 1 else None
+    if kernel is not None and bool(((temperature > 0) & (top_k <= 0)).all()):
+        inv_t = (1.0 / temperature).float().contiguous()
+        logz, mass, finite = kernel(logits, inv_t, _block_size(logits.shape[-1]))
+        if bool(finite):  # else (an infinite or NaN logit) torch ops below
+            tokens = _sample_nucleus(_FromLogits(logits, inv_t, logz, mass), top_p, seeds, counters)
+            return tokens, logits.gather(-1, tokens[:, None]).squeeze(-1).float() * inv_t - logz
     logits = logits.float()
     greedy = temperature <= 0
     if not bool((temperature == 1).all()):
@@ -73,8 +87,8 @@ def sample(
         (greedy, lambda r: _take(logits, r).argmax(-1)),
         (~greedy & (top_k > 0), lambda r: _sample_top_k(_take(probs, r), top_p[r], top_k[r],
                                                         uniforms(seeds[r.numpy()], counters[r.numpy()]))),
-        (~greedy & (top_k <= 0), lambda r: _sample_nucleus(_take(probs, r), top_p[r], seeds[r.numpy()],
-                                                           counters[r.numpy()])),
+        (~greedy & (top_k <= 0), lambda r: _sample_nucleus(_FromSoftmax(_take(probs, r)), top_p[r],
+                                                           seeds[r.numpy()], counters[r.numpy()])),
     ):
         if bool(rows.any()):
             tokens[rows] = pick(rows)
@@ -98,7 +112,7 @@ def _sample_top_k(probs, top_p, top_k, u):
     return idx.gather(-1, rank[:, None]).squeeze(-1)
 
 
-def _sample_nucleus(probs, top_p, seeds, counters):
+def _sample_nucleus(src: _FromSoftmax | _FromLogits, top_p, seeds, counters):
     """Exact top-p without sorting the vocabulary: draw from the full distribution, keep the draw
     if it lies in the nucleus, else draw again.
 
@@ -107,21 +121,19 @@ def _sample_nucleus(probs, top_p, seeds, counters):
     (0.95 in typical RL settings). A full sort of 49k logits costs ~1 ms per row; this costs
     one pass over the vocabulary per batch, plus one per doubtful draw.
     """
-    blocks = _block_sums(probs)
+    blocks = src.block_mass()
     out = torch.full((len(seeds),), -1, dtype=torch.long)
     todo = torch.arange(len(seeds))
     for attempt in range(_MAX_TRIES):
-        every = len(todo) == len(seeds)
-        p, bs = (probs, blocks) if every else (probs[todo], blocks[todo])
         u = uniforms(seeds[todo.numpy()], counters[todo.numpy()] * _MAX_TRIES + attempt)
-        token = _inverse_cdf(p, bs, u)
-        ok = _in_nucleus(p, token, top_p[todo])
+        token = _inverse_cdf(src, todo, blocks if len(todo) == len(seeds) else blocks[todo], u)
+        ok = _in_nucleus(src, todo, token, top_p[todo])
         out[todo[ok]] = token[ok]
         todo = todo[~ok]
         if not todo.numel():
             return out
     # Astronomically rare (every try landed in a <= 1 - top_p tail): sort these rows.
-    vals, idx = probs[todo].sort(dim=-1, descending=True)
+    vals, idx = src.rows(todo).sort(dim=-1, descending=True)
     u = uniforms(seeds[todo.numpy()], counters[todo.numpy()] * _MAX_TRIES + _MAX_TRIES - 1)
     rank = _draw(vals, _keep_nucleus(vals, top_p[todo]), u)
     out[todo] = idx.gather(-1, rank[:, None]).squeeze(-1)
@@ -132,38 +144,80 @@ def _block_size(vocab: int) -> int:
     return next((b for b in (256, 128, 64, 32, 16, 8) if vocab % b == 0), 1)
 
 
-def _block_sums(probs: torch.Tensor) -> torch.Tensor:
-    n, vocab = probs.shape
-    return probs.view(n, vocab // _block_size(vocab), -1).sum(-1).double()
+class _FromSoftmax:
+    """The nucleus draw's probabilities, read from a softmax matrix [rows, vocab]."""
+
+    def __init__(self, probs: torch.Tensor):
+        self.probs = probs
+        self.size = _block_size(probs.shape[-1])
+
+    def block_mass(self) -> torch.Tensor:
+        n, vocab = self.probs.shape
+        return self.probs.view(n, vocab // self.size, -1).sum(-1).double()
+
+    def block(self, rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        return self.probs.view(self.probs.shape[0], -1, self.size)[rows, block]
+
+    def at(self, rows: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return self.probs[rows, token]
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.probs[rows]
 
 
-def _inverse_cdf(probs: torch.Tensor, block_sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+class _FromLogits:
+    """The same probabilities computed where they are needed, exp(logit / T - logz), from the
+    logits and `native.softmax_blocks`' log-normaliser and block mass."""
+
+    def __init__(self, logits: torch.Tensor, inv_t: torch.Tensor, logz: torch.Tensor, mass: torch.Tensor):
+        self.logits, self.inv_t, self.logz, self.mass = logits, inv_t, logz, mass
+        self.size = _block_size(logits.shape[-1])
+
+    def block_mass(self) -> torch.Tensor:
+        return self.mass
+
+    def _p(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return (x.float() * self.inv_t[rows].view(shape) - self.logz[rows].view(shape)).exp()
+
+    def block(self, rows: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        return self._p(self.logits.view(self.logits.shape[0], -1, self.size)[rows, block], rows)
+
+    def at(self, rows: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return self._p(self.logits[rows, token], rows)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._p(self.logits[rows], rows)
+
+
+def _inverse_cdf(src: _FromSoftmax | _FromLogits, rows: torch.Tensor, block_sums: torch.Tensor,
+                 u: torch.Tensor) -> torch.Tensor:
     """Two-level inverse CDF: find the block of the vocabulary, then the token inside it.
 
     A cumulative sum over the whole vocabulary is a slow, sequential pass; block sums are a fast
     reduction, and the cumulative sum is then taken over one block per row only.
     """
-    n, vocab = probs.shape
-    size = _block_size(vocab)
-    rows = torch.arange(n)
+    size = src.size
     block_cdf = block_sums.cumsum(-1)
     target = u * block_cdf[:, -1]
     block = torch.searchsorted(block_cdf, target[:, None], right=True).squeeze(-1)
     block = block.clamp_(max=block_cdf.shape[-1] - 1)
-    before = torch.where(block > 0, block_cdf[rows, (block - 1).clamp(min=0)], 0.0)
-    inner = probs.view(n, -1, size)[rows, block].double().cumsum(-1) + before[:, None]
+    here = torch.arange(len(rows))
+    before = torch.where(block > 0, block_cdf[here, (block - 1).clamp(min=0)], 0.0)
+    inner = src.block(rows, block).double().cumsum(-1) + before[:, None]
     offset = torch.searchsorted(inner, target[:, None], right=True).squeeze(-1).clamp_(max=size - 1)
     return block * size + offset
 
 
-def _in_nucleus(probs: torch.Tensor, token: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _in_nucleus(src: _FromSoftmax | _FromLogits, rows: torch.Tensor, token: torch.Tensor,
+                top_p: torch.Tensor) -> torch.Tensor:
     """Is each drawn token inside its row's nucleus (mass strictly above it < top_p)?"""
-    chosen = probs.gather(-1, token[:, None]).squeeze(-1)
+    chosen = src.at(rows, token)
     # The mass above a token is at most 1 - its own probability, so a draw with p > 1 - top_p
     # (most draws from a chat model) is in without looking at the rest of the row.
     ok = (top_p >= 1.0) | (chosen > 1.0 - top_p + 1e-6)
     doubtful = (~ok & (chosen > 0)).nonzero().squeeze(-1)
     if doubtful.numel():
-        p, c = probs[doubtful], chosen[doubtful, None]
+        p, c = src.rows(rows[doubtful]), chosen[doubtful, None]
         ok[doubtful] = torch.where(p > c, p, 0.0).sum(-1) < top_p[doubtful]
     return ok & (chosen > 0)  # a zero-probability token can only come from rounding: draw again

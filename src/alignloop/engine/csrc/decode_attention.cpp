@@ -7,11 +7,13 @@
 // key and value once, in fp32 registers, and writes only the output.
 //
 // Plain loops: compiled with -O3 -march=native -ffast-math, GCC vectorizes the bf16 -> fp32
-// widening, the dot products (reassociated sums) and expf (glibc's vector math).
+// widening, the dot products (reassociated sums) and `fast_exp`. Activations are finite floats.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "fast_exp.h"
 
 #include <cmath>
 #include <cstdint>
@@ -20,16 +22,10 @@
 
 namespace {
 
-inline float widen(uint16_t x) {
-  uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+inline float widen(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
 
 inline uint16_t narrow(float f) {  // round to nearest even, as torch's float -> bfloat16 (finite values)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
+  uint32_t bits = __builtin_bit_cast(uint32_t, f);
   bits += 0x7FFFu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
 }
@@ -57,10 +53,10 @@ void attend(const uint16_t* q, int64_t q_head_stride, const uint16_t* keys, cons
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores + g * len;
     float top = sg[0];
-    for (int64_t t = 1; t < len; ++t) top = sg[t] > top ? sg[t] : top;
+    for (int64_t t = 1; t < len; ++t) top = __builtin_fmaxf(top, sg[t]);
     float total = 0.f;
     for (int64_t t = 0; t < len; ++t) {
-      sg[t] = std::exp(sg[t] - top);
+      sg[t] = alignloop::fast_exp(sg[t] - top);
       total += sg[t];
     }
     const float inv = 1.f / total;
@@ -138,7 +134,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 
 // A registered operator (torch.ops.alignloop.decode_attention), not a Python binding: the
 // profiler sees it by name, and the caches are declared as written.
-TORCH_LIBRARY(alignloop, m) {
+TORCH_LIBRARY_FRAGMENT(alignloop, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
         "float scale) -> Tensor");
 }

@@ -1,0 +1,26 @@
+// exp(x) for finite float x, in plain arithmetic that GCC vectorizes (glibc's scalar expf stops the
+// vectorizer). Cody-Waite range reduction, a degree-6 polynomial on [-ln2/2, ln2/2], and 2^n built
+// from the exponent bits: within a few ulp of expf on [-87.3, 88]; inputs are clamped to that range
+// (below it the true value is under 1.2e-38, which softmaxes read as zero).
+#pragma once
+
+#include <cstdint>
+
+namespace alignloop {
+
+inline float fast_exp(float x) {
+  x = __builtin_fminf(__builtin_fmaxf(x, -87.3f), 88.0f);
+  const float n = __builtin_rintf(x * 1.44269504088896341f);
+  float r = x - n * 0.693145751953125f;  // ln 2 in two parts (Cody-Waite): r stays exact
+  r -= n * 1.428606765330187e-06f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+}  // namespace alignloop
