@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignloop.engine import native
+from alignloop.kernels import native
 from alignloop.engine.sampling import sample, uniforms
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignloop.engine import native
+from alignloop.kernels import native
 from alignloop.fp8.linear import Fp8Linear
 
 SUPPORTED = {"llama", "mistral", "qwen2"}

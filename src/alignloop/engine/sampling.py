@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alignloop.engine import native
+from alignloop.kernels import native
 
 _MAX_TRIES = 64
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)

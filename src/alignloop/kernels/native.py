@@ -1,7 +1,8 @@
-"""The engine's hand-written CPU kernels (`csrc/*.cpp`), compiled on first use into one library:
+"""Hand-written CPU kernels (`csrc/*.cpp`), compiled on first use into one library:
 
-    decode_attention   a decode step's attention over the bf16 KV cache, read in place
-    softmax_blocks     a logits matrix's log-normaliser and per-block probability mass, for sampling
+    decode_attention   the engine's decode-step attention over its bf16 KV cache, read in place
+    softmax_blocks     a logits matrix's log-normaliser and per-block probability mass (sampling)
+    packed_attention   the reward encoder's self-attention of texts packed without padding
 
 `op(name)` returns the compiled operator (`torch.ops.alignloop.<name>`), or None where it cannot
 be had: no C++ compiler, no `ninja`, not an x86 CPU with AVX-512, or `ALIGNLOOP_NATIVE=0` in the
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "decode_attention.cpp", CSRC / "softmax_blocks.cpp"]
+SOURCES = [CSRC / "decode_attention.cpp", CSRC / "softmax_blocks.cpp", CSRC / "packed_attention.cpp"]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
 # -ffast-math lets GCC reassociate the sums into vector lanes and if-convert the max; it also
 # assumes finite floats, so the kernels check their inputs' bits where an infinity can come in
@@ -80,6 +81,10 @@ def decode_attention() -> Any:
 
 def softmax_blocks() -> Any:
     return op("softmax_blocks")
+
+
+def packed_attention() -> Any:
+    return op("packed_attention")
 
 
 def _build() -> Any:

@@ -1,13 +1,16 @@
-"""The hand-written decode-attention kernel: the same attention as fp32 torch maths, the cache
-written where it should be and nowhere else, bad input refused, and the bf16 engine decoding the
-same tokens with it as without it. Skips where the kernel cannot build (see `native.why_not`)."""
+"""The hand-written kernels against torch maths. Decode attention: the same attention as fp32, the
+cache written where it should be and nowhere else, bad input refused, the bf16 engine as close to
+fp32 with it as without it. Packed attention: each text attends to itself only, as torch's SDPA per
+text. (softmax_blocks: tests/test_sampling.py.) Skips where the kernels cannot build
+(`native.why_not`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from alignloop.engine import native
+from alignloop.kernels import native
 from alignloop.engine.api import SamplingParams
 from alignloop.engine.engine import Engine
 
@@ -94,3 +97,39 @@ def test_bf16_decode_with_the_kernel_is_as_close_to_fp32_as_without(smollm2):
     kernel, torch_ops = sum(errors["kernel"]) / 2, sum(errors["torch"]) / 2
     assert kernel < 0.15 and kernel < 1.5 * torch_ops + 0.02, errors
     assert sum(agree["kernel"]) >= 0.85 * len(agree["kernel"]), agree
+
+
+@pytest.fixture(scope="module")
+def packed():
+    fn = native.packed_attention()
+    if fn is None:
+        pytest.skip("the native kernels did not build here")
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,dim", [(12, 32), (2, 64), (3, 24)])
+def test_packed_attention_matches_sdpa_per_text(packed, dtype, heads, dim):
+    torch.manual_seed(heads * dim)
+    lengths = [1, 5, 5, 16, 17, 40, 3]  # unsorted, a one-token text, lengths around the 16-key blocks
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    qkv = torch.randn(sum(lengths), 3 * heads * dim).to(dtype)
+    out = packed(qkv, offsets, heads, dim**-0.5)
+    want = []
+    for i, n in enumerate(lengths):
+        q, k, v = qkv[offsets[i]:offsets[i + 1]].float().view(n, 3, heads, dim).unbind(1)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+        want.append(o.transpose(0, 1).reshape(n, heads * dim))
+    assert out.dtype == dtype and out.shape == (sum(lengths), heads * dim)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out.float(), torch.cat(want), **tol)
+
+
+def test_packed_attention_refuses_bad_offsets(packed):
+    qkv = torch.zeros(6, 3 * 2 * 8)
+    with pytest.raises(RuntimeError, match="from 0 to the token count"):
+        packed(qkv, torch.tensor([0, 2, 5]), 2, 0.5)
+    with pytest.raises(RuntimeError, match="an empty text"):
+        packed(qkv, torch.tensor([0, 3, 3, 6]), 2, 0.5)
+    with pytest.raises(RuntimeError, match="3 x heads x dim"):
+        packed(qkv, torch.tensor([0, 6]), 5, 0.5)
