@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "alignloop"
 # Shared plumbing every package may use; it imports no package itself.
 BASE = ("__init__", "errors", "ui", "runs", "recipes", "sections", "assets")
 # The loop's order. A new package gets its place here (the test fails until it has one).
-LAYERS = ("chat", "models", "fp8", "engine", "data", "sim", "train", "rewards", "agentenv", "rl", "eval", "serve",
+LAYERS = ("chat", "models", "fp8", "kernels", "engine", "data", "sim", "train", "rewards", "agentenv", "rl", "eval", "serve",
           "flywheel", "bench", "cli")
 
 
