@@ -4,7 +4,9 @@
 // fused SDPA kernel took 10 ms a layer at 64 rows (one thread); oneDNN's bf16 batched matmul is
 // fast only on contiguous operands, so the engine copied each layer's keys and values out of the
 // cache first (read, write, read again). Decode attention is memory-bound, and this reads every
-// key and value once, in fp32 registers, and writes only the output.
+// key and value once, in fp32 registers, and writes only the output. It asks for the values while
+// it reads the keys, and for the next (row, head)'s keys while it sums the values: with a 30-layer
+// cache out of cache, 0.47 -> 0.34 ms a layer at 64 rows x ~100 positions (10.6 -> 14.8 GB/s).
 //
 // Plain loops: compiled with -O3 -march=native -ffast-math, GCC vectorizes the bf16 -> fp32
 // widening, the dot products (reassociated sums) and `fast_exp`. Activations are finite floats.
@@ -35,11 +37,13 @@ inline uint16_t narrow(float f) {  // round to nearest even, as torch's float ->
 template <int D>
 void attend(const uint16_t* q, int64_t q_head_stride, const uint16_t* keys, const uint16_t* values,
             uint16_t* out, int64_t len, int64_t group, int64_t dim_arg, float scale, float* qf, float* scores,
-            float* acc) {
+            float* acc, const uint16_t* next_keys, int64_t next_len) {
   const int64_t dim = D > 0 ? D : dim_arg;
   for (int64_t g = 0; g < group; ++g)
     for (int64_t j = 0; j < dim; ++j) qf[g * dim + j] = widen(q[g * q_head_stride + j]) * scale;
   for (int64_t t = 0; t < len; ++t) {
+    // The values are read after the softmax: ask for them now, while the keys stream in.
+    for (int64_t b = 0; b < dim; b += 32) __builtin_prefetch(values + t * dim + b, 0, 1);
     const uint16_t* k = keys + t * dim;
     float kf[D > 0 ? D : 512];
     for (int64_t j = 0; j < dim; ++j) kf[j] = widen(k[j]);
@@ -64,6 +68,9 @@ void attend(const uint16_t* q, int64_t q_head_stride, const uint16_t* keys, cons
   }
   std::memset(acc, 0, sizeof(float) * group * dim);
   for (int64_t t = 0; t < len; ++t) {
+    // And the next (row, head)'s keys, while these values are summed.
+    if (t < next_len)
+      for (int64_t b = 0; b < dim; b += 32) __builtin_prefetch(next_keys + t * dim + b, 0, 1);
     const uint16_t* v = values + t * dim;
     float vf[D > 0 ? D : 512];
     for (int64_t j = 0; j < dim; ++j) vf[j] = widen(v[j]);
@@ -121,12 +128,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const int64_t len = pos[row] + 1;
       const uint16_t* qh = qp + row * q_row + h * group * q_head;
       uint16_t* oh = op + row * heads * dim + h * group * dim;
+      const bool last = task + 1 == end;  // the next task of this thread, if any, is the next (row, head)
+      const uint16_t* next_keys = last ? nullptr : kp + block + capacity * dim;
+      const int64_t next_len = last ? 0 : pos[(task + 1) / kv_heads] + 1;
       if (dim == 64)
         attend<64>(qh, q_head, kp + block, vp + block, oh, len, group, dim, s, qf.data(), scores.data(),
-                   acc.data());
+                   acc.data(), next_keys, next_len);
       else
         attend<0>(qh, q_head, kp + block, vp + block, oh, len, group, dim, s, qf.data(), scores.data(),
-                  acc.data());
+                  acc.data(), next_keys, next_len);
     }
   });
   return out;
