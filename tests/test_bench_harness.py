@@ -68,5 +68,6 @@ def test_machine_facts_read_the_isa_off_the_cpu_flags():
     assert harness.isa({"avx2"}) == "avx2"
     assert harness.has_amx({"amx_bf16", "amx_tile"}) and not harness.has_amx({"avx512_bf16"})
     facts = harness.machine_facts(1, peers=("transformers",))
-    assert {"cpu", "isa", "amx", "cores", "threads", "torch", "versions"} <= set(facts)
+    assert {"cpu", "isa", "amx", "cores", "threads", "torch", "versions", "native_kernels"} <= set(facts)
     assert facts["versions"]["transformers"]
+    assert facts["native_kernels"] in ("on", "not used") or facts["native_kernels"].startswith("off: ")

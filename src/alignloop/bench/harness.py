@@ -28,6 +28,7 @@ import torch
 
 from alignloop.engine import allocator
 from alignloop.engine.engine import cpu_flags
+from alignloop.kernels import native
 from alignloop.train.threads import torch_threads
 from alignloop.ui import say
 
@@ -95,11 +96,11 @@ def version(package: str) -> str | None:
 
 def machine_facts(threads: int, peers: tuple[str, ...] = ()) -> dict[str, Any]:
     """The hardware and software a ratio was measured on: CPU, ISA, AMX, threads, this process's
-    memory allocator, versions."""
+    memory allocator, whether ours ran on its native kernels, versions."""
     flags = cpu_flags()
     return {"cpu": cpu_model(), "isa": isa(flags), "amx": has_amx(flags), "cores": all_cores(), "threads": threads,
             "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "allocator": allocator.describe(),
+            "allocator": allocator.describe(), "native_kernels": native.status(),
             "versions": {p: version(p) for p in ("alignloop", *peers)}}
 
 

@@ -75,6 +75,17 @@ def op(name: str) -> Any:
         return getattr(_loaded["built"], name) if _loaded["built"] is not None else None
 
 
+def status() -> str:
+    """For reports, without building anything: "on" (built and loaded in this process), "off: <why>",
+    or "not used" (this process has not asked for them)."""
+    reason = why_not()
+    if reason is not None:
+        return f"off: {reason}"
+    if "built" not in _loaded:
+        return "not used"
+    return "on" if _loaded["built"] is not None else "off: the build failed"
+
+
 def decode_attention() -> Any:
     return op("decode_attention")
 
