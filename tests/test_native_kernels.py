@@ -108,7 +108,7 @@ def packed():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,dim", [(12, 32), (2, 64), (3, 24)])
+@pytest.mark.parametrize("heads,dim", [(12, 32), (2, 64), (3, 48)])
 def test_packed_attention_matches_sdpa_per_text(packed, dtype, heads, dim):
     torch.manual_seed(heads * dim)
     lengths = [1, 5, 5, 16, 17, 40, 3]  # unsorted, a one-token text, lengths around the 16-key blocks
@@ -126,10 +126,12 @@ def test_packed_attention_matches_sdpa_per_text(packed, dtype, heads, dim):
 
 
 def test_packed_attention_refuses_bad_offsets(packed):
-    qkv = torch.zeros(6, 3 * 2 * 8)
+    qkv = torch.zeros(6, 3 * 2 * 16)
     with pytest.raises(RuntimeError, match="from 0 to the token count"):
         packed(qkv, torch.tensor([0, 2, 5]), 2, 0.5)
     with pytest.raises(RuntimeError, match="an empty text"):
         packed(qkv, torch.tensor([0, 3, 3, 6]), 2, 0.5)
     with pytest.raises(RuntimeError, match="3 x heads x dim"):
         packed(qkv, torch.tensor([0, 6]), 5, 0.5)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        packed(qkv, torch.tensor([0, 6]), 4, 0.5)

@@ -117,7 +117,8 @@ class PackedEncoder:
         position = torch.cat([torch.arange(length).repeat(count) for _, count, length in runs])
         tokens = torch.tensor([t for i in order for t in ids[i]])
         x = self._norm(self.word[tokens] + self.position[position], self.embedding_norm)
-        kernel = native.packed_attention() if self.use_native and x.device.type == "cpu" else None
+        kernel = (native.packed_attention() if self.use_native and x.device.type == "cpu" and self.head_width % 16 == 0
+                  else None)
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         for layer in self.layers:
             qkv = self._linear(x, layer["qkv_weight"], layer["qkv_bias"])
