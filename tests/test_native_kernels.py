@@ -17,12 +17,16 @@ from alignloop.engine.engine import Engine
 pytestmark = pytest.mark.skipif(native.why_not() is not None, reason=f"native kernel: {native.why_not()}")
 
 
+def built(op: str):
+    fn = getattr(native, op)()
+    if fn is None:
+        pytest.skip("the native kernels did not build here")
+    return fn
+
+
 @pytest.fixture(scope="module")
 def kernel():
-    fn = native.decode_attention()
-    if fn is None:
-        pytest.skip("the native kernel did not build here")
-    return fn
+    return built("decode_attention")
 
 
 def reference(q, k_cache, v_cache, positions, scale):
@@ -101,10 +105,7 @@ def test_bf16_decode_with_the_kernel_is_as_close_to_fp32_as_without(smollm2):
 
 @pytest.fixture(scope="module")
 def packed():
-    fn = native.packed_attention()
-    if fn is None:
-        pytest.skip("the native kernels did not build here")
-    return fn
+    return built("packed_attention")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,22 +4,15 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from alignloop.kernels import native
 from alignloop.rewards.backbones import minilm_dir
 from alignloop.rewards.encoder import PackedEncoder, _fused_linear_available
+from native_paths import native_and_torch
 
 TEXTS = ["hi", "", "Is the ramen place on the corner still open this late at night?",
          "Sure! Try the miso one.", "galaxy " * 40]
 
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def attention_by(request, monkeypatch):
-    """Every test twice: attention by the native packed kernel (where it builds) and by torch's SDPA."""
-    if request.param == "torch":
-        monkeypatch.setattr(native, "packed_attention", lambda: None)
-    elif native.packed_attention() is None:
-        pytest.skip(f"no native kernels here: {native.why_not() or 'the build failed'}")
-    return request.param
+attention_by = native_and_torch("packed_attention")  # the packed kernel, and torch's SDPA per run
 
 
 @pytest.fixture(scope="module")

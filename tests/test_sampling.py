@@ -6,16 +6,10 @@ from hypothesis import strategies as st
 
 from alignloop.kernels import native
 from alignloop.engine.sampling import sample, uniforms
+from native_paths import native_and_torch
 
 
-@pytest.fixture(autouse=True, params=["native", "torch"])
-def probabilities_from(request, monkeypatch):
-    """Every test twice: with the native softmax_blocks kernel (where it builds) and with torch ops."""
-    if request.param == "torch":
-        monkeypatch.setattr(native, "softmax_blocks", lambda: None)
-    elif native.softmax_blocks() is None:
-        pytest.skip(f"no native kernels here: {native.why_not() or 'the build failed'}")
-    return request.param
+probabilities_from = native_and_torch("softmax_blocks")
 
 
 def draw(logits, temperature=1.0, top_p=1.0, top_k=0, n=20000, seed=0):

@@ -56,14 +56,7 @@ void attend(const uint16_t* q, int64_t q_head_stride, const uint16_t* keys, cons
   }
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores + g * len;
-    float top = sg[0];
-    for (int64_t t = 1; t < len; ++t) top = __builtin_fmaxf(top, sg[t]);
-    float total = 0.f;
-    for (int64_t t = 0; t < len; ++t) {
-      sg[t] = alignloop::fast_exp(sg[t] - top);
-      total += sg[t];
-    }
-    const float inv = 1.f / total;
+    const float inv = 1.f / alignloop::exp_shifted(sg, len);
     for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
   }
   std::memset(acc, 0, sizeof(float) * group * dim);

@@ -1,4 +1,4 @@
-// exp(x) for finite float x, in plain arithmetic that GCC vectorizes (glibc's scalar expf stops the
+// exp for the kernels' softmaxes. fast_exp(x): exp of a finite float x, in plain arithmetic that GCC vectorizes (glibc's scalar expf stops the
 // vectorizer). Cody-Waite range reduction, a degree-6 polynomial on [-ln2/2, ln2/2], and 2^n built
 // from the exponent bits: within a few ulp of expf on [-87.3, 88]; inputs are clamped to that range
 // (below it the true value is under 1.2e-38, which softmaxes read as zero).
@@ -21,6 +21,18 @@ inline float fast_exp(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+// x[0..n) <- exp(x - max x), in place; returns their sum (n >= 1).
+inline float exp_shifted(float* x, int64_t n) {
+  float top = x[0];
+  for (int64_t i = 1; i < n; ++i) top = __builtin_fmaxf(top, x[i]);
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = fast_exp(x[i] - top);
+    total += x[i];
+  }
+  return total;
 }
 
 }  // namespace alignloop

@@ -77,17 +77,7 @@ void one_head(const T* qkv, T* out, int64_t first, int64_t len, int64_t h, int64
       _mm512_storeu_ps(s.data() + 3 * padded + jb, c3);
     }
     float inv[kRows];
-    for (int64_t r = 0; r < kRows; ++r) {
-      float* sr = s.data() + r * padded;
-      float top = sr[0];
-      for (int64_t j = 1; j < len; ++j) top = __builtin_fmaxf(top, sr[j]);
-      float total = 0.f;
-      for (int64_t j = 0; j < len; ++j) {
-        sr[j] = alignloop::fast_exp(sr[j] - top);
-        total += sr[j];
-      }
-      inv[r] = 1.f / total;
-    }
+    for (int64_t r = 0; r < kRows; ++r) inv[r] = 1.f / alignloop::exp_shifted(s.data() + r * padded, len);
     // Weighted values: the four queries' sums over 16 output columns at a time, in registers.
     for (int64_t db = 0; db < dim; db += kLanes) {
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
