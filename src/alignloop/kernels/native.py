@@ -6,12 +6,12 @@
 
 `op(name)` returns the compiled operator (`torch.ops.alignloop.<name>`), or None where it cannot
 be had: no C++ compiler, no `ninja`, not an x86 CPU with AVX-512, or `ALIGNLOOP_NATIVE=0` in the
-environment. The engine then does the same work in torch ops, so nothing but speed depends on it.
+environment. Their callers then do the same work in torch ops: nothing but speed depends on them.
 
 It is built with `-march=native` for the CPU it runs on: the build folder's name carries a hash of
 the sources and of this CPU's flags, so a cache shared between machines never hands one CPU a binary
-made for another. The first build takes about a minute on 2 cores (torch's headers); later
-processes load it from `torch_extensions`' cache in well under a second.
+made for another. The first build takes 20-30 s on 2 cores (torch's headers); later processes
+load it from `torch_extensions`' cache in well under a second.
 """
 
 from __future__ import annotations
