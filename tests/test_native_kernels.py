@@ -136,3 +136,19 @@ def test_packed_attention_refuses_bad_offsets(packed):
         packed(qkv, torch.tensor([0, 6]), 5, 0.5)
     with pytest.raises(RuntimeError, match="multiple of 16"):
         packed(qkv, torch.tensor([0, 6]), 4, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mass_above_is_the_probability_of_the_likelier_tokens(dtype):
+    kernel, blocks = built("mass_above"), built("softmax_blocks")
+    torch.manual_seed(3)
+    logits = (torch.randn(5, 4096) * 2).to(dtype)
+    inv_t = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.3])
+    logz, _, finite = blocks(logits, inv_t, 256)
+    rows, token = torch.tensor([4, 0, 2, 0]), torch.tensor([7, 4095, 100, 0])
+    probs = torch.softmax(logits.float() * inv_t[:, None], -1)
+    want = torch.stack([probs[r][probs[r] > probs[r, t]].sum() for r, t in zip(rows.tolist(), token.tolist())])
+    assert bool(finite)
+    torch.testing.assert_close(kernel(logits, rows, token, inv_t, logz), want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel(logits, torch.tensor([5]), torch.tensor([0]), inv_t, logz)

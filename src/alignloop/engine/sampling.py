@@ -164,6 +164,10 @@ class _FromSoftmax:
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self.probs[rows]
 
+    def mass_above(self, rows: torch.Tensor, token: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        p = self.probs[rows]
+        return torch.where(p > chosen[:, None], p, 0.0).sum(-1)
+
 
 class _FromLogits:
     """The same probabilities computed where they are needed, exp(logit / T - logz), from the
@@ -188,6 +192,15 @@ class _FromLogits:
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self._p(self.logits[rows], rows)
+
+    def mass_above(self, rows: torch.Tensor, token: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        # Natively where it builds: one read of each doubtful row, no [rows, vocab] temporaries
+        # (tokens more likely than the draw are those with a larger logit).
+        kernel = native.mass_above()
+        if kernel is None:
+            p = self.rows(rows)
+            return torch.where(p > chosen[:, None], p, 0.0).sum(-1)
+        return kernel(self.logits, rows.contiguous(), token.contiguous(), self.inv_t, self.logz)
 
 
 def _inverse_cdf(src: _FromSoftmax | _FromLogits, rows: torch.Tensor, block_sums: torch.Tensor,
@@ -218,6 +231,5 @@ def _in_nucleus(src: _FromSoftmax | _FromLogits, rows: torch.Tensor, token: torc
     ok = (top_p >= 1.0) | (chosen > 1.0 - top_p + 1e-6)
     doubtful = (~ok & (chosen > 0)).nonzero().squeeze(-1)
     if doubtful.numel():
-        p, c = src.rows(rows[doubtful]), chosen[doubtful, None]
-        ok[doubtful] = torch.where(p > c, p, 0.0).sum(-1) < top_p[doubtful]
+        ok[doubtful] = src.mass_above(rows[doubtful], token[doubtful], chosen[doubtful]) < top_p[doubtful]
     return ok & (chosen > 0)  # a zero-probability token can only come from rounding: draw again

@@ -1,7 +1,8 @@
 """Hand-written CPU kernels (`csrc/*.cpp`), compiled on first use into one library:
 
     decode_attention   the engine's decode-step attention over its bf16 KV cache, read in place
-    softmax_blocks     a logits matrix's log-normaliser and per-block probability mass (sampling)
+    softmax_blocks     a logits matrix's log-normaliser and per-block probability mass (sampling),
+                       and `mass_above`: the mass more likely than a drawn token (its top-p test)
     packed_attention   the reward encoder's self-attention of texts packed without padding
 
 `op(name)` returns the compiled operator (`torch.ops.alignloop.<name>`), or None where it cannot
@@ -92,6 +93,10 @@ def decode_attention() -> Any:
 
 def softmax_blocks() -> Any:
     return op("softmax_blocks")
+
+
+def mass_above() -> Any:
+    return op("mass_above")
 
 
 def packed_attention() -> Any:

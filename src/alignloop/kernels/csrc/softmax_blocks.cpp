@@ -109,8 +109,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_blocks(const at::Tensor& 
   return {logz, mass, at::scalar_tensor(finite.load(), logits.options().dtype(at::kBool))};
 }
 
-TORCH_LIBRARY_FRAGMENT(alignloop, m) {
-  m.def("softmax_blocks(Tensor logits, Tensor inv_temperature, int block) -> (Tensor, Tensor, Tensor)");
+// For each listed row r = rows[i] of the same logits: the probability mass of the tokens more
+// likely than token[i], sum of exp(logits[r, j] * inv_temperature[r] - logz[r]) over logits[r, j] >
+// logits[r, token[i]] (the top-p test of a draw that is not obviously inside the nucleus).
+// Returns fp32 [len(rows)].
+at::Tensor mass_above(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& token,
+                      const at::Tensor& inv_temperature, const at::Tensor& logz) {
+  TORCH_CHECK(logits.dim() == 2 && logits.device().is_cpu() && logits.stride(1) == 1 &&
+                  (logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat),
+              "mass_above: bf16 or fp32 CPU logits with contiguous rows");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && token.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  token.is_contiguous() && rows.numel() == token.numel(), "mass_above: int64 rows and tokens");
+  TORCH_CHECK(inv_temperature.scalar_type() == at::kFloat && logz.scalar_type() == at::kFloat &&
+                  inv_temperature.is_contiguous() && logz.is_contiguous() &&
+                  inv_temperature.numel() == logits.size(0) && logz.numel() == logits.size(0),
+              "mass_above: fp32 inverse temperature and logz, one per logits row");
+  const int64_t n = rows.numel(), vocab = logits.size(1), stride = logits.stride(0);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* tp = token.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < logits.size(0) && tp[i] >= 0 && tp[i] < vocab, "mass_above: index out of range");
+  auto out = at::empty({n}, logits.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const float* inv_t = inv_temperature.data_ptr<float>();
+  const float* lz = logz.data_ptr<float>();
+  const bool bf16 = logits.scalar_type() == at::kBFloat16;
+  const auto* half = bf16 ? reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()) : nullptr;
+  const float* full = bf16 ? nullptr : logits.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(vocab);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = rp[i];
+      uint32_t bits;
+      if (bf16)
+        for (int64_t j = 0; j < vocab; ++j) x[j] = widen(half[r * stride + j], &bits);
+      else
+        for (int64_t j = 0; j < vocab; ++j) x[j] = full[r * stride + j];
+      const float chosen = x[tp[i]], t = inv_t[r], z = lz[r];
+      float total = 0.f;
+      for (int64_t j = 0; j < vocab; ++j) total += x[j] > chosen ? alignloop::fast_exp(x[j] * t - z) : 0.f;
+      op[i] = total;
+    }
+  });
+  return out;
 }
 
-TORCH_LIBRARY_IMPL(alignloop, CPU, m) { m.impl("softmax_blocks", &softmax_blocks); }
+TORCH_LIBRARY_FRAGMENT(alignloop, m) {
+  m.def("softmax_blocks(Tensor logits, Tensor inv_temperature, int block) -> (Tensor, Tensor, Tensor)");
+  m.def("mass_above(Tensor logits, Tensor rows, Tensor token, Tensor inv_temperature, Tensor logz) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(alignloop, CPU, m) {
+  m.impl("softmax_blocks", &softmax_blocks);
+  m.impl("mass_above", &mass_above);
+}
