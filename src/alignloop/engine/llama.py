@@ -451,7 +451,7 @@ class CausalLM:
         (SmolLM2's 3 KV heads, 2 threads, AMX Xeon) attention took 0.28 ms a layer against ~0.65,
         and the 64-prompt rollout ran 1,055 against 957 tokens/s sampled, 1,179 against 1,034 with
         EOS ignored. Its output differs from the torch path's by bf16 rounding only (its scores and
-        weights stay fp32): both are as close to the fp32 engine (tests/test_native_attention.py).
+        weights stay fp32): both are as close to the fp32 engine (tests/test_native_kernels.py).
         """
         if self.dtype != torch.bfloat16 or self.k_cache.device.type != "cpu" or not self.use_native:
             return None

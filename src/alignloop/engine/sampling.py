@@ -194,13 +194,9 @@ class _FromLogits:
         return self._p(self.logits[rows], rows)
 
     def mass_above(self, rows: torch.Tensor, token: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        # Natively where it builds: one read of each doubtful row, no [rows, vocab] temporaries
-        # (tokens more likely than the draw are those with a larger logit).
-        kernel = native.mass_above()
-        if kernel is None:
-            p = self.rows(rows)
-            return torch.where(p > chosen[:, None], p, 0.0).sum(-1)
-        return kernel(self.logits, rows.contiguous(), token.contiguous(), self.inv_t, self.logz)
+        # Its kernel is built with softmax_blocks' (one library): one read of each doubtful row, no
+        # [rows, vocab] temporaries (tokens more likely than the draw are those with a larger logit).
+        return native.mass_above()(self.logits, rows.contiguous(), token.contiguous(), self.inv_t, self.logz)
 
 
 def _inverse_cdf(src: _FromSoftmax | _FromLogits, rows: torch.Tensor, block_sums: torch.Tensor,

@@ -15,22 +15,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bf16.h"
 #include "fast_exp.h"
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-inline float widen(uint16_t x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16); }
-
-inline uint16_t narrow(float f) {  // round to nearest even, as torch's float -> bfloat16 (finite values)
-  uint32_t bits = __builtin_bit_cast(uint32_t, f);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+using alignloop::load;
+using alignloop::narrow;
 
 // One (row, kv head): its `group` query heads against positions 0..len-1 of its cache block.
 // D > 0 fixes the head width at compile time (unrolled, fully vectorized); D == 0 reads `dim`.
@@ -40,13 +35,13 @@ void attend(const uint16_t* q, int64_t q_head_stride, const uint16_t* keys, cons
             float* acc, const uint16_t* next_keys, int64_t next_len) {
   const int64_t dim = D > 0 ? D : dim_arg;
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t j = 0; j < dim; ++j) qf[g * dim + j] = widen(q[g * q_head_stride + j]) * scale;
+    for (int64_t j = 0; j < dim; ++j) qf[g * dim + j] = load(q + g * q_head_stride + j) * scale;
   for (int64_t t = 0; t < len; ++t) {
     // The values are read after the softmax: ask for them now, while the keys stream in.
     for (int64_t b = 0; b < dim; b += 32) __builtin_prefetch(values + t * dim + b, 0, 1);
     const uint16_t* k = keys + t * dim;
     float kf[D > 0 ? D : 512];
-    for (int64_t j = 0; j < dim; ++j) kf[j] = widen(k[j]);
+    for (int64_t j = 0; j < dim; ++j) kf[j] = load(k + j);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = qf + g * dim;
       float s = 0.f;
@@ -66,7 +61,7 @@ void attend(const uint16_t* q, int64_t q_head_stride, const uint16_t* keys, cons
       for (int64_t b = 0; b < dim; b += 32) __builtin_prefetch(next_keys + t * dim + b, 0, 1);
     const uint16_t* v = values + t * dim;
     float vf[D > 0 ? D : 512];
-    for (int64_t j = 0; j < dim; ++j) vf[j] = widen(v[j]);
+    for (int64_t j = 0; j < dim; ++j) vf[j] = load(v + j);
     for (int64_t g = 0; g < group; ++g) {
       const float w = scores[g * len + t];
       float* ag = acc + g * dim;

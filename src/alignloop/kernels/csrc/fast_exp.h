@@ -1,6 +1,6 @@
-// exp for the kernels' softmaxes. fast_exp(x): exp of a finite float x, in plain arithmetic that GCC vectorizes (glibc's scalar expf stops the
-// vectorizer). Cody-Waite range reduction, a degree-6 polynomial on [-ln2/2, ln2/2], and 2^n built
-// from the exponent bits: within a few ulp of expf on [-87.3, 88]; inputs are clamped to that range
+// exp for the kernels' softmaxes. fast_exp(x): exp of a finite float x, in plain arithmetic that
+// GCC vectorizes (glibc's scalar expf stops the vectorizer). Cody-Waite range reduction, a degree-6
+// polynomial on [-ln2/2, ln2/2], and 2^n built from the exponent bits: within a few ulp of expf on [-87.3, 88]; inputs are clamped to that range
 // (below it the true value is under 1.2e-38, which softmaxes read as zero).
 #pragma once
 

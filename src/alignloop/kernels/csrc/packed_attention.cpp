@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bf16.h"
 #include "fast_exp.h"
 
 #include <immintrin.h>
@@ -25,24 +26,17 @@
 
 namespace {
 
-inline float load(const float* p) { return *p; }
-inline float load(const uint16_t* p) { return __builtin_bit_cast(float, static_cast<uint32_t>(*p) << 16); }
-inline void store(float* p, float x) { *p = x; }
-inline void store(uint16_t* p, float x) {  // round to nearest even, as torch's float -> bfloat16
-  uint32_t bits = __builtin_bit_cast(uint32_t, x);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  *p = static_cast<uint16_t>(bits >> 16);
-}
+using alignloop::load;
+using alignloop::store;
 
 constexpr int64_t kLanes = 16;  // fp32 lanes of a 512-bit vector: keys are padded to a multiple
 constexpr int64_t kRows = 4;    // queries per pass over a text's keys (each key load feeds 4 FMAs)
 
 // One (text, head): the scores of kRows queries at a time, as vectors over 16 keys, then their
-// softmax and the weighted sum of values. D > 0 fixes the head width at compile time.
-template <int D, typename T>
-void one_head(const T* qkv, T* out, int64_t first, int64_t len, int64_t h, int64_t heads, int64_t dim_arg,
+// softmax and the weighted sum of values.
+template <typename T>
+void one_head(const T* qkv, T* out, int64_t first, int64_t len, int64_t h, int64_t heads, int64_t dim,
               float scale, std::vector<float>& kt, std::vector<float>& v, std::vector<float>& s) {
-  const int64_t dim = D > 0 ? D : dim_arg;
   const int64_t width = heads * dim, row = 3 * width;
   const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
   kt.assign(dim * padded, 0.f);  // keys transposed: [dim][padded]
@@ -53,8 +47,8 @@ void one_head(const T* qkv, T* out, int64_t first, int64_t len, int64_t h, int64
     for (int64_t d = 0; d < dim; ++d) kt[d * padded + j] = load(r + width + d);
     for (int64_t d = 0; d < dim; ++d) v[j * dim + d] = load(r + 2 * width + d);
   }
-  float q[kRows][D > 0 ? D : 512];
-  float acc[kRows][D > 0 ? D : 512];
+  float q[kRows][512];  // the head width is at most 512 (checked by the caller)
+  float acc[kRows][512];
   for (int64_t i0 = 0; i0 < len; i0 += kRows) {
     const int64_t rows = len - i0 < kRows ? len - i0 : kRows;
     for (int64_t r = 0; r < kRows; ++r) {
@@ -110,13 +104,7 @@ void run(const T* qkv, T* out, const int64_t* offsets, int64_t texts, int64_t he
       // both ends in turn gives each thread a share of the long texts (cost grows as length^2).
       const int64_t task = i % 2 == 0 ? i / 2 : tasks - 1 - i / 2;
       const int64_t text = task / heads, h = task % heads;
-      const int64_t first = offsets[text], len = offsets[text + 1] - first;
-      if (dim == 32)
-        one_head<32>(qkv, out, first, len, h, heads, dim, scale, kt, v, s);
-      else if (dim == 64)
-        one_head<64>(qkv, out, first, len, h, heads, dim, scale, kt, v, s);
-      else
-        one_head<0>(qkv, out, first, len, h, heads, dim, scale, kt, v, s);
+      one_head(qkv, out, offsets[text], offsets[text + 1] - offsets[text], h, heads, dim, scale, kt, v, s);
     }
   });
 }
@@ -142,12 +130,9 @@ at::Tensor packed_attention(const at::Tensor& qkv, const at::Tensor& offsets, in
   for (int64_t t = 0; t < texts; ++t) TORCH_CHECK(off[t + 1] > off[t], "packed_attention: an empty text");
   auto out = at::empty({tokens, heads * dim}, qkv.options());
   const float s = static_cast<float>(scale);
-  if (qkv.scalar_type() == at::kFloat) {
-    run(qkv.data_ptr<float>(), out.data_ptr<float>(), off, texts, heads, dim, s);
-  } else {
-    run(reinterpret_cast<const uint16_t*>(qkv.data_ptr<at::BFloat16>()),
-        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), off, texts, heads, dim, s);
-  }
+  alignloop::with_data(qkv, [&](auto* in) {
+    run(in, static_cast<alignloop::element_t<decltype(in)>*>(out.data_ptr()), off, texts, heads, dim, s);
+  });
   return out;
 }
 

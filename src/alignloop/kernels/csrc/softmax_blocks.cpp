@@ -13,37 +13,29 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "bf16.h"
 #include "fast_exp.h"
 
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-inline float widen(uint16_t x, uint32_t* bits) {
-  *bits = static_cast<uint32_t>(x) << 16;
-  return __builtin_bit_cast(float, *bits);
-}
-
-inline float same(float x, uint32_t* bits) {
-  *bits = __builtin_bit_cast(uint32_t, x);
-  return x;
-}
+using alignloop::load;
 
 // One row: x = logits * inv_t (kept for the second sweep), its max, then exp(x - max) summed per
 // block. Returns whether every logit was finite (checked on the bits: the build assumes finite
 // floats, so the caller falls back to torch ops for a row that is not).
-template <typename Load>
-bool one_row(Load load, int64_t vocab, int64_t block, float inv_t, float* x, float* logz, double* mass) {
+template <typename T>
+bool one_row(const T* row, int64_t vocab, int64_t block, float inv_t, float* x, float* logz, double* mass) {
   int bad = 0;
   for (int64_t i = 0; i < vocab; ++i) {
-    uint32_t bits;
-    x[i] = load(i, &bits) * inv_t;
-    bad |= (bits & 0x7F800000u) == 0x7F800000u;
+    const float raw = load(row + i);
+    bad |= (__builtin_bit_cast(uint32_t, raw) & 0x7F800000u) == 0x7F800000u;
+    x[i] = raw * inv_t;
   }
   if (bad) return false;
   float top = x[0];
@@ -86,25 +78,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_blocks(const at::Tensor& 
   float* lz = logz.data_ptr<float>();
   double* ms = mass.data_ptr<double>();
   const int64_t stride = logits.stride(0), blocks = vocab / block;
-  const bool bf16 = logits.scalar_type() == at::kBFloat16;
-  const auto* half = bf16 ? reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()) : nullptr;
-  const float* full = bf16 ? nullptr : logits.data_ptr<float>();
   std::atomic<bool> finite{true};
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(vocab);
-    for (int64_t r = begin; r < end; ++r) {
-      bool ok;
-      if (bf16) {
-        const uint16_t* row = half + r * stride;
-        ok = one_row([row](int64_t i, uint32_t* bits) { return widen(row[i], bits); }, vocab, block, inv_t[r],
-                     x.data(), lz + r, ms + r * blocks);
-      } else {
-        const float* row = full + r * stride;
-        ok = one_row([row](int64_t i, uint32_t* bits) { return same(row[i], bits); }, vocab, block, inv_t[r],
-                     x.data(), lz + r, ms + r * blocks);
-      }
-      if (!ok) finite = false;
-    }
+  alignloop::with_data(logits, [&](auto* data) {
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> x(vocab);
+      for (int64_t r = begin; r < end; ++r)
+        if (!one_row(data + r * stride, vocab, block, inv_t[r], x.data(), lz + r, ms + r * blocks)) finite = false;
+    });
   });
   return {logz, mass, at::scalar_tensor(finite.load(), logits.options().dtype(at::kBool))};
 }
@@ -133,23 +113,18 @@ at::Tensor mass_above(const at::Tensor& logits, const at::Tensor& rows, const at
   float* op = out.data_ptr<float>();
   const float* inv_t = inv_temperature.data_ptr<float>();
   const float* lz = logz.data_ptr<float>();
-  const bool bf16 = logits.scalar_type() == at::kBFloat16;
-  const auto* half = bf16 ? reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()) : nullptr;
-  const float* full = bf16 ? nullptr : logits.data_ptr<float>();
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(vocab);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = rp[i];
-      uint32_t bits;
-      if (bf16)
-        for (int64_t j = 0; j < vocab; ++j) x[j] = widen(half[r * stride + j], &bits);
-      else
-        for (int64_t j = 0; j < vocab; ++j) x[j] = full[r * stride + j];
-      const float chosen = x[tp[i]], t = inv_t[r], z = lz[r];
-      float total = 0.f;
-      for (int64_t j = 0; j < vocab; ++j) total += x[j] > chosen ? alignloop::fast_exp(x[j] * t - z) : 0.f;
-      op[i] = total;
-    }
+  alignloop::with_data(logits, [&](auto* data) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> x(vocab);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = rp[i];
+        for (int64_t j = 0; j < vocab; ++j) x[j] = load(data + r * stride + j);
+        const float chosen = x[tp[i]], t = inv_t[r], z = lz[r];
+        float total = 0.f;
+        for (int64_t j = 0; j < vocab; ++j) total += x[j] > chosen ? alignloop::fast_exp(x[j] * t - z) : 0.f;
+        op[i] = total;
+      }
+    });
   });
   return out;
 }
