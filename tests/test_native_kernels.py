@@ -108,14 +108,18 @@ def packed():
     return built("packed_attention")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,dim", [(12, 32), (2, 64), (3, 48)])
-def test_packed_attention_matches_sdpa_per_text(packed, dtype, heads, dim):
+@pytest.mark.parametrize("dtype,tiles", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("heads,dim", [(12, 32), (2, 64), (3, 48), (2, 80)])
+def test_packed_attention_matches_sdpa_per_text(packed, dtype, tiles, heads, dim):
+    if tiles and not torch.ops.alignloop.packed_attention_has_tiles():
+        pytest.skip("no AMX tiles on this CPU (or the kernel was built without them)")
     torch.manual_seed(heads * dim)
-    lengths = [1, 5, 5, 16, 17, 40, 3]  # unsorted, a one-token text, lengths around the 16-key blocks
+    # Unsorted; a one-token text; lengths around the 16- and 32-key blocks; over 64 keys (more
+    # score blocks than the tile path holds at once) and an odd length (a value row without a pair).
+    lengths = [1, 5, 5, 16, 17, 40, 3, 33, 97, 64]
     offsets = torch.tensor([0, *lengths]).cumsum(0)
     qkv = torch.randn(sum(lengths), 3 * heads * dim).to(dtype)
-    out = packed(qkv, offsets, heads, dim**-0.5)
+    out = packed(qkv, offsets, heads, dim**-0.5, tiles)
     want = []
     for i, n in enumerate(lengths):
         q, k, v = qkv[offsets[i]:offsets[i + 1]].float().view(n, 3, heads, dim).unbind(1)

@@ -25,8 +25,11 @@ ThreadsOpt = Annotated[int | None, typer.Option(
 def _restart_under_tcmalloc(name: str) -> None:
     """Run this bench process under TCMalloc where the system has it (`engine/allocator.py`: our
     engine measured 938 vs 875 tok/s against tuned glibc malloc): the allocator vLLM's CPU docs ask
-    for and its worker gets, so every side of `bench generate` runs on the same one. Only a real
-    `alignloop bench NAME` command line restarts (not a test calling the command in-process)."""
+    for and its worker gets, and PyTorch's CPU tuning guide recommends for inference. Every side of
+    a bench runs in this one process (or, vLLM, under the same allocator), so all get it: under
+    glibc, a reward round spent ~8% of its time faulting in pages of freshly mapped activations, on
+    both sides. Only a real `alignloop bench NAME` command line restarts (not a test calling the
+    command in-process)."""
     from alignloop.engine.allocator import ld_preload, tcmalloc_loaded, tcmalloc_path
 
     path = tcmalloc_path()
@@ -60,6 +63,7 @@ def bench_reward(
 ) -> None:
     """Reward scoring throughput: MiniLM + heads (ours) vs an HF AutoModelForSequenceClassification of the same
     size, both sorted by length, in each dtype; the headline is the peer's fastest dtype."""
+    _restart_under_tcmalloc("reward")
     from alignloop.bench.reward import run_bench
 
     config = {"responses": responses, "batch": batch, "dtypes": dtypes, "peer_attention": peer_attention,

@@ -31,6 +31,8 @@ def _sentences(text: str) -> list[str]:
 
 
 def _emoji(text: str) -> int:
+    if text.isascii():  # most answers: one C-level scan instead of a Python step per character
+        return 0
     return sum(1 for ch in text if ord(ch) > 0x2000 and unicodedata.category(ch) == "So")
 
 
