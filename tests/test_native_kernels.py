@@ -156,3 +156,27 @@ def test_mass_above_is_the_probability_of_the_likelier_tokens(dtype):
     torch.testing.assert_close(kernel(logits, rows, token, inv_t, logz), want, atol=1e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="out of range"):
         kernel(logits, torch.tensor([5]), torch.tensor([0]), inv_t, logz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [384, 40, 1])
+def test_layer_norm_matches_torch(dtype, width):
+    ln = built("layer_norm")
+    torch.manual_seed(width)
+    x = (torch.randn(300, width) * 3 + 1).to(dtype)  # an offset mean: the variance must not cancel
+    w, b = torch.randn(width).to(dtype), torch.randn(width).to(dtype)
+    out = ln(x, w, b, 1e-12)
+    want = F.layer_norm(x.float(), (width,), w.float(), b.float(), 1e-12)
+    assert out.dtype == dtype and out.shape == x.shape
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out.float(), want, **tol)
+
+
+def test_layer_norm_refuses_bad_input():
+    ln = built("layer_norm")
+    with pytest.raises(RuntimeError, match="contiguous CPU matrix"):
+        ln(torch.zeros(4, 8).t(), torch.zeros(4), torch.zeros(4), 1e-5)
+    with pytest.raises(RuntimeError, match="in x's dtype"):
+        ln(torch.zeros(4, 8), torch.zeros(8).bfloat16(), torch.zeros(8), 1e-5)
+    with pytest.raises(RuntimeError, match="in x's dtype"):
+        ln(torch.zeros(4, 8), torch.zeros(7), torch.zeros(7), 1e-5)

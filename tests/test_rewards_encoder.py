@@ -12,7 +12,7 @@ TEXTS = ["hi", "", "Is the ramen place on the corner still open this late at nig
          "Sure! Try the miso one.", "galaxy " * 40]
 
 
-attention_by = native_and_torch("packed_attention")  # the packed kernel, and torch's SDPA per run
+kernels = native_and_torch("packed_attention", "layer_norm")  # the native kernels, and torch's ops
 
 
 @pytest.fixture(scope="module")

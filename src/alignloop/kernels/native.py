@@ -4,6 +4,7 @@
     softmax_blocks     a logits matrix's log-normaliser and per-block probability mass (sampling),
                        and `mass_above`: the mass more likely than a drawn token (its top-p test)
     packed_attention   the reward encoder's self-attention of texts packed without padding
+    layer_norm         the reward encoder's LayerNorm (bf16), one read and one write per row
 
 `op(name)` returns the compiled operator (`torch.ops.alignloop.<name>`), or None where it cannot
 be had: no C++ compiler, no `ninja`, not an x86 CPU with AVX-512, or `ALIGNLOOP_NATIVE=0` in the
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "decode_attention.cpp", CSRC / "softmax_blocks.cpp", CSRC / "packed_attention.cpp"]
+SOURCES = [CSRC / "decode_attention.cpp", CSRC / "softmax_blocks.cpp", CSRC / "packed_attention.cpp",
+           CSRC / "layer_norm.cpp"]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
 # -ffast-math lets GCC reassociate the sums into vector lanes and if-convert the max; it also
 # assumes finite floats, so the kernels check their inputs' bits where an infinity can come in
@@ -101,6 +103,10 @@ def mass_above() -> Any:
 
 def packed_attention() -> Any:
     return op("packed_attention")
+
+
+def layer_norm() -> Any:
+    return op("layer_norm")
 
 
 def _build() -> Any:
