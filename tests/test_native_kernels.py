@@ -63,6 +63,67 @@ def test_kernel_matches_fp32_attention_and_writes_only_the_new_position(kernel, 
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=1e-2)
 
 
+def rotated(x, cos, sin):
+    """The engine's rotation (`llama._rotate`) in fp32: x [n, heads, d], cos/sin [n, d]."""
+    half = x.shape[-1] // 2
+    x = x.float()
+    return x * cos.float()[:, None] + torch.cat((x[..., half:], x[..., :half]), -1) * sin.float()[:, None]
+
+
+@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 9, 3), (32, 4, 2)])
+def test_kernel_rotates_q_and_k_at_each_rows_position(kernel, dim, heads, kv_heads):
+    torch.manual_seed(dim + 1)
+    n, slots, capacity, table = 4, 5, 24, 30
+    k_cache = torch.randn(slots, kv_heads, capacity, dim).bfloat16()
+    v_cache = torch.randn(slots, kv_heads, capacity, dim).bfloat16()
+    fused = torch.randn(n, heads + 2 * kv_heads, dim).bfloat16()
+    q, k, v = fused.split((heads, kv_heads, kv_heads), dim=1)
+    angles = torch.randn(table, dim) * 3
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    positions = torch.tensor([0, 5, 23, 11])
+    out = kernel(q, k, v, k_cache, v_cache, positions, dim**-0.5, cos, sin)
+    rq, rk = rotated(q, cos[positions], sin[positions]), rotated(k, cos[positions], sin[positions])
+    for i, p in enumerate(positions.tolist()):  # the new keys land rotated (rounded once to bf16)
+        torch.testing.assert_close(k_cache[i, :, p].float(), rk[i].bfloat16().float(), atol=1e-6, rtol=8e-3)
+        assert torch.equal(v_cache[i, :, p], v[i])
+    want = reference(rq, k_cache, v_cache, positions.tolist(), dim**-0.5)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="come together"):
+        kernel(q, k, v, k_cache, v_cache, positions, dim**-0.5, cos, None)
+    with pytest.raises(RuntimeError, match="past the rotary tables"):
+        kernel(q, k, v, k_cache, v_cache, positions, dim**-0.5, cos[:20], sin[:20])
+
+
+def test_add_rms_norm_adds_in_place_then_normalises():
+    add_rms_norm = built("add_rms_norm")
+    torch.manual_seed(3)
+    h = (torch.randn(64, 576) * 4).bfloat16()
+    delta = torch.randn(64, 576).bfloat16()
+    weight = torch.randn(576).bfloat16()
+    summed = h + delta  # torch's bf16 add: the residual stream as the torch path leaves it
+    want = F.rms_norm(summed.float(), (576,), weight.float(), eps=1e-5)
+    out = add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(h, summed)
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=1e-2)
+    before = h.clone()
+    torch.testing.assert_close(add_rms_norm(h, None, weight, 1e-5).float(), want, atol=2e-2, rtol=1e-2)
+    assert torch.equal(h, before)  # nothing to add: h is left alone
+    with pytest.raises(RuntimeError, match="delta must have h's shape"):
+        add_rms_norm(h, delta[:3], weight, 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        add_rms_norm(h.float(), None, weight, 1e-5)
+
+
+def test_silu_mul_of_the_fused_gate_up():
+    silu_mul = built("silu_mul")
+    torch.manual_seed(4)
+    gate_up = (torch.randn(64, 2 * 1536) * 5).bfloat16()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul(gate_up).float(), F.silu(gate) * up, atol=3e-2, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="even width"):
+        silu_mul(gate_up[:, 1:].contiguous())
+
+
 def test_kernel_refuses_bad_input(kernel):
     k_cache = torch.zeros(2, 1, 8, 16, dtype=torch.bfloat16)
     q = torch.zeros(2, 1, 16, dtype=torch.bfloat16)
@@ -97,7 +158,7 @@ def test_bf16_decode_with_the_kernel_is_as_close_to_fp32_as_without(smollm2):
         for name in ("kernel", "torch"):
             errors[name].append(float((logprobs[name] - truth).abs().mean()))
             agree[name] += (logprobs[name].argmax(-1) == truth.argmax(-1)).tolist()
-    assert e16.lm._native_attention() is None  # the switch is honoured
+    assert e16.lm._native_ops() is None  # the switch is honoured
     kernel, torch_ops = sum(errors["kernel"]) / 2, sum(errors["torch"]) / 2
     assert kernel < 0.15 and kernel < 1.5 * torch_ops + 0.02, errors
     assert sum(agree["kernel"]) >= 0.85 * len(agree["kernel"]), agree

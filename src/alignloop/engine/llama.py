@@ -152,7 +152,7 @@ class CausalLM:
         half = sin.shape[-1] // 2
         self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(dtype)  # see _rotate
         self._scratch: dict[str, torch.Tensor] = {}
-        self.use_native = True  # the hand-written decode attention where it builds (`_native_attention`)
+        self.use_native = True  # the hand-written decode kernels where they build (`_native_ops`)
         self.k_cache = self.v_cache = torch.empty(0)
         self.ensure_cache(max_slots, min(self.max_len, 256))
 
@@ -286,12 +286,8 @@ class CausalLM:
 
     def _mlp_and_residual(self, layer: dict, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual stream after attention's output projection and the MLP (updates `h` in place)."""
-        h += layer["o_fn"](attn)
-        x = _rms_norm(h, layer["ln2"], self.arch.rms_eps)
-        gate, up = layer["gate_up_fn"](x).chunk(2, dim=-1)
-        # silu out of place: `gate` is a strided half of gate|up, and the down projection wants a
-        # contiguous input.
-        return h.add_(layer["down_fn"](F.silu(gate).mul_(up)))
+        x = self._add_norm(h, layer["o_fn"](attn), layer["ln2"])
+        return h.add_(layer["down_fn"](self._act(layer["gate_up_fn"](x))))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits in the engine's dtype (`sampling.sample` takes its softmax in fp32 from them)."""
@@ -411,13 +407,18 @@ class CausalLM:
     # ---- decode ------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One new token for each live row 0..n-1 at the given positions; returns logits [n, vocab]."""
+        """One new token for each live row 0..n-1 at the given positions; returns logits [n, vocab].
+
+        Each layer as `add_norm` (the previous layer's residual add, then the norm), q|k|v, attention,
+        `add_norm` again, gate|up, `act` (silu(gate) * up) and down; the last layer's residual add
+        comes with the final norm. With the native kernels (`_native_ops`) that is 4 matmuls and 4
+        other ops a layer; the torch path runs the same maths op by op."""
         a = self.arch
         n = tokens.shape[0]
         span = int(positions.max()) + 1
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        kernel = self._native_attention()
-        if kernel is None:
+        ops = self._native_ops()
+        if ops is None:
+            cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
             # Where each row's new key/value goes in a layer's cache seen as [slot * kv_head * position, d]:
             # one index_copy_ per layer (0.015 ms) instead of an advanced-index assignment (0.03 ms).
             capacity = self.k_cache.shape[3]
@@ -427,35 +428,65 @@ class CausalLM:
             # Rows shorter than the longest one must not see stale cache entries beyond their position.
             hidden = torch.arange(span)[None, :] > positions[:, None]
             bias = torch.zeros(n, 1, span).masked_fill_(hidden[:, None, :], float("-inf"))
+            add_norm, act = self._add_norm, self._act
         else:
+            attention, add_rms_norm, act = ops
             rows_at, scale = positions.to(torch.long).contiguous(), a.head_dim**-0.5
+
+            def add_norm(h, delta, weight):
+                return add_rms_norm(h, delta, weight, a.rms_eps)
         h = F.embedding(tokens, self.embed)
+        delta = None  # the previous layer's MLP output, not yet added to h
         for li, layer in enumerate(self.layers):
-            x = _rms_norm(h, layer["ln1"], a.rms_eps)
-            q, k, v = self._qkv(layer, x, cos, sin)  # q [n, heads, d], k/v [n, kv_heads, d]
+            x = add_norm(h, delta, layer["ln1"])
             k_cache, v_cache = self.k_cache[li], self.v_cache[li]
-            if kernel is not None:  # writes k and v into the cache itself
-                attn = kernel(q, k, v, k_cache, v_cache, rows_at, scale)
+            if ops is not None:  # the kernel rotates q and k and writes k and v into the cache itself
+                qkv = layer["qkv_fn"](x)
+                q = qkv[:, : self.q_size].view(n, a.heads, a.head_dim)
+                k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, a.kv_heads, a.head_dim)
+                v = qkv[:, self.q_size + self.kv_size :].view(n, a.kv_heads, a.head_dim)
+                attn = attention(q, k, v, k_cache, v_cache, rows_at, scale, self.cos, self.sin)
             else:
+                q, k, v = self._qkv(layer, x, cos, sin)  # q [n, heads, d], k/v [n, kv_heads, d]
                 k_cache.view(-1, a.head_dim).index_copy_(0, where, k.reshape(-1, a.head_dim))
                 v_cache.view(-1, a.head_dim).index_copy_(0, where, v.reshape(-1, a.head_dim))
                 attn = self._decode_attention(q, k_cache[:n, :, :span], v_cache[:n, :, :span], bias)
-            h = self._mlp_and_residual(layer, h, attn)
-        return self._logits(h)
+            x = add_norm(h, layer["o_fn"](attn), layer["ln2"])
+            delta = layer["down_fn"](act(layer["gate_up_fn"](x)))
+        return self.lm_head_fn(add_norm(h, delta, self.final_norm))
 
-    def _native_attention(self):
-        """The hand-written kernel for bf16 caches on a CPU (`native.decode_attention`), else None.
+    def _add_norm(self, h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """h += delta (in place; none: nothing to add), then RMSNorm(h) * weight."""
+        if delta is not None:
+            h += delta
+        return _rms_norm(h, weight, self.arch.rms_eps)
 
-        It writes the new keys and values and reads each row's cache where it lies, once; the
-        torch-ops path below copies every layer's slice out first. At 64 rows x ~100 positions
+    @staticmethod
+    def _act(gate_up: torch.Tensor) -> torch.Tensor:
+        # silu out of place: `gate` is a strided half of gate|up, and the down projection wants a
+        # contiguous input.
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+
+    def _native_ops(self):
+        """(decode attention, add_rms_norm, silu_mul): the hand-written kernels for a bf16 engine on
+        a CPU (`alignloop.kernels`), else None.
+
+        Attention writes the new keys and values and reads each row's cache where it lies, once;
+        the torch-ops path below copies every layer's slice out first. At 64 rows x ~100 positions
         (SmolLM2's 3 KV heads, 2 threads, AMX Xeon) attention took 0.28 ms a layer against ~0.65,
         and the 64-prompt rollout ran 1,055 against 957 tokens/s sampled, 1,179 against 1,034 with
-        EOS ignored. Its output differs from the torch path's by bf16 rounding only (its scores and
-        weights stay fp32): both are as close to the fp32 engine (tests/test_native_kernels.py).
+        EOS ignored. The kernel also rotates q and k, and the other two fuse the residual adds,
+        norms and activation (8 ops a layer instead of ~16, each launched from Python): with them
+        1,316-1,323 against 1,015-1,053 tokens/s sampled, 1,366-1,491 against 1,213-1,266 with EOS
+        ignored (alternating processes, TCMalloc). Outputs differ from the torch path's by bf16
+        rounding only (the kernels round once where torch rounds after each op): both are as close
+        to the fp32 engine (tests/test_native_kernels.py).
         """
         if self.dtype != torch.bfloat16 or self.k_cache.device.type != "cpu" or not self.use_native:
             return None
-        return native.decode_attention()
+        ops = (native.decode_attention(), native.add_rms_norm(), native.silu_mul())
+        return None if any(op is None for op in ops) else ops
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           bias: torch.Tensor) -> torch.Tensor:

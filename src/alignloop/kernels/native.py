@@ -1,6 +1,9 @@
 """Hand-written CPU kernels (`csrc/*.cpp`), compiled on first use into one library:
 
     decode_attention   the engine's decode-step attention over its bf16 KV cache, read in place
+                       (rotating q and k on the way in)
+    add_rms_norm       the engine's residual add and RMSNorm in one op, and `silu_mul`: its MLP's
+                       activation from the fused gate|up output
     softmax_blocks     a logits matrix's log-normaliser and per-block probability mass (sampling),
                        and `mass_above`: the mass more likely than a drawn token (its top-p test)
     packed_attention   the reward encoder's self-attention of texts packed without padding
@@ -29,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "decode_attention.cpp", CSRC / "softmax_blocks.cpp", CSRC / "packed_attention.cpp",
-           CSRC / "layer_norm.cpp"]
+SOURCES = [CSRC / "decode_attention.cpp", CSRC / "layer_ops.cpp", CSRC / "softmax_blocks.cpp",
+           CSRC / "packed_attention.cpp", CSRC / "layer_norm.cpp"]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
 # -ffast-math lets GCC reassociate the sums into vector lanes and if-convert the max; it also
 # assumes finite floats, so the kernels check their inputs' bits where an infinity can come in
@@ -91,6 +94,14 @@ def status() -> str:
 
 def decode_attention() -> Any:
     return op("decode_attention")
+
+
+def add_rms_norm() -> Any:
+    return op("add_rms_norm")
+
+
+def silu_mul() -> Any:
+    return op("silu_mul")
 
 
 def softmax_blocks() -> Any:
