@@ -14,6 +14,8 @@ made of:
                 prefill's fused attention)
     kv_write    each layer's new keys/values into the cache (index_copy_) without the kernel
     norm_rope   RMSNorm, rotary embedding (mul, cat, add of rotations), SiLU and the residual adds
+                (with the native kernels: `add_rms_norm` and `silu_mul`; the rotation is inside
+                the attention kernel)
     sampling    every op on [rows, vocab] tensors but the LM head (the logits' fp32 copy, softmax,
                 top-p), random numbers, argmax
     other_ops   every other operator (embedding, indexing, conversions, small tensors)
@@ -52,7 +54,7 @@ PARTS: dict[str, str] = {
     "alignloop::decode_attention": "attention",
     "aten::rms_norm": "norm_rope", "aten::_fused_rms_norm": "norm_rope", "aten::mul": "norm_rope",
     "aten::mul_": "norm_rope", "aten::cat": "norm_rope", "aten::silu": "norm_rope", "aten::add_": "norm_rope",
-    "aten::silu_": "norm_rope",
+    "aten::silu_": "norm_rope", "alignloop::add_rms_norm": "norm_rope", "alignloop::silu_mul": "norm_rope",
     "aten::argmax": "sampling", "aten::multinomial": "sampling", "aten::topk": "sampling",
     "aten::sort": "sampling", "aten::cumsum": "sampling", "aten::div": "sampling", "aten::rand": "sampling",
     "aten::uniform_": "sampling", "aten::exp": "sampling", "aten::sum": "sampling", "aten::where": "sampling",
