@@ -91,7 +91,18 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
       const uint16_t* g = gp + r * 2 * inner;
       const uint16_t* u = g + inner;
       uint16_t* o = op + r * inner;
-      for (int64_t j = 0; j < inner; ++j) {
+      int64_t j = 0;
+      // 16 at a time with the CPU's approximate reciprocal (relative error < 2^-14, far below the
+      // output's bf16 rounding): a division per vector cost twice the rest of the loop (46 us a
+      // call at 64 x 1536).
+      for (; j + 16 <= inner; j += 16) {
+        const __m512 a = alignloop::widen16(g + j);
+        const __m512 e = alignloop::exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));
+        const __m512 y = _mm512_mul_ps(_mm512_mul_ps(a, _mm512_rcp14_ps(_mm512_add_ps(e, _mm512_set1_ps(1.f)))),
+                                       alignloop::widen16(u + j));
+        alignloop::narrow16(o + j, y);
+      }
+      for (; j < inner; ++j) {
         const float a = load(g + j);
         o[j] = narrow(a / (1.f + alignloop::fast_exp(-a)) * load(u + j));
       }

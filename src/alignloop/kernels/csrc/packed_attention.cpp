@@ -208,24 +208,6 @@ inline void copy_padded(const uint16_t* from, uint16_t* to, int64_t count, int64
   }
 }
 
-// exp(x) of 16 floats, as `fast_exp` (see fast_exp.h).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 struct TileBuffers {
@@ -293,7 +275,7 @@ void one_head_tiles(const uint16_t* qkv, uint16_t* out, int64_t first, int64_t l
       uint16_t* w = b.p.data() + r * l32;
       for (int64_t j = 0; j < l32; j += 16) {
         const __mmask16 m = j < len ? first_lanes(len - j) : 0;
-        const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + (j < l16 ? j : 0)), shift), scaled)));
+        const __m512 e = _mm512_maskz_mov_ps(m, alignloop::exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + (j < l16 ? j : 0)), shift), scaled)));
         total = _mm512_add_ps(total, e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + j), (__m256i)_mm512_cvtneps_pbh(e));
       }
