@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from alignloop.engine import allocator
-from alignloop.engine.engine import cpu_flags
 from alignloop.kernels import native
+from alignloop.kernels.native import cpu_flags
 from alignloop.train.threads import torch_threads
 from alignloop.ui import say
 

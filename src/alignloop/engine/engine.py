@@ -22,6 +22,7 @@ from alignloop.engine.api import Completion, SamplingParams, per_prompt
 from alignloop.engine.llama import CausalLM
 from alignloop.engine.prefix_cache import PrefixCache
 from alignloop.engine.sampling import sample
+from alignloop.kernels.native import cpu_flags
 from alignloop.models import load_model
 from alignloop.ui import progress
 
@@ -42,18 +43,6 @@ def pick_dtype(name: str) -> torch.dtype:
         return torch.bfloat16
     flags = cpu_flags()
     return torch.bfloat16 if {"amx_bf16", "avx512_bf16"} & flags else torch.float32
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 @dataclass

@@ -277,7 +277,7 @@ void one_head_tiles(const uint16_t* qkv, uint16_t* out, int64_t first, int64_t l
         const __mmask16 m = j < len ? first_lanes(len - j) : 0;
         const __m512 e = _mm512_maskz_mov_ps(m, alignloop::exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + (j < l16 ? j : 0)), shift), scaled)));
         total = _mm512_add_ps(total, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + j), (__m256i)_mm512_cvtneps_pbh(e));
+        alignloop::narrow16(w + j, e);
       }
       inv[r] = 1.f / _mm512_reduce_add_ps(total);
     }
@@ -286,8 +286,7 @@ void one_head_tiles(const uint16_t* qkv, uint16_t* out, int64_t first, int64_t l
       uint16_t* o = out + (first + i0 + r) * width + h * dim;
       const __m512 norm = _mm512_set1_ps(inv[r]);
       for (int64_t d = 0; d < dim; d += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(b.o.data() + r * dim + d), norm)));
+        alignloop::narrow16(o + d, _mm512_mul_ps(_mm512_loadu_ps(b.o.data() + r * dim + d), norm));
     }
   }
 }
