@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignloop.kernels import native
 from alignloop.engine.api import SamplingParams
 from alignloop.engine.engine import Engine
+from alignloop.kernels import native
 
 pytestmark = pytest.mark.skipif(native.why_not() is not None, reason=f"native kernel: {native.why_not()}")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from alignloop.kernels import native
 from alignloop.fp8.linear import Fp8Linear
+from alignloop.kernels import native
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 # Below this many tokens, a separate forward for the shared prefix costs more than it saves.
