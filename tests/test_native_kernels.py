@@ -169,18 +169,21 @@ def packed():
     return built("packed_attention")
 
 
-@pytest.mark.parametrize("dtype,tiles", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,tiles,pairs", [(torch.float32, False, False), (torch.bfloat16, False, False),
+                                               (torch.bfloat16, False, True), (torch.bfloat16, True, False)])
 @pytest.mark.parametrize("heads,dim", [(12, 32), (2, 64), (3, 48), (2, 80)])
-def test_packed_attention_matches_sdpa_per_text(packed, dtype, tiles, heads, dim):
+def test_packed_attention_matches_sdpa_per_text(packed, dtype, tiles, pairs, heads, dim):
     if tiles and not torch.ops.alignloop.packed_attention_has_tiles():
         pytest.skip("no AMX tiles on this CPU (or the kernel was built without them)")
+    if pairs and not torch.ops.alignloop.packed_attention_has_pairs():
+        pytest.skip("no AVX512-BF16 on this CPU")
     torch.manual_seed(heads * dim)
     # Unsorted; a one-token text; lengths around the 16- and 32-key blocks; over 64 keys (more
     # score blocks than the tile path holds at once) and an odd length (a value row without a pair).
     lengths = [1, 5, 5, 16, 17, 40, 3, 33, 97, 64]
     offsets = torch.tensor([0, *lengths]).cumsum(0)
     qkv = torch.randn(sum(lengths), 3 * heads * dim).to(dtype)
-    out = packed(qkv, offsets, heads, dim**-0.5, tiles)
+    out = packed(qkv, offsets, heads, dim**-0.5, tiles, pairs)
     want = []
     for i, n in enumerate(lengths):
         q, k, v = qkv[offsets[i]:offsets[i + 1]].float().view(n, 3, heads, dim).unbind(1)

@@ -486,7 +486,9 @@ def _line(names: Names, results: dict[str, list[dict[str, Any]]], hf_timed: dict
                                               names.vllm_fixed if measured_vllm else None, ceiling_tok_s)
     line["best_of_each"] = _best_of_each(summaries, names.ours, names.vllm if measured_vllm else None, hf_timed)
     line["ceiling"] = {"tok_s": ceiling_tok_s, **ceiling.facts(),
-                       "what": "a decode step's GEMMs alone (no attention, norms, sampling), same dtype"}
+                       "step_ms_per_round": [r.get("step_ms") for r in results[names.ceiling]],
+                       "what": "a decode step's GEMMs alone (no attention, norms, sampling), same dtype; "
+                               "each round's median step"}
     line["configs"] = {n: {**s, **_tokens(results[n])} for n, s in summaries.items() if n != names.ceiling}
     return line
 

@@ -17,6 +17,7 @@ the fastest.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,11 +69,18 @@ class GemmRoofline:
     """The GEMM-only decode step at `rows` rows in `dtype`: a bench configuration of its own.
 
     Built once (it picks the fastest layout and kernel, untimed); each call then times `steps`
-    steps and returns {"useful": rows * steps, "computed": same, "seconds": s}, so it can run in
+    steps one by one and returns {"useful": rows * steps, "computed": same, "seconds": steps x
+    the median step, "step_ms": [fastest, median, slowest]}, so it can run in
     `harness.alternate_rounds` beside the engines and see the same load they see.
+
+    The median step, not the sum: a ceiling errs high or not at all. A step that another process
+    interrupts is slower than what the machine does, and a ceiling lowered by it would flatter every
+    fraction measured against it. Measured on a 2-core AMD EPYC (bf16, SmolLM2, 64 rows): 4 steps
+    summed gave 751 to 1,263 tok/s in the three rounds of one bench, 16 steps one by one ~50 ms
+    each (1,280 tok/s) with single steps up to 72 ms.
     """
 
-    def __init__(self, arch: Arch, dtype: str | torch.dtype, rows: int, steps: int = 4):
+    def __init__(self, arch: Arch, dtype: str | torch.dtype, rows: int, steps: int = 16):
         self.arch, self.rows, self.steps = arch, rows, steps
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.choice, self.step = self._fastest()
@@ -93,8 +101,10 @@ class GemmRoofline:
         return best[1], best[2]
 
     def __call__(self) -> dict[str, Any]:
-        seconds = sum(_timed(self.step) for _ in range(self.steps))
-        return {"useful": self.rows * self.steps, "computed": self.rows * self.steps, "seconds": seconds}
+        times = sorted(_timed(self.step) for _ in range(self.steps))
+        median = statistics.median(times)
+        return {"useful": self.rows * self.steps, "computed": self.rows * self.steps, "seconds": median * self.steps,
+                "step_ms": [round(times[0] * 1e3, 2), round(median * 1e3, 2), round(times[-1] * 1e3, 2)]}
 
     def facts(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype).removeprefix("torch."), "rows": self.rows, "kernel": self.choice,
