@@ -152,8 +152,8 @@ def test_every_configuration_is_warmed_up_then_alternated(fake_peers):
     names = seen["names"]
     # by default transformers is timed at its fastest in our dtype, plus its fastest of all (fp32 here)
     assert set(names) == {"ours bfloat16", "ours bfloat16 fixed-length", "vllm bfloat16", "vllm bfloat16 fixed-length",
-                          "gemm ceiling", "transformers generate bfloat16 batch 4",
-                          "transformers generate float32 batch 4"}
+                          "gemm ceiling", "gemm ceiling, the sampled run's steps",
+                          "transformers generate bfloat16 batch 4", "transformers generate float32 batch 4"}
     k = len(names)
     assert calls[:k] == names  # warm-up: each once
     for r in range(3):
@@ -216,9 +216,13 @@ def test_the_roofline_is_measured_in_the_headline_dtype(fake_peers):
     assert line["dtype"] == "float32" and line["ceiling"]["dtype"] == "float32"
     assert line["peer_config"] == "vllm float32" and line["configs"]["vllm float32"]
     assert line["ceiling"]["rows"] == 3 and line["ceiling"]["tok_s"] > 0
-    assert line["ours_fraction_of_ceiling"] == pytest.approx(line["ours"] / line["ceiling"]["tok_s"], abs=1e-3)
+    assert line["ours_fraction_of_64_row_ceiling"] == pytest.approx(line["ours"] / line["ceiling"]["tok_s"], abs=1e-3)
     assert line["fixed_length"]["ours_fraction_of_ceiling"] == pytest.approx(
         line["fixed_length"]["ours"] / line["ceiling"]["tok_s"], abs=1e-3)
+    # the sampled run against the GEMMs of the steps it ran (3 prompts x 4 tokens: 3 decode steps)
+    workload = line["workload_ceiling"]
+    assert workload["steps"] == 3 and workload["tok_s"] > 0 and set(workload["step_ms_at_rows"]) == {1, 2, 3}
+    assert line["ours_fraction_of_ceiling"] == pytest.approx(line["ours"] / workload["tok_s"], abs=1e-3)
 
 
 def test_without_vllm_the_line_says_why_and_transformers_is_the_peer(fake_peers, monkeypatch):
@@ -256,6 +260,39 @@ def test_the_roofline_times_every_linear_layer_of_the_model(tiny):
     result = ceiling()
     assert result["useful"] == result["computed"] == 10 and result["seconds"] > 0
     assert ceiling.facts()["rows"] == 5 and ceiling.facts()["dtype"] == "float32"
+
+
+def test_the_workload_ceiling_times_the_steps_the_run_had(tiny, monkeypatch):
+    from alignloop.bench import roofline
+    from alignloop.engine.llama import Arch
+
+    ceiling = roofline.GemmRoofline(Arch.from_config(tiny[0].config), "float32", rows=8, steps=2)
+    measured = {1: 0.010, 2: 0.012, 4: 0.016, 8: 0.030}  # seconds a GEMM step, by rows (grid up to 8)
+    monkeypatch.setattr(ceiling, "step_seconds", lambda rows, steps: measured[rows])
+    histogram: dict[int, int] = {}
+    workload = roofline.WorkloadCeiling(ceiling, lambda: histogram)
+    with pytest.raises(RuntimeError, match="has not run yet"):
+        workload()
+    histogram.update({8: 10, 6: 2, 1: 3})  # 10 full steps, 2 of 6 rows (between 4 and 8), 3 of one row
+    result = workload()
+    assert result["useful"] == 8 * 10 + 6 * 2 + 3 and result["steps"] == 15
+    assert result["seconds"] == pytest.approx(10 * 0.030 + 2 * 0.023 + 3 * 0.010)
+    assert roofline.interpolate(measured, 3) == pytest.approx(0.014)
+    histogram[9] = 1
+    with pytest.raises(ValueError, match="past the roofline's 8"):
+        workload()
+
+
+def test_an_interrupted_roofline_step_does_not_lower_the_ceiling(tiny, monkeypatch):
+    from alignloop.bench import roofline
+    from alignloop.engine.llama import Arch
+
+    ceiling = roofline.GemmRoofline(Arch.from_config(tiny[0].config), "float32", rows=4, steps=5)
+    times = iter([0.010, 0.011, 0.500, 0.010, 0.012])  # one step shares the CPU with another process
+    monkeypatch.setattr(roofline, "_timed", lambda step: next(times))
+    result = ceiling()
+    assert result["seconds"] == pytest.approx(5 * 0.011)  # five median steps, not the sum (0.543 s)
+    assert result["step_ms"] == [10.0, 11.0, 500.0]
 
 
 def test_the_engine_profile_accounts_for_the_whole_step():

@@ -78,6 +78,7 @@ class Engine:
         self.lm = _runner(model, self.dtype, max_batch, record_routing)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.stats: dict[str, float] = {}
+        self.step_rows: dict[int, int] = {}  # the last generate's decode steps by live rows (the batch shrinks at EOS)
         self.prefix_cache: PrefixCache | None = None
 
     @classmethod
@@ -157,6 +158,7 @@ class Engine:
         waiting = deque(range(len(prompts)))
         live: list[_Live] = []
         started, decode_steps, generated = time.perf_counter(), 0, 0
+        step_rows: dict[int, int] = {}  # live rows in a decode step -> how many steps had that many
         # No bar at all when it would not show: rich's live display redraws from a thread of its own.
         shown = self.show_progress and len(prompts) > 1
         with progress() if shown else _NoBar() as bar:
@@ -164,6 +166,7 @@ class Engine:
             while waiting or live:
                 if live:
                     decode_steps += 1
+                    step_rows[len(live)] = step_rows.get(len(live), 0) + 1
                     self._decode_step(live)
                     generated += len(live)
                 finished = self._retire(live, results)
@@ -177,6 +180,7 @@ class Engine:
                     bar.update(task, advance=finished, info=f"{rate:,.0f} tok/s")
         self.stats = {"decode_steps": decode_steps, "generated_tokens": generated,
                       "seconds": time.perf_counter() - started}
+        self.step_rows = dict(sorted(step_rows.items()))
         return results  # type: ignore[return-value]
 
     def _decode_step(self, live: list[_Live]) -> None:
