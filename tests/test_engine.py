@@ -100,6 +100,10 @@ def test_more_prompts_than_slots_all_finish_in_order(tiny):
     params = [SamplingParams(temperature=1.0, max_tokens=1 + i % 5, seed=i) for i in range(10)]
     outs = engine.generate(prompts, params)
     assert [len(o.token_ids) <= 1 + i % 5 for i, o in enumerate(outs)] == [True] * 10
+    # every decode step counted by its live rows (a sequence's first token comes from its prefill)
+    rows = engine.step_rows
+    assert sum(rows.values()) == engine.stats["decode_steps"] and max(rows) <= 3
+    assert sum(n * steps for n, steps in rows.items()) == sum(len(o.token_ids) - 1 for o in outs)
     alone = [engine.generate([p], [sp])[0] for p, sp in zip(prompts, params)]
     # Per-request seeds: a request samples the same path whatever shares its batch (tiny logits
     # are near-flat, so allow a rare flip from batch-size numerics).
