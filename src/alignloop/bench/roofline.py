@@ -111,7 +111,7 @@ class GemmRoofline:
                 name = f"{'fused' if fused else 'per-layer'} weights, {'pre-packed' if packed else 'F.linear'}"
                 if best is None or seconds < best[0]:
                     best = (seconds, name, chain)
-                del chain, step  # one model's weights at a time (the best one is kept in `best`)
+                del chain, step  # the best so far stays in `best`; the others are freed as we go
         assert best is not None
         return best[1], best[2]
 
