@@ -64,11 +64,14 @@ def test_compare_catches_a_missing_row_and_a_changed_value(world, tmp_path):
     sft.slice(1).write_parquet(tmp_path / "changed" / "sft.parquet")
     dpo = pl.read_parquet(tmp_path / "peer" / "dpo.parquet")
     dpo.with_columns(weight=pl.col("weight") * 0.5).write_parquet(tmp_path / "changed" / "dpo.parquet")
+    prompts = tmp_path / "changed" / "rl" / "train.jsonl"  # the RL prompts are compared as JSONL too
+    prompts.write_text("".join(prompts.read_text().splitlines(keepends=True)[1:]))
     tables, dropped = peer
     tables = {**tables, "users": tables["users"].slice(1)}
     diffs = compare(ours, tmp_path / "ours", (tables, dropped.slice(1)), tmp_path / "changed")
     assert any(d.startswith("dataset sft.parquet:") for d in diffs)
     assert "dataset dpo.parquet: same count, different rows" in diffs
+    assert any(d.startswith("dataset rl/train.jsonl:") for d in diffs)
     assert any(d.startswith("table users:") for d in diffs)
     assert any(d.startswith("dropped by") for d in diffs)
 

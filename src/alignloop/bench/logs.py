@@ -33,7 +33,8 @@ after every filter, decisions with reasons), the peer only the dropped ids; ours
 under a temporary name, syncs it and renames it (`runs.atomic_path`), DuckDB writes it in place.
 
 Identical outputs: after the warm-up, both sides' filtered tables (sorted by their id), the ids
-each filter dropped, and every dataset file (sorted by `example_id`) are compared; `identical` in
+each filter dropped, and every dataset file (sorted by `example_id`; the Parquet files and the RL
+prompts' JSONL, which both sides write) are compared; `identical` in
 the JSON line says whether all are equal, `differences` lists what is not.
 
 `run_memory_check` (off by default in the CLI: simulating 10M events alone takes over five minutes
@@ -182,13 +183,12 @@ def compare(ours: tuple[dict[str, Any], pl.DataFrame], ours_dir: Path, peer: tup
         b = set(peer_dropped.filter(pl.col("filter") == flt)["id"])
         if a != b:
             diffs.append(f"dropped by {flt}: {len(a - b)} only ours, {len(b - a)} only the peer")
-    ours_files = {str(p.relative_to(ours_dir)) for p in ours_dir.rglob("*.parquet")}
-    peer_files = {str(p.relative_to(peer_dir)) for p in peer_dir.rglob("*.parquet")}
+    ours_files = {str(p.relative_to(ours_dir)) for ext in ("parquet", "jsonl") for p in ours_dir.rglob(f"*.{ext}")}
+    peer_files = {str(p.relative_to(peer_dir)) for ext in ("parquet", "jsonl") for p in peer_dir.rglob(f"*.{ext}")}
     if ours_files != peer_files:
         diffs.append(f"dataset files differ: {sorted(ours_files ^ peer_files)}")
     for name in sorted(ours_files & peer_files):
-        a = pl.read_parquet(ours_dir / name)
-        b = pl.read_parquet(peer_dir / name)
+        a, b = _dataset(ours_dir / name), _dataset(peer_dir / name)
         if a.height != b.height:
             diffs.append(f"dataset {name}: {a.height} rows vs {b.height}")
         elif a.columns != b.columns:
@@ -196,6 +196,16 @@ def compare(ours: tuple[dict[str, Any], pl.DataFrame], ours_dir: Path, peer: tup
         elif a.height and not a.sort("example_id").equals(b.cast(dict(a.schema)).sort("example_id")):
             diffs.append(f"dataset {name}: same count, different rows")
     return diffs
+
+
+def _dataset(path: Path) -> pl.DataFrame:
+    """A dataset file as a frame: Parquet, or JSONL read with its Parquet twin's schema (JSON has
+    no types of its own for the comparison to hold both sides to)."""
+    if path.suffix == ".parquet":
+        return pl.read_parquet(path)
+    twin = path.with_suffix(".parquet")
+    schema = pl.read_parquet_schema(twin) if twin.exists() else None
+    return pl.read_ndjson(path, schema=schema)
 
 
 def dataset_rows(folder: Path) -> int:

@@ -5,7 +5,8 @@ The same stages as `alignloop.data.filters` and `alignloop.data.builders`, with 
 loaded with `read_parquet` into tables of one in-memory database, each filter a few SQL statements
 (window functions for ranks, gaps and repeats, `DELETE` for what it drops), each dataset one
 `COPY (query) TO '....parquet'` whose messages are built with list functions (`list(... ORDER
-BY)`, `list_slice`, `||`). No per-row Python anywhere.
+BY)`, `list_slice`, `||`), and the RL prompts once more to JSONL (`FORMAT json`), as ours writes
+them. No per-row Python anywhere.
 
 Three things are not SQL, because they *define* which rows come out rather than how fast, and
 SQL cannot reproduce them bit for bit; DuckDB hands the column over (Arrow), the same Python
@@ -510,13 +511,16 @@ def _user_split(con: duckdb.DuckDBPyConnection, config: BuildConfig) -> None:
 
 
 def _split_copies(con: duckdb.DuckDBPyConnection, name: str, query: str, out_dir: Path, parquet: ParquetSettings,
-                  counts: dict[str, int], user: str) -> None:
+                  counts: dict[str, int], user: str, jsonl: bool = False) -> None:
     """`name/train` and `name/eval`: the query's rows split by the user in column `user` (`_split`).
-    `query` ends in a WHERE clause, which the split joins."""
+    `query` ends in a WHERE clause, which the split joins. `jsonl`: each split as newline-delimited
+    JSON too (the RL prompts: ours writes them as JSONL whatever the formats, `builders.JSONL_ALWAYS`)."""
     for split, flag in (("train", "NOT"), ("eval", "")):
-        counts[f"{name}/{split}"] = _copy(
-            con, f"{query} AND {user} IN (SELECT user_id FROM _split WHERE {flag} eval)",
-            out_dir / f"{name}/{split}.parquet", parquet)
+        rows = f"{query} AND {user} IN (SELECT user_id FROM _split WHERE {flag} eval)"
+        counts[f"{name}/{split}"] = _copy(con, rows, out_dir / f"{name}/{split}.parquet", parquet)
+        if jsonl:
+            path = out_dir / f"{name}/{split}.jsonl"
+            con.execute(f"COPY ({rows}) TO {lit(str(path))} (FORMAT json)")
 
 
 def _pairs(con: duckdb.DuckDBPyConnection, config: BuildConfig, out_dir: Path, parquet: ParquetSettings,
@@ -632,7 +636,7 @@ def _rl(con: duckdb.DuckDBPyConnection, config: BuildConfig, out_dir: Path, parq
                         QUALIFY row_number() OVER (PARTITION BY s.eval ORDER BY k.h) <= {cap}""")
         con.unregister("_rl_hash")
     _split_copies(con, "rl", "SELECT example_id, user_id, conversation_id, turn_id, character_id, messages, weight "
-                             "FROM _rl WHERE true", out_dir, parquet, counts, "user_id")
+                             "FROM _rl WHERE true", out_dir, parquet, counts, "user_id", jsonl=True)
 
 
 __all__ = ["ParquetSettings", "build_datasets_duckdb", "connect", "fetch_tables", "load_logs", "run_filters_duckdb"]
