@@ -183,8 +183,7 @@ def compare(ours: tuple[dict[str, Any], pl.DataFrame], ours_dir: Path, peer: tup
         b = set(peer_dropped.filter(pl.col("filter") == flt)["id"])
         if a != b:
             diffs.append(f"dropped by {flt}: {len(a - b)} only ours, {len(b - a)} only the peer")
-    ours_files = {str(p.relative_to(ours_dir)) for ext in ("parquet", "jsonl") for p in ours_dir.rglob(f"*.{ext}")}
-    peer_files = {str(p.relative_to(peer_dir)) for ext in ("parquet", "jsonl") for p in peer_dir.rglob(f"*.{ext}")}
+    ours_files, peer_files = _dataset_files(ours_dir), _dataset_files(peer_dir)
     if ours_files != peer_files:
         diffs.append(f"dataset files differ: {sorted(ours_files ^ peer_files)}")
     for name in sorted(ours_files & peer_files):
@@ -196,6 +195,11 @@ def compare(ours: tuple[dict[str, Any], pl.DataFrame], ours_dir: Path, peer: tup
         elif a.height and not a.sort("example_id").equals(b.cast(dict(a.schema)).sort("example_id")):
             diffs.append(f"dataset {name}: same count, different rows")
     return diffs
+
+
+def _dataset_files(folder: Path) -> set[str]:
+    """Every dataset file under `folder` (Parquet, and the JSONL both sides write), relative to it."""
+    return {str(p.relative_to(folder)) for ext in ("parquet", "jsonl") for p in folder.rglob(f"*.{ext}")}
 
 
 def _dataset(path: Path) -> pl.DataFrame:

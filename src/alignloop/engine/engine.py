@@ -157,7 +157,7 @@ class Engine:
         results: list[Completion | None] = [None] * len(prompts)
         waiting = deque(range(len(prompts)))
         live: list[_Live] = []
-        started, decode_steps, generated = time.perf_counter(), 0, 0
+        started, generated = time.perf_counter(), 0
         step_rows: dict[int, int] = {}  # live rows in a decode step -> how many steps had that many
         # No bar at all when it would not show: rich's live display redraws from a thread of its own.
         shown = self.show_progress and len(prompts) > 1
@@ -165,7 +165,6 @@ class Engine:
             task = bar.add_task("generating", total=len(prompts), info="")
             while waiting or live:
                 if live:
-                    decode_steps += 1
                     step_rows[len(live)] = step_rows.get(len(live), 0) + 1
                     self._decode_step(live)
                     generated += len(live)
@@ -178,7 +177,7 @@ class Engine:
                 if finished:
                     rate = generated / max(time.perf_counter() - started, 1e-9)
                     bar.update(task, advance=finished, info=f"{rate:,.0f} tok/s")
-        self.stats = {"decode_steps": decode_steps, "generated_tokens": generated,
+        self.stats = {"decode_steps": sum(step_rows.values()), "generated_tokens": generated,
                       "seconds": time.perf_counter() - started}
         self.step_rows = dict(sorted(step_rows.items()))
         return results  # type: ignore[return-value]

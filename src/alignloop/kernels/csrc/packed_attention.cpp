@@ -380,69 +380,69 @@ bool has_pairs() {
 #endif
 }
 
-// Asks for one (text, head)'s q, k and v lines (into L2), for the task after the running one: perf
-// put a third of the dot-product path's layout time on its first loads of them (the rows are
-// 3 x width apart, a stride the hardware prefetchers do not follow across tasks).
-inline void prefetch_head(const char* qkv, int64_t first, int64_t len, int64_t h, int64_t width, int64_t dim,
-                          int64_t element) {
-  const int64_t row = 3 * width * element, part = width * element;
-  for (int64_t j = 0; j < len; ++j) {
-    const char* r = qkv + (first + j) * row + h * dim * element;
-    for (int64_t b = 0; b < dim * element; b += 64) {
-      _mm_prefetch(r + b, _MM_HINT_T1);
-      _mm_prefetch(r + part + b, _MM_HINT_T1);
-      _mm_prefetch(r + 2 * part + b, _MM_HINT_T1);
-    }
-  }
-}
-
 // Tasks i of [0, tasks) in an order that gives each thread a share of the long texts: texts come
 // sorted by length and a thread gets a contiguous range of i, so tasks are taken from both ends in
 // turn (cost grows as length^2).
 inline int64_t interleaved(int64_t i, int64_t tasks) { return i % 2 == 0 ? i / 2 : tasks - 1 - i / 2; }
 
+#ifdef ALIGNLOOP_PAIRS
+// Asks for one (text, head)'s q, k and v lines (into L2), for the task after the running one: perf
+// put a third of the dot-product path's layout time on its first loads of them (the rows are
+// 3 x width apart, a stride the hardware prefetchers do not follow across tasks).
+inline void prefetch_head(const uint16_t* qkv, int64_t first, int64_t len, int64_t h, int64_t width, int64_t dim) {
+  for (int64_t j = 0; j < len; ++j) {
+    const uint16_t* r = qkv + (first + j) * 3 * width + h * dim;
+    for (int64_t b = 0; b < dim; b += 32) {  // 32 bf16 to a 64-byte line
+      _mm_prefetch(reinterpret_cast<const char*>(r + b), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(r + width + b), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(r + 2 * width + b), _MM_HINT_T1);
+    }
+  }
+}
+
+// Every (text, head) of bf16 qkv on the paired layout: on tiles, or with dot products (those
+// prefetch the next task's rows).
+template <bool Tiles>
+void run_pairs(const uint16_t* qkv, uint16_t* out, const int64_t* offsets, int64_t texts, int64_t heads, int64_t dim,
+               float scale) {
+  const int64_t tasks = texts * heads;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+#ifdef ALIGNLOOP_TILES
+    // The tile configuration is per thread, and oneDNN's kernels load their own on these
+    // threads: load ours for this stretch of tasks, release the tiles after it.
+    if constexpr (Tiles) {
+      static const TileConfig config;
+      _tile_loadconfig(&config);
+    }
+#endif
+    auto b = std::make_unique<PairBuffers>();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t task = interleaved(i, tasks), text = task / heads, h = task % heads;
+      if (!Tiles && i + 1 < end) {
+        const int64_t next = interleaved(i + 1, tasks), t = next / heads;
+        prefetch_head(qkv, offsets[t], offsets[t + 1] - offsets[t], next % heads, heads * dim, dim);
+      }
+      one_head_pairs<Tiles>(qkv, out, offsets[text], offsets[text + 1] - offsets[text], h, heads, dim, scale, *b);
+    }
+#ifdef ALIGNLOOP_TILES
+    if constexpr (Tiles) _tile_release();
+#endif
+  });
+}
+#endif
+
 template <typename T>
 void run(const T* qkv, T* out, const int64_t* offsets, int64_t texts, int64_t heads, int64_t dim, float scale,
          bool tiles, bool pairs) {
-  const int64_t tasks = texts * heads;
-#ifdef ALIGNLOOP_TILES
   if constexpr (std::is_same_v<T, uint16_t>) {
-    if (tiles && has_tiles()) {
-      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-        // The tile configuration is per thread, and oneDNN's kernels load their own on these
-        // threads: load ours for this stretch of tasks, release the tiles after it.
-        static const TileConfig config;
-        _tile_loadconfig(&config);
-        auto b = std::make_unique<PairBuffers>();
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t task = interleaved(i, tasks), text = task / heads, h = task % heads;
-          one_head_pairs<true>(qkv, out, offsets[text], offsets[text + 1] - offsets[text], h, heads, dim, scale, *b);
-        }
-        _tile_release();
-      });
-      return;
-    }
-  }
+#ifdef ALIGNLOOP_TILES
+    if (tiles && has_tiles()) return run_pairs<true>(qkv, out, offsets, texts, heads, dim, scale);
 #endif
 #ifdef __AVX512BF16__
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    if (pairs) {
-      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-        auto b = std::make_unique<PairBuffers>();
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t task = interleaved(i, tasks), text = task / heads, h = task % heads;
-          if (i + 1 < end) {
-            const int64_t next = interleaved(i + 1, tasks), t = next / heads;
-            prefetch_head(reinterpret_cast<const char*>(qkv), offsets[t], offsets[t + 1] - offsets[t], next % heads,
-                          heads * dim, dim, sizeof(T));
-          }
-          one_head_pairs<false>(qkv, out, offsets[text], offsets[text + 1] - offsets[text], h, heads, dim, scale, *b);
-        }
-      });
-      return;
-    }
-  }
+    if (pairs) return run_pairs<false>(qkv, out, offsets, texts, heads, dim, scale);
 #endif
+  }
+  const int64_t tasks = texts * heads;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt, v, s;
     for (int64_t i = begin; i < end; ++i) {
