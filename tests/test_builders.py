@@ -170,6 +170,22 @@ def test_partitions_give_the_same_examples(filtered, built, tmp_path):
         assert a.equals(b), name
 
 
+def test_pieces_built_on_threads_write_the_same_files(filtered, tmp_path):
+    """Pieces built side by side on threads are handed to the writer in order: every file holds
+    the same rows in the same order as when they are built one after another."""
+    config = BuildConfig(events_per_partition=2_000, formats=["parquet", "jsonl"])
+    one = build_datasets(filtered, config, tmp_path / "one", workers=1)
+    two = build_datasets(filtered, config, tmp_path / "two", workers=2)
+    assert one.datasets == two.datasets and one.skipped == two.skipped and one.facts == two.facts
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.*"))
+    assert len(files) > 20 and files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.*"))
+    for f in files:
+        if f.suffix == ".parquet":
+            assert pl.read_parquet(tmp_path / "one" / f).equals(pl.read_parquet(tmp_path / "two" / f)), f
+        else:
+            assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
 def test_context_window_and_sources(filtered):
     config = BuildConfig(max_context_messages=3)
     config.sft.source = "selected"

@@ -132,6 +132,24 @@ def test_partitioned_run_equals_single_run(world, filtered):
     assert report3.dropped.sort("filter", "id").equals(report.dropped.sort("filter", "id"))
 
 
+def test_partitions_on_threads_equal_a_single_run(world, filtered):
+    """Partitions run side by side on threads (`drive` with workers) give the single run's result,
+    and the report adds them up in partition order."""
+    from alignloop.data.filters import memory_partitions
+
+    logs, _ = world
+    out, report = filtered
+    one, report_one = run_filters(logs, FilterConfig(partitions=3), workers=1)
+    out3, report3 = run_filters(logs, FilterConfig(partitions=3), workers=2)
+    assert report3.output_rows == report.output_rows
+    for name in out:
+        assert out3[name].equals(one[name]), name  # the same rows in the same order
+        assert out3[name].sort(out[name].columns).equals(out[name].sort(out[name].columns)), name
+    assert report3.dropped.equals(report_one.dropped)
+    assert [f.dropped for f in report3.filters] == [f.dropped for f in report_one.filters]
+    assert memory_partitions(10_000, 2) == 1 and memory_partitions(1_000_000, 2) == 2
+
+
 def test_funnel_plot(filtered, tmp_path):
     _, report = filtered
     path = funnel_plot(report, tmp_path / "funnel.png")

@@ -45,6 +45,7 @@ in its own process, and reports each one's peak resident memory (`wait4` max RSS
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -56,15 +57,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
+from pyarrow import feather
 
-from alignloop.bench.harness import alternate_rounds, bench_threads, headline, machine_facts, summary
+from alignloop.bench.harness import (
+    alternate_rounds,
+    bench_threads,
+    headline,
+    machine_facts,
+    summary,
+)
+from alignloop.bench.peer_process import WorkerProcess
 from alignloop.data.builders import PARQUET, BuildConfig, build_datasets
-from alignloop.data.filters import FILTERED_SCHEMAS, TABLE_ORDER, FilterConfig, run_filters, to_arrow
+from alignloop.data.filters import (
+    FILTERED_SCHEMAS,
+    TABLE_ORDER,
+    FilterConfig,
+    run_filters,
+    to_arrow,
+)
 from alignloop.data.io import TableWriter, read_logs, write_tables
 from alignloop.data.labels import derive_labels
 from alignloop.data.schema import LOG_SCHEMAS, conform
@@ -216,27 +232,79 @@ def dataset_rows(folder: Path) -> int:
     return sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in folder.rglob("*.parquet"))
 
 
-# --- the bench -----------------------------------------------------------------------------------
+# --- each side in its own process --------------------------------------------------------------
 
 
-def _side(name: str, run: Any, tmp: Path, events: int, kept: dict[str, Any]) -> Any:
-    """A harness configuration: one whole run of a side into a fresh folder, timed around the work
-    (wall and CPU seconds of every thread of this process). The first (warm-up) run keeps its
-    outputs for the comparison, fetched after the clock stopped."""
+def _save_kept(tables: Mapping[str, pa.Table | pl.DataFrame], dropped: pl.DataFrame, folder: Path) -> None:
+    """A side's filtered tables and dropped ids, as Arrow IPC files, for the comparison."""
+    (folder / "tables").mkdir(parents=True, exist_ok=True)
+    for name, table in to_arrow(dict(tables)).items():
+        feather.write_feather(table, folder / "tables" / f"{name}.arrow", compression="uncompressed")
+    dropped.write_ipc(folder / "dropped.arrow")
+
+
+def _load_kept(folder: Path) -> tuple[dict[str, pa.Table], pl.DataFrame]:
+    tables = {p.stem: feather.read_table(p) for p in sorted((folder / "tables").glob("*.arrow"))}
+    return tables, pl.read_ipc(folder / "dropped.arrow")
+
+
+def _round(side: str, logs: Path, out: Path, threads: int, keep: Path | None) -> dict[str, float]:
+    """One whole run of a side into a fresh folder, timed around the work (wall, and CPU seconds of
+    every thread of this process). With `keep`, its filtered tables and dropped ids are saved
+    there after the clock stopped."""
+    shutil.rmtree(out, ignore_errors=True)
+    gc.collect()
+    start, cpu = time.perf_counter(), time.process_time()
+    result = run_ours(logs, out) if side == "ours" else run_duckdb(logs, out, threads, keep=keep is not None)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    if keep is not None:
+        assert result is not None
+        _save_kept(*result, keep)
+    return {"seconds": seconds, "cpu_seconds": cpu}
+
+
+def _serve(side: str, logs: Path, threads: int) -> None:
+    """`worker SIDE LOGS THREADS`: one side of the bench, a round for each request read on stdin
+    ({"out": folder, "keep": folder or null}), one JSON reply per line on stdout (`WorkerProcess`)."""
+    pipe, sys.stdout = sys.stdout, sys.stderr  # nothing but replies on the pipe
+
+    def reply(obj: dict[str, Any]) -> None:
+        pipe.write(json.dumps(obj) + "\n")
+        pipe.flush()
+
+    pa.set_cpu_count(threads)
+    reply({"ready": True, "facts": {"polars_threads": pl.thread_pool_size(), "pyarrow_threads": pa.cpu_count()}})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("cmd") == "quit":
+            return
+        try:
+            keep = Path(request["keep"]) if request.get("keep") else None
+            reply(_round(side, logs, Path(request["out"]), threads, keep))
+        except Exception as e:  # noqa: BLE001 - the parent raises it, with this process's log
+            reply({"error": f"{type(e).__name__}: {e}"})
+
+
+def _worker(side: str, logs: Path, threads: int) -> WorkerProcess:
+    env = {**os.environ, "POLARS_MAX_THREADS": str(threads)}
+    return WorkerProcess(f"bench logs {side}", [sys.executable, "-m", "alignloop.bench.logs", "worker", side,
+                                                str(logs), str(threads)], env, start_timeout_s=300)
+
+
+def _side(worker: WorkerProcess, out: Path, keep: Path, events: int) -> Any:
+    """A harness configuration: a round in the side's worker. The first (the warm-up) keeps its
+    filtered tables and dropped ids, for the comparison."""
+    first = [True]
 
     def once() -> dict[str, Any]:
-        out = tmp / name
-        shutil.rmtree(out, ignore_errors=True)
-        first = name not in kept
-        gc.collect()
-        start, cpu = time.perf_counter(), time.process_time()
-        result = run(out, first)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if first:
-            kept[name] = (result, out)
-        return {"useful": events, "seconds": seconds, "cpu_seconds": cpu}
+        request = {"out": str(out), "keep": str(keep) if first[0] else None}
+        first[0] = False
+        return {"useful": events, **worker.request(request, "a round")}
 
     return once
+
+
+# --- the bench -----------------------------------------------------------------------------------
 
 
 def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: int | None = None,
@@ -244,31 +312,27 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: 
     """Time read + filter + build, ours vs DuckDB, on a simulated world of ~`events` events; the
     JSON line (`harness.headline`) with `identical`, the settings and the machine.
 
-    Polars sizes its thread pool once, when it loads: if this process's pool is not `threads`,
-    the bench runs in a child process started with POLARS_MAX_THREADS = `threads`.
+    Each side runs in a worker process of its own, started with POLARS_MAX_THREADS = `threads`
+    (Polars sizes its pool once, when it loads) and kept for the warm-up and every round: neither
+    side runs on the heap the other left behind. In one process, ours ran 1-1.5 s slower (of ~10)
+    after a DuckDB round than after its own.
     """
     threads = bench_threads(threads)
-    if pl.thread_pool_size() != threads:
-        return _in_child(events, seed, rounds, threads, work_dir)
-    before = pa.cpu_count()
-    pa.set_cpu_count(threads)
-    try:
-        with tempfile.TemporaryDirectory(prefix="alignloop-bench-logs-", dir=work_dir) as tmp:
-            tmp = Path(tmp)
-            say(f"bench logs: simulating ~{events} events")
-            n = write_world(events, tmp / "logs", seed)
-            kept: dict[str, Any] = {}
-            configs = {
-                "ours": _side("ours", lambda out, keep: run_ours(tmp / "logs", out), tmp, n, kept),
-                "duckdb": _side("duckdb", lambda out, keep: run_duckdb(tmp / "logs", out, threads, keep=keep),
-                                tmp, n, kept),
-            }
+    with tempfile.TemporaryDirectory(prefix="alignloop-bench-logs-", dir=work_dir) as tmp:
+        tmp = Path(tmp)
+        say(f"bench logs: simulating ~{events} events")
+        n = write_world(events, tmp / "logs", seed)
+        say("bench logs: starting a worker process for each side")
+        with contextlib.ExitStack() as stack:
+            workers = {}
+            for side in ("ours", "duckdb"):
+                workers[side] = _worker(side, tmp / "logs", threads)
+                stack.callback(workers[side].close)
+            configs = {side: _side(w, tmp / side, tmp / f"{side}-kept", n) for side, w in workers.items()}
             results = alternate_rounds(configs, rounds=rounds, label="bench logs")
-            (ours_out, ours_dir), (peer_out, peer_dir) = kept["ours"], kept["duckdb"]
-            diffs = compare(ours_out, ours_dir, peer_out, peer_dir)
-            examples = {"ours": dataset_rows(ours_dir), "duckdb": dataset_rows(peer_dir)}
-    finally:
-        pa.set_cpu_count(before)
+            facts = workers["ours"].ready["facts"]
+        diffs = compare(_load_kept(tmp / "ours-kept"), tmp / "ours", _load_kept(tmp / "duckdb-kept"), tmp / "duckdb")
+        examples = {"ours": dataset_rows(tmp / "ours"), "duckdb": dataset_rows(tmp / "duckdb")}
     ours, peer = summary(results["ours"]), summary(results["duckdb"])
     line = headline(
         "logs", ours, peer, "events/s",
@@ -280,8 +344,9 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: 
         accounting={side: {"events_in": n, "examples_out": examples[side]} for side in results},
         cpu_seconds={side: _median([r["cpu_seconds"] for r in results[side]]) for side in results},
         wall_seconds={side: _median([r["seconds"] for r in results[side]]) for side in results},
+        processes="one worker process per side, for the warm-up and every round",
         parquet={**PARQUET, "statistics": "min/max, every column", "dictionary": "ours: none; DuckDB: its default"},
-        threads={"polars": pl.thread_pool_size(), "pyarrow": threads, "duckdb": threads},
+        threads={"polars": facts["polars_threads"], "pyarrow": facts["pyarrow_threads"], "duckdb": threads},
         duckdb_settings={"threads": threads, "preserve_insertion_order": False, "memory_limit": "default (80% of RAM)"},
     )
     if diffs:
@@ -291,18 +356,6 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: 
 
 def _median(values: list[float]) -> float:
     return round(statistics.median(values), 2)
-
-
-def _in_child(events: int, seed: int, rounds: int, threads: int, work_dir: str | Path | None) -> dict[str, Any]:
-    """The bench in a child process whose Polars pool has `threads` threads; its last stdout line."""
-    env = {**os.environ, "POLARS_MAX_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "alignloop.bench.logs", "bench", str(events), str(rounds), str(threads), str(seed)]
-    if work_dir is not None:
-        cmd.append(str(work_dir))
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench logs (child process, {threads} threads) failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -383,19 +436,16 @@ def run_memory_check(events: int = 10_000_000, seed: int = 0, work_dir: str | Pa
 
 def main(argv: list[str]) -> None:
     """`simulate EVENTS FOLDER [SEED]` (the memory check's first child) or
-    `bench EVENTS ROUNDS THREADS [SEED [WORK_DIR]]` (the bench in a child process)."""
+    `worker SIDE LOGS THREADS` (one side of the bench, `_serve`)."""
     if argv and argv[0] == "simulate":
         seed = int(argv[3]) if len(argv) > 3 else 0
         print(json.dumps({"events": simulate_to_folder(int(argv[1]), Path(argv[2]), seed)}))
         return
-    if argv and argv[0] == "bench":
-        events, rounds, threads = (int(a) for a in argv[1:4])
-        seed = int(argv[4]) if len(argv) > 4 else 0
-        work_dir = argv[5] if len(argv) > 5 else None
-        print(json.dumps(run_bench(events, seed, rounds, threads, work_dir)))
+    if argv and argv[0] == "worker":
+        _serve(argv[1], Path(argv[2]), int(argv[3]))
         return
     raise SystemExit("usage: python -m alignloop.bench.logs simulate EVENTS FOLDER [SEED] | "
-                     "bench EVENTS ROUNDS THREADS [SEED [WORK_DIR]]")
+                     "worker SIDE LOGS THREADS")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1082,8 +1084,11 @@ def explain(report: BuildReport, config: BuildConfig, sft_choice: str | None = N
 
 
 def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path, config: BuildConfig | None = None,
-                   out_dir: str | Path = "datasets") -> BuildReport:
-    """Build every enabled dataset from filtered logs (tables, or a folder of them) into `out_dir`."""
+                   out_dir: str | Path = "datasets", workers: int | None = None) -> BuildReport:
+    """Build every enabled dataset from filtered logs (tables, or a folder of them) into `out_dir`.
+
+    Tables in memory are built `workers` pieces at a time (default: Polars' thread count; see
+    `built_pieces`); a partitioned folder one partition at a time, so memory follows the partition."""
     config = config or BuildConfig()
     t0 = time.perf_counter()
     config, sft_choice = choose_sft_source(config, count_selects(filtered)) if config.sft.enabled else (config, None)
@@ -1091,25 +1096,57 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
         # Written by the filter stage partition by partition: read (and hold) one at a time.
         folder, n = Path(filtered), partitions_in(filtered)
         parts: Iterable[Frames] = (prepare(read_partition(folder, k, FILTERED_SCHEMAS)) for k in range(n))
+        workers = 1
     else:
         tables = read_tables(filtered, FILTERED_SCHEMAS) if isinstance(filtered, (str, Path)) else filtered
         n = config.partitions
         parts = split_partitions(prepare(tables), n)
+        workers = workers or pl.thread_pool_size()
     writer = DatasetWriter(out_dir, config, n, sft_choice)
     try:
-        for part in parts:
-            for piece in bounded_partitions(part, config.events_per_partition):
-                skipped: dict[str, int] = {}
-                for name, table in iter_partition(piece, config, skipped):
-                    writer.add(name, table)
-                    del table
-                writer.add_skipped(skipped)
+        pieces = (piece for part in parts for piece in bounded_partitions(part, config.events_per_partition))
+        for tables_of_piece, skipped in built_pieces(pieces, config, workers):
+            for name, table in tables_of_piece:
+                writer.add(name, table)
+                del table
+            writer.add_skipped(skipped)
     except BaseException as e:
         writer.abort(e)
         raise
     report = writer.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def built_pieces(pieces: Iterable[Frames], config: BuildConfig, workers: int = 1
+                 ) -> Iterator[tuple[Iterable[tuple[str, pa.Table]], dict[str, int]]]:
+    """Each piece's datasets (`iter_partition`) and skip counts, in piece order. The skip counts
+    are complete once its datasets have been consumed.
+
+    One worker: built as they are consumed, one dataset in memory at a time. More: that many pieces
+    are built side by side on threads (Polars, numpy and pyarrow let go of the GIL), each into a
+    list, and handed over in order. A piece's chain of joins, sorts and gathers keeps about 1.5 of
+    2 cores busy on its own; two side by side, with the writers, keep both busy (1M events, 2 cores:
+    build 5.9 -> 5.3 s). The cost: up to `workers` + 1 pieces' datasets in memory at once."""
+    if workers <= 1:
+        for piece in pieces:
+            skipped: dict[str, int] = {}
+            yield iter_partition(piece, config, skipped), skipped
+        return
+
+    def build(piece: Frames) -> tuple[list[tuple[str, pa.Table]], dict[str, int]]:
+        counts: dict[str, int] = {}
+        return list(iter_partition(piece, config, counts)), counts
+
+    todo = iter(pieces)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alignloop-build") as pool:
+        window = deque(pool.submit(build, piece) for piece in islice(todo, workers))
+        while window:
+            done = window.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:  # before handing `done` over: the workers stay busy while it is written
+                window.append(pool.submit(build, nxt))
+            yield done
 
 
 def bounded_partitions(part: Frames, events_per_partition: int) -> list[Frames]:

@@ -110,6 +110,7 @@ from alignloop.data.filters.run import (
     drive,
     load_raw_partition,
     load_state,
+    memory_partitions,
     own,
     plan_passes,
     run_filters,
@@ -129,7 +130,7 @@ __all__ = [
     "RepeatConfig", "RepeatFilter", "RuleScope", "Tallies", "UserCapConfig", "UserCapFilter", "arrow_table",
     "auto_partitions", "check_decisions", "concat_partitions", "conv_user", "drive", "drop_conversations",
     "drop_users", "dropped_rows", "empty_frame", "fast_words", "filter_precision_recall", "filter_report",
-    "funnel_plot", "load_raw_partition", "load_state", "make_filters", "no_decisions", "own", "plan_passes",
+    "funnel_plot", "load_raw_partition", "load_state", "make_filters", "memory_partitions", "no_decisions", "own", "plan_passes",
     "prepare", "read_ground_truth", "read_stats", "rows", "run_filters", "run_filters_on_disk", "run_pass",
     "save_state", "share_caps", "split_partitions", "to_arrow",
 ]

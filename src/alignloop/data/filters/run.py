@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -302,45 +303,73 @@ class DiskStore:
         self.saved[k] = version
 
 
-def drive(store: MemoryStore | DiskStore, filters: list[Filter], keep_inputs: bool, emit: Any = None
-          ) -> FunnelReport:
+def drive(store: MemoryStore | DiskStore, filters: list[Filter], keep_inputs: bool, emit: Any = None,
+          workers: int = 1) -> FunnelReport:
     """Run `filters` over the partitions of `store`, pass by pass. With `emit`, each partition of
-    the last pass goes to `emit(k, frames)` instead of back into the store."""
+    the last pass goes to `emit(k, frames)` instead of back into the store.
+
+    `workers` > 1 (partitions in memory only): that many partitions go through a pass at once, on
+    threads. Polars and numpy let go of the GIL, and one partition's chain of mostly small,
+    single-threaded operations keeps about 1.5 of 2 cores busy on its own; two side by side keep
+    both busy (1M events, 2 cores: 4.7 -> 4.2 s). Outputs are added in partition order, so the
+    report does not depend on which thread finished first."""
     tallies = Tallies(filters, keep_inputs)
     pending: list[tuple[Filter, pl.DataFrame]] = []
     passes = plan_passes(filters)
-    for number, step in enumerate(passes):
-        last = number == len(passes) - 1
-        for k in range(len(store)):
-            frames, out = run_pass(store.load(k), step, pending, keep_inputs, first=number == 0)
-            tallies.add(step, out)
-            if last and emit is not None:
-                emit(k, frames)
-            else:
-                store.save(k, frames)
-            del frames
-        pending = tallies.resolve(step)
+    parallel = workers > 1 and isinstance(store, MemoryStore) and len(store) > 1 and emit is None
+    with ThreadPoolExecutor(max_workers=workers if parallel else 1, thread_name_prefix="alignloop-filter") as pool:
+        for number, step in enumerate(passes):
+            last = number == len(passes) - 1
+
+            def one(k: int, step: Pass = step, number: int = number, pending: list = pending
+                    ) -> tuple[Frames, PassOutput]:
+                return run_pass(store.load(k), step, pending, keep_inputs, first=number == 0)
+
+            outputs = pool.map(one, range(len(store))) if parallel else (one(k) for k in range(len(store)))
+            for k, (frames, out) in enumerate(outputs):
+                tallies.add(step, out)
+                if last and emit is not None:
+                    emit(k, frames)
+                else:
+                    store.save(k, frames)
+                del frames
+            pending = tallies.resolve(step)
     return tallies.report()
 
 
 def run_filters(tables: Mapping[str, pa.Table | pl.DataFrame], config: FilterConfig | None = None,
-                keep_inputs: bool = True) -> tuple[Frames, FunnelReport]:
+                keep_inputs: bool = True, workers: int | None = None) -> tuple[Frames, FunnelReport]:
     """Run the enabled filters in order; returns the filtered frames and the funnel report.
 
     `tables`: the five log tables (labels optional: derived from them when missing). With
     `config.partitions > 1` the work runs one user partition at a time, as a Ray Data job would
-    run it per block; the result is the same.
+    run it per block; the result is the same. `config.partitions = 0` (auto) cuts logs of
+    `PARALLEL_EVENTS` events or more into one partition per worker, run side by side on threads
+    (`drive`); `workers`: default Polars' thread count.
     """
     config = config or FilterConfig()
     t0 = time.perf_counter()
     frames = prepare(tables)
-    store = MemoryStore(split_partitions(frames, max(config.partitions, 1)))
+    workers = workers or pl.thread_pool_size()
+    partitions = config.partitions or memory_partitions(frames["events"].height, workers)
+    store = MemoryStore(split_partitions(frames, partitions))
     del frames
-    report = drive(store, make_filters(config), keep_inputs)
+    report = drive(store, make_filters(config), keep_inputs, workers=workers)
     out = concat_partitions(store.parts)
     report.output_rows = rows(out)
     report.seconds = time.perf_counter() - t0
     return out, report
+
+
+PARALLEL_EVENTS = 200_000
+"""In memory, fewer events than this stay one partition: cutting them costs more than running
+two side by side saves."""
+
+
+def memory_partitions(events: int, workers: int) -> int:
+    """Partitions of an in-memory filter run with `config.partitions = 0`: one per worker, from
+    `PARALLEL_EVENTS` events on."""
+    return max(1, workers) if events >= PARALLEL_EVENTS else 1
 
 
 def auto_partitions(events: int, events_per_partition: int) -> int:
