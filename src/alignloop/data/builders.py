@@ -820,6 +820,7 @@ class DatasetWriter:
         self.report = BuildReport(datasets={name: {"rows": 0, "users": 0} for name in outputs}, partitions=partitions)
         self.sinks = _Sinks(self.out_dir, list(config.formats))
         self._spills: dict[str, Any] = {}
+        self._keys: dict[str, list[pa.Table]] = {}  # per prompt set: what dedup and caps decide on
         try:
             for name, schema in outputs.items():
                 self.sinks.open(name, schema)
@@ -841,6 +842,8 @@ class DatasetWriter:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self._spills[name] = pa.ipc.new_file(str(self._spill_path(name)), table.schema)
             self._spills[name].write_table(table)
+            # A few small columns, kept here so that deciding does not read the spill twice.
+            self._keys.setdefault(name, []).append(table.select(self._key_columns(name)))
         else:
             self._emit(name, table)
 
@@ -851,11 +854,20 @@ class DatasetWriter:
             into[key] = into.get(key, 0) + v
 
     def close(self) -> BuildReport:
+        emitters: list[Iterator[None]] = []
         try:
             for name in list(self._spills):
                 self._spills.pop(name).close()
-                self._emit_prompts(name)
+                emitters.append(self._emit_prompts(name))
+            # Batch by batch, the sets taking turns: consecutive appends go to different files, so
+            # both writer threads have work (one file's appends wait for each other).
+            while emitters:
+                for emitter in list(emitters):
+                    if next(emitter, StopIteration) is StopIteration:
+                        emitters.remove(emitter)
         except BaseException as e:
+            for emitter in emitters:
+                emitter.close()  # type: ignore[attr-defined]
             self.abort(e)
             raise
         for name in PROMPT_SETS:
@@ -869,6 +881,7 @@ class DatasetWriter:
             with contextlib.suppress(Exception):
                 spill.close()
         self._spills.clear()
+        self._keys.clear()
         for name in PROMPT_SETS:
             self._spill_path(name).unlink(missing_ok=True)
         self.sinks.abort(exc)
@@ -889,39 +902,42 @@ class DatasetWriter:
                 if bounds[k] is not None:
                     stats[k] = bounds[k] if stats[k] is None else pick(stats[k], bounds[k])
 
-    def _emit_prompts(self, name: str) -> None:
+    @staticmethod
+    def _key_columns(name: str) -> list[str]:
+        return ["example_id", "user_id", "_key", "_h", *(["_eval"] if name == "rl" else [])]
+
+    def _emit_prompts(self, name: str) -> Iterator[None]:
+        """Deduplicate and cap prompt set `name` over every partition, then append its spilled
+        pieces that stay, one batch per step (a generator: `close` interleaves the sets)."""
         section = getattr(self.config, name)
         split = name == "rl"
+        keys = pl.from_arrow(pa.concat_tables(self._keys.pop(name))).with_row_index("_row")
+        if section.dedup:
+            winners = keys.sort("example_id").unique("_key", keep="first")
+            self.add_skipped({f"{name}:duplicate": keys.height - winners.height})
+        else:
+            winners = keys
+        if section.max_prompts is not None:
+            # A cap per split for RL prompts: a small held-out split stays whole.
+            groups = winners.partition_by("_eval") if split and winners.height else [winners]
+            capped = [g.sort("_h").head(section.max_prompts) for g in groups]
+            over = winners.height - sum(g.height for g in capped)
+            if over:
+                self.report.skipped[f"{name}:over_max_prompts"] = over
+                winners = pl.concat(capped)
+        everything = winners.height == keys.height
+        # Counted here: the spill's batches are not user partitions (a user's prompts may span two).
+        for out, users in (winners.group_by("_eval").agg(pl.col("user_id").n_unique()).iter_rows() if split
+                           else [(None, winners["user_id"].n_unique())]):
+            self.report.datasets[name if out is None else f"{name}/{'eval' if out else 'train'}"]["users"] = users
+        keep = np.zeros(keys.height, dtype=bool)  # by position in the spill: no string lookups
+        keep[winners["_row"].to_numpy()] = True
+        del keys, winners
         # Read, not memory-mapped: mapped pages would count as resident memory; one piece at a time.
         with pa.OSFile(str(self._spill_path(name))) as source:
             spilled = pa.ipc.open_file(source)
-            n = spilled.num_record_batches
-            columns = ["example_id", "user_id", "_key", "_h", *(["_eval"] if split else [])]
-            keys = pl.from_arrow(pa.Table.from_batches(
-                [spilled.get_batch(i).select(columns) for i in range(n)])).with_row_index("_row")
-            if section.dedup:
-                winners = keys.sort("example_id").unique("_key", keep="first")
-                self.add_skipped({f"{name}:duplicate": keys.height - winners.height})
-            else:
-                winners = keys
-            if section.max_prompts is not None:
-                # A cap per split for RL prompts: a small held-out split stays whole.
-                groups = winners.partition_by("_eval") if split and winners.height else [winners]
-                capped = [g.sort("_h").head(section.max_prompts) for g in groups]
-                over = winners.height - sum(g.height for g in capped)
-                if over:
-                    self.report.skipped[f"{name}:over_max_prompts"] = over
-                    winners = pl.concat(capped)
-            everything = winners.height == keys.height
-            # Counted here: the spill's batches are not user partitions (a user's prompts may span two).
-            for out, users in (winners.group_by("_eval").agg(pl.col("user_id").n_unique()).iter_rows() if split
-                               else [(None, winners["user_id"].n_unique())]):
-                self.report.datasets[name if out is None else f"{name}/{'eval' if out else 'train'}"]["users"] = users
-            keep = np.zeros(keys.height, dtype=bool)  # by position in the spill: no string lookups
-            keep[winners["_row"].to_numpy()] = True
-            del keys, winners
             start = 0
-            for i in range(n):
+            for i in range(spilled.num_record_batches):
                 piece = pa.Table.from_batches([spilled.get_batch(i)]).drop_columns(["_key", "_h"])
                 rows, start = keep[start:start + piece.num_rows], start + piece.num_rows
                 if not everything:
@@ -933,6 +949,7 @@ class DatasetWriter:
                     self._emit(f"{name}/eval", piece.filter(held), count_users=False)
                 else:
                     self._emit(name, piece, count_users=False)
+                yield
 
 
 # --- why a dataset cannot train ----------------------------------------------------------------
