@@ -65,22 +65,10 @@ import polars as pl
 import pyarrow as pa
 from pyarrow import feather
 
-from alignloop.bench.harness import (
-    alternate_rounds,
-    bench_threads,
-    headline,
-    machine_facts,
-    summary,
-)
+from alignloop.bench.harness import alternate_rounds, bench_threads, headline, machine_facts, summary
 from alignloop.bench.peer_process import WorkerProcess
 from alignloop.data.builders import PARQUET, BuildConfig, build_datasets
-from alignloop.data.filters import (
-    FILTERED_SCHEMAS,
-    TABLE_ORDER,
-    FilterConfig,
-    run_filters,
-    to_arrow,
-)
+from alignloop.data.filters import FILTERED_SCHEMAS, TABLE_ORDER, FilterConfig, run_filters, to_arrow
 from alignloop.data.io import TableWriter, read_logs, write_tables
 from alignloop.data.labels import derive_labels
 from alignloop.data.schema import LOG_SCHEMAS, conform

@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -861,7 +861,7 @@ class DatasetWriter:
             into[key] = into.get(key, 0) + v
 
     def close(self) -> BuildReport:
-        emitters: list[Iterator[None]] = []
+        emitters: list[Generator[None, None, None]] = []
         try:
             for name in list(self._spills):
                 self._spills.pop(name).close()
@@ -874,7 +874,7 @@ class DatasetWriter:
                         emitters.remove(emitter)
         except BaseException as e:
             for emitter in emitters:
-                emitter.close()  # type: ignore[attr-defined]
+                emitter.close()
             self.abort(e)
             raise
         for name in PROMPT_SETS:
@@ -915,7 +915,7 @@ class DatasetWriter:
     def _key_columns(name: str) -> list[str]:
         return ["example_id", "user_id", "_key", "_h", *(["_eval"] if name == "rl" else [])]
 
-    def _emit_prompts(self, name: str) -> Iterator[None]:
+    def _emit_prompts(self, name: str) -> Generator[None, None, None]:
         """Deduplicate and cap prompt set `name` over every partition, then append its spilled
         pieces that stay, one batch per step (a generator: `close` interleaves the sets)."""
         section = getattr(self.config, name)
@@ -1162,9 +1162,10 @@ def built_pieces(pieces: Iterable[Frames], config: BuildConfig, workers: int = 1
 
     One worker: built as they are consumed, one dataset in memory at a time. More: that many pieces
     are built side by side on threads (Polars, numpy and pyarrow let go of the GIL), each into a
-    list, and handed over in order. A piece's chain of joins, sorts and gathers keeps about 1.5 of
-    2 cores busy on its own; two side by side, with the writers, keep both busy (1M events, 2 cores:
-    build 5.9 -> 5.3 s). The cost: up to `workers` + 1 pieces' datasets in memory at once."""
+    list, and handed over in order. One piece's chain of joins, sorts and gathers, with the writer
+    threads behind it, kept ~1.7 of 2 cores busy; two side by side a little more (1M events, 3
+    pieces, 2 cores: 5.3-5.6 s against 5.9-6.8 in one window, the same in another: this VM's noise
+    is as large). The cost: up to `workers` + 1 pieces' datasets in memory at once."""
     if workers <= 1:
         for piece in pieces:
             skipped: dict[str, int] = {}

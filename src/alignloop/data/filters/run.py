@@ -311,7 +311,7 @@ def drive(store: MemoryStore | DiskStore, filters: list[Filter], keep_inputs: bo
     `workers` > 1 (partitions in memory only): that many partitions go through a pass at once, on
     threads. Polars and numpy let go of the GIL, and one partition's chain of mostly small,
     single-threaded operations keeps about 1.5 of 2 cores busy on its own; two side by side keep
-    both busy (1M events, 2 cores: 4.7 -> 4.2 s). Outputs are added in partition order, so the
+    both busy (1M events, 2 cores: 4.5-5.0 -> 3.4-4.0 s). Outputs are added in partition order, so the
     report does not depend on which thread finished first."""
     tallies = Tallies(filters, keep_inputs)
     pending: list[tuple[Filter, pl.DataFrame]] = []
