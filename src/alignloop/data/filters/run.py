@@ -344,17 +344,16 @@ def run_filters(tables: Mapping[str, pa.Table | pl.DataFrame], config: FilterCon
     `tables`: the five log tables (labels optional: derived from them when missing). With
     `config.partitions > 1` the work runs one user partition at a time, as a Ray Data job would
     run it per block; the result is the same. `config.partitions = 0` (auto) cuts logs of
-    `PARALLEL_EVENTS` events or more into one partition per worker, run side by side on threads
-    (`drive`); `workers`: default Polars' thread count.
+    `PARALLEL_EVENTS` events or more into `PARALLEL_PARTITIONS` partitions, run side by side on
+    `workers` threads (`drive`; default Polars' thread count, at most one per partition).
     """
     config = config or FilterConfig()
     t0 = time.perf_counter()
     frames = prepare(tables)
-    workers = workers or pl.thread_pool_size()
-    partitions = config.partitions or memory_partitions(frames["events"].height, workers)
+    partitions = config.partitions or memory_partitions(frames["events"].height)
     store = MemoryStore(split_partitions(frames, partitions))
     del frames
-    report = drive(store, make_filters(config), keep_inputs, workers=workers)
+    report = drive(store, make_filters(config), keep_inputs, workers=min(workers or pl.thread_pool_size(), partitions))
     out = concat_partitions(store.parts)
     report.output_rows = rows(out)
     report.seconds = time.perf_counter() - t0
@@ -364,12 +363,14 @@ def run_filters(tables: Mapping[str, pa.Table | pl.DataFrame], config: FilterCon
 PARALLEL_EVENTS = 200_000
 """In memory, fewer events than this stay one partition: cutting them costs more than running
 two side by side saves."""
+PARALLEL_PARTITIONS = 2
+"""Partitions of a big in-memory run: fixed, not the machine's thread count, because the filtered
+tables come out partition after partition, and their row order should not depend on the machine."""
 
 
-def memory_partitions(events: int, workers: int) -> int:
-    """Partitions of an in-memory filter run with `config.partitions = 0`: one per worker, from
-    `PARALLEL_EVENTS` events on."""
-    return max(1, workers) if events >= PARALLEL_EVENTS else 1
+def memory_partitions(events: int) -> int:
+    """Partitions of an in-memory filter run with `config.partitions = 0`."""
+    return PARALLEL_PARTITIONS if events >= PARALLEL_EVENTS else 1
 
 
 def auto_partitions(events: int, events_per_partition: int) -> int:
