@@ -282,11 +282,12 @@ def _worker(side: str, logs: Path, threads: int) -> WorkerProcess:
 def _side(worker: WorkerProcess, out: Path, keep: Path, events: int) -> Any:
     """A harness configuration: a round in the side's worker. The first (the warm-up) keeps its
     filtered tables and dropped ids, for the comparison."""
-    first = [True]
+    first = True
 
     def once() -> dict[str, Any]:
-        request = {"out": str(out), "keep": str(keep) if first[0] else None}
-        first[0] = False
+        nonlocal first
+        request = {"out": str(out), "keep": str(keep) if first else None}
+        first = False
         return {"useful": events, **worker.request(request, "a round")}
 
     return once

@@ -841,7 +841,11 @@ class DatasetWriter:
             section = getattr(self.config, name)
             order = (hash_strings(table.column("example_id"), name) if section.max_prompts is not None
                      else np.zeros(table.num_rows, dtype=np.uint64))
-            table = table.append_column("_h", pa.array(order, pa.uint64()))
+            # What dedup and caps decide on stays here (a few small columns); the rest waits, held
+            # or spilled, until they have decided.
+            keys = table.select(["example_id", "user_id", "_key", *(["_eval"] if name == "rl" else [])])
+            self._keys.setdefault(name, []).append(keys.append_column("_h", pa.array(order, pa.uint64())))
+            table = table.drop_columns(["_key"])
             if self._held is not None:
                 self._held.setdefault(name, []).append(table)
             else:
@@ -849,8 +853,6 @@ class DatasetWriter:
                     self.out_dir.mkdir(parents=True, exist_ok=True)
                     self._spills[name] = pa.ipc.new_file(str(self._spill_path(name)), table.schema)
                 self._spills[name].write_table(table)
-            # A few small columns, kept here so that deciding does not read the spill twice.
-            self._keys.setdefault(name, []).append(table.select(self._key_columns(name)))
         else:
             self._emit(name, table)
 
@@ -911,13 +913,10 @@ class DatasetWriter:
                 if bounds[k] is not None:
                     stats[k] = bounds[k] if stats[k] is None else pick(stats[k], bounds[k])
 
-    @staticmethod
-    def _key_columns(name: str) -> list[str]:
-        return ["example_id", "user_id", "_key", "_h", *(["_eval"] if name == "rl" else [])]
-
     def _emit_prompts(self, name: str) -> Generator[None, None, None]:
-        """Deduplicate and cap prompt set `name` over every partition, then append its spilled
-        pieces that stay, one batch per step (a generator: `close` interleaves the sets)."""
+        """Deduplicate and cap prompt set `name` over every partition, then append its held or
+        spilled pieces' rows that stay, one batch per step (a generator: `close` interleaves the
+        sets)."""
         section = getattr(self.config, name)
         split = name == "rl"
         keys = pl.from_arrow(pa.concat_tables(self._keys.pop(name))).with_row_index("_row")
@@ -944,7 +943,6 @@ class DatasetWriter:
         del keys, winners
         start = 0
         for piece in self._pieces(name):
-            piece = piece.drop_columns(["_key", "_h"])
             rows, start = keep[start:start + piece.num_rows], start + piece.num_rows
             if not everything:
                 piece = piece.filter(pa.array(rows))

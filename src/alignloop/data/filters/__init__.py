@@ -130,7 +130,7 @@ __all__ = [
     "RepeatConfig", "RepeatFilter", "RuleScope", "Tallies", "UserCapConfig", "UserCapFilter", "arrow_table",
     "auto_partitions", "check_decisions", "concat_partitions", "conv_user", "drive", "drop_conversations",
     "drop_users", "dropped_rows", "empty_frame", "fast_words", "filter_precision_recall", "filter_report",
-    "funnel_plot", "load_raw_partition", "load_state", "make_filters", "memory_partitions", "no_decisions", "own", "plan_passes",
-    "prepare", "read_ground_truth", "read_stats", "rows", "run_filters", "run_filters_on_disk", "run_pass",
-    "save_state", "share_caps", "split_partitions", "to_arrow",
+    "funnel_plot", "load_raw_partition", "load_state", "make_filters", "memory_partitions", "no_decisions", "own",
+    "plan_passes", "prepare", "read_ground_truth", "read_stats", "rows", "run_filters", "run_filters_on_disk",
+    "run_pass", "save_state", "share_caps", "split_partitions", "to_arrow",
 ]
