@@ -21,7 +21,7 @@ Same settings on both sides:
   (`pa.set_cpu_count`: reads, ours's parallel gathers of message strings, and its dataset writers,
   at most two background threads) and for DuckDB (`threads`); the MinHash blocks, the one numpy
   step both sides share, run on Polars' thread count;
-- Parquet: every dataset file with ours's settings (`builders.PARQUET`): zstd at level 1, min/max
+- Parquet: every dataset file with ours's settings (`dataset_writer.PARQUET`): zstd at level 1, min/max
   statistics on every column (DuckDB cannot leave them out), row groups of 122,880 rows (DuckDB's
   default); dictionary encoding: none in ours, DuckDB's default (columns with few distinct values);
 - DuckDB as its documentation recommends: `threads`, `preserve_insertion_order = false`, the

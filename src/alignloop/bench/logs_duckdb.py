@@ -514,7 +514,7 @@ def _split_copies(con: duckdb.DuckDBPyConnection, name: str, query: str, out_dir
                   counts: dict[str, int], user: str, jsonl: bool = False) -> None:
     """`name/train` and `name/eval`: the query's rows split by the user in column `user` (`_split`).
     `query` ends in a WHERE clause, which the split joins. `jsonl`: each split as newline-delimited
-    JSON too (the RL prompts: ours writes them as JSONL whatever the formats, `builders.JSONL_ALWAYS`)."""
+    JSON too (the RL prompts: ours writes them as JSONL whatever the formats, `dataset_writer.JSONL_ALWAYS`)."""
     for split, flag in (("train", "NOT"), ("eval", "")):
         rows = f"{query} AND {user} IN (SELECT user_id FROM _split WHERE {flag} eval)"
         counts[f"{name}/{split}"] = _copy(con, rows, out_dir / f"{name}/{split}.parquet", parquet)

@@ -240,7 +240,7 @@ def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = Fa
 
 
 def say_notes(notes: list[dict[str, str]]) -> None:
-    """The build's lines on the SFT source and on datasets it could not fill (`builders.explain`):
+    """The build's lines on the SFT source and on datasets it could not fill (`dataset_writer.explain`):
     one line each however narrow the terminal, escaped (they quote recipe keys and values, which
     rich would read as markup)."""
     for note in notes:

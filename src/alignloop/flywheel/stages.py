@@ -167,7 +167,7 @@ def build(turn: Turn, force: bool) -> dict:
 
 
 STOPS = frozenset({"empty", "constant", "empty_train", "empty_eval"})
-"""Kinds of build notes (`alignloop.data.builders.explain`) that leave a trainer nothing to learn
+"""Kinds of build notes (`alignloop.data.dataset_writer.explain`) that leave a trainer nothing to learn
 from, or (empty_eval) nothing to be evaluated on: the flywheel stops on them before training."""
 
 
