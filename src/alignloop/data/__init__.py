@@ -4,8 +4,9 @@
 JSONL), `labels` (what happened after each answer, derived from the logs alone), `ingest` (rows
 from JSONL or Parquet into one conformed folder, bad rows quarantined), `adapters` (public
 conversation datasets as logs), `parts` (user partitions, in memory or on disk), `filters`
-(bots, skimmers, repeats, quality, diversity, per-user cap), `builders` (SFT, DPO, reward-model
-and distillation sets), `ray_engine` (filters and builders on Ray Data, same outputs),
+(bots, skimmers, repeats, quality, diversity, per-user cap), `builders` (SFT, DPO, reward-model,
+distillation and RL sets; their schemas and recipe section in `build_config`, the files and report
+in `dataset_writer`), `ray_engine` (filters and builders on Ray Data, same outputs),
 `neardup` and `stablehash` (their helpers), `config` and `stage` (the ingest, filter and build
 stages of a run).
 """
