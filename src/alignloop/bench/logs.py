@@ -25,7 +25,13 @@ Same settings on both sides:
   statistics on every column (DuckDB cannot leave them out), row groups of 122,880 rows (DuckDB's
   default); dictionary encoding: none in ours, DuckDB's default (columns with few distinct values);
 - DuckDB as its documentation recommends: `threads`, `preserve_insertion_order = false`, the
-  default memory limit.
+  default memory limit;
+- allocators: each side runs in a worker process of its own, both started with the settings
+  `alignloop logs filter` and `logs build` use for logs held in memory (`freed_memory`: Polars'
+  jemalloc and pyarrow's mimalloc keep freed pages 10 s). DuckDB allocates with a jemalloc of its
+  own, which they do not reach; its own knobs (`allocator_flush_threshold` and
+  `allocator_bulk_deallocation_flush_threshold` at 16GB, `allocator_background_threads`) did not
+  make it faster (17.3-17.5 s a round as it comes, 17.7-19.5 s with them; 2 cores).
 
 What differs, inherently: RE2's `\\b` is ASCII-only and DuckDB's `lower` maps letter to letter
 (see `logs_duckdb`: neither shows on these logs); ours computes a funnel report (rows before and
@@ -65,6 +71,7 @@ import polars as pl
 import pyarrow as pa
 from pyarrow import feather
 
+from alignloop import freed_memory
 from alignloop.bench.harness import alternate_rounds, bench_threads, headline, machine_facts, summary
 from alignloop.bench.peer_process import WorkerProcess
 from alignloop.data.builders import PARQUET, BuildConfig, build_datasets
@@ -261,7 +268,8 @@ def _serve(side: str, logs: Path, threads: int) -> None:
         pipe.flush()
 
     pa.set_cpu_count(threads)
-    reply({"ready": True, "facts": {"polars_threads": pl.thread_pool_size(), "pyarrow_threads": pa.cpu_count()}})
+    reply({"ready": True, "facts": {"polars_threads": pl.thread_pool_size(), "pyarrow_threads": pa.cpu_count(),
+                                    "allocators": freed_memory.settings()}})
     for line in sys.stdin:
         request = json.loads(line)
         if request.get("cmd") == "quit":
@@ -274,7 +282,10 @@ def _serve(side: str, logs: Path, threads: int) -> None:
 
 
 def _worker(side: str, logs: Path, threads: int) -> WorkerProcess:
-    env = {**os.environ, "POLARS_MAX_THREADS": str(threads)}
+    # Both sides under the allocator settings `alignloop logs filter` and `logs build` run logs
+    # held in memory with (`freed_memory`: keep freed pages). DuckDB allocates with a jemalloc of
+    # its own, which these settings do not reach.
+    env = {**freed_memory.environment("keep"), "POLARS_MAX_THREADS": str(threads)}
     return WorkerProcess(f"bench logs {side}", [sys.executable, "-m", "alignloop.bench.logs", "worker", side,
                                                 str(logs), str(threads)], env, start_timeout_s=300)
 
@@ -336,6 +347,10 @@ def run_bench(events: int = 1_000_000, seed: int = 0, rounds: int = 3, threads: 
         processes="one worker process per side, for the warm-up and every round",
         parquet={**PARQUET, "statistics": "min/max, every column", "dictionary": "ours: none; DuckDB: its default"},
         threads={"polars": facts["polars_threads"], "pyarrow": facts["pyarrow_threads"], "duckdb": threads},
+        allocators={"ours": facts["allocators"],
+                    "duckdb": "its own jemalloc, as it comes (allocator_flush_threshold, "
+                              "allocator_bulk_deallocation_flush_threshold at 16GB and background threads: "
+                              "no faster)"},
         duckdb_settings={"threads": threads, "preserve_insertion_order": False, "memory_limit": "default (80% of RAM)"},
     )
     if diffs:
@@ -351,8 +366,8 @@ def _median(values: list[float]) -> float:
 
 
 # The libraries' own allocator settings (Polars: jemalloc, pyarrow: mimalloc). `alignloop logs ...`
-# overrides them to hand freed memory back at once (see `alignloop.cli`); `prompt_release=False`
-# measures the commands with these instead.
+# chooses its own (`freed_memory`: streamed logs hand freed memory back at once);
+# `prompt_release=False` measures the commands with these instead.
 LIBRARY_DEFAULTS = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:500,muzzy_decay_ms:1000", "MIMALLOC_PURGE_DELAY": "10"}
 
 
@@ -396,7 +411,7 @@ def run_memory_check(events: int = 10_000_000, seed: int = 0, work_dir: str | Pa
     (one child each, the real commands: user partitions of ~1M events on disk). Each child's peak
     resident memory comes from its own rusage; nothing is added to the commands' environment.
     `prompt_release=False`: the commands keep the libraries' default allocator settings."""
-    env = {k: v for k, v in os.environ.items() if k not in LIBRARY_DEFAULTS}
+    env = {k: v for k, v in os.environ.items() if k not in LIBRARY_DEFAULTS and k != freed_memory.CHOSEN}
     if not prompt_release:
         env.update(LIBRARY_DEFAULTS)
     with tempfile.TemporaryDirectory(prefix="alignloop-bench-memory-", dir=work_dir) as tmp:

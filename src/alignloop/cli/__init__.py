@@ -8,17 +8,21 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import os
 import sys
 
-# Polars' allocator (jemalloc) and pyarrow's (mimalloc) keep freed pages resident for a while, so
-# a streamed log job's resident memory grows to a multiple of what it holds (10M events: 5.4 GiB
-# instead of 2.6). Both read these settings when they load, so they are set before anything
-# imports them; values the user set win. Only for `alignloop logs ...`: handing pages back costs
-# the in-memory work (benchmarks, training) about a fifth more CPU.
-if next((a for a in sys.argv[1:] if not a.startswith("-")), None) == "logs":
-    os.environ.setdefault("_RJEM_MALLOC_CONF", "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0")
-    os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
+from alignloop import freed_memory
+
+# What Polars' and pyarrow's allocators do with freed memory (`alignloop.freed_memory`): they read
+# it when they load, so it is chosen here, before anything imports them. Filtering and building
+# logs held in memory (and the flywheel, which does both) keep freed pages to reuse them; the other
+# `logs` commands stream, and hand them back. `logs filter` and `logs build` restart themselves
+# under "release" when their logs turn out to be streamed through partitions on disk. Other
+# commands keep the libraries' defaults.
+_words = [a for a in sys.argv[1:] if not a.startswith("-")][:2]
+if _words[:1] == ["flywheel"] or _words in (["logs", "filter"], ["logs", "build"]):
+    freed_memory.choose("keep")
+elif _words[:1] == ["logs"]:
+    freed_memory.choose("release")
 
 from typing import Annotated  # noqa: E402
 

@@ -71,7 +71,9 @@ def filter_(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: F
     from alignloop.data.config import LogsRecipe
     from alignloop.data.stage import run_filter_stage
 
-    done(run_filter_stage(load(recipe, LogsRecipe, set_), run=run, force=force, engine=engine))
+    config = load(recipe, LogsRecipe, set_)
+    _release_when_streamed(config, run, "filter")
+    done(run_filter_stage(config, run=run, force=force, engine=engine))
 
 
 @app.command("build")
@@ -81,4 +83,16 @@ def build(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: For
     from alignloop.data.config import LogsRecipe
     from alignloop.data.stage import run_build_stage
 
-    done(run_build_stage(load(recipe, LogsRecipe, set_), run=run, force=force, engine=engine))
+    config = load(recipe, LogsRecipe, set_)
+    _release_when_streamed(config, run, "build")
+    done(run_build_stage(config, run=run, force=force, engine=engine))
+
+
+def _release_when_streamed(recipe, run: str | None, stage: str) -> None:
+    """Start the command again handing freed memory back (`freed_memory`) when its logs are
+    streamed through partitions on disk: kept pages would grow its footprint past the partition."""
+    from alignloop import freed_memory
+    from alignloop.data.stage import streamed
+
+    if streamed(recipe, run, stage):
+        freed_memory.restart_under("release")

@@ -538,12 +538,14 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
     """Build every enabled dataset from filtered logs (tables, or a folder of them) into `out_dir`.
 
     Tables in memory are built `workers` pieces at a time (default: Polars' thread count; see
-    `built_pieces`); a partitioned folder one partition at a time, so memory follows the partition."""
+    `built_pieces`), and so is a folder the filter stage wrote from memory; a folder it streamed
+    in partitions is built one partition at a time, so memory follows the partition."""
     config = config or BuildConfig()
     t0 = time.perf_counter()
     config, sft_choice = choose_sft_source(config, count_selects(filtered)) if config.sft.enabled else (config, None)
-    if isinstance(filtered, (str, Path)) and partitions_in(filtered):
-        # Written by the filter stage partition by partition: read (and hold) one at a time.
+    if isinstance(filtered, (str, Path)) and (partitions_in(filtered) or 1) > 1:
+        # Streamed by the filter stage partition by partition: read (and hold) one at a time. One
+        # partition was filtered in memory, and is built in memory.
         folder, n = Path(filtered), partitions_in(filtered)
         parts: Iterable[Frames] = (prepare(read_partition(folder, k, FILTERED_SCHEMAS)) for k in range(n))
         workers, in_memory = 1, False

@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from rich.markup import escape
 
+from alignloop import freed_memory
 from alignloop.data.adapters.chitchat import dataset_path, write_chitchat
 from alignloop.data.adapters.detect import convert, export_files, known_users, split_inputs
 from alignloop.data.builders import build_datasets
@@ -38,7 +38,7 @@ from alignloop.data.config import LogsRecipe
 from alignloop.data.filters import DROPPED, auto_partitions, filter_precision_recall, funnel_plot, read_ground_truth
 from alignloop.data.ingest import QUARANTINE, REPORT, TABLES, IngestReport, ingest, input_files
 from alignloop.data.io import write_tables
-from alignloop.data.parts import count_rows
+from alignloop.data.parts import count_rows, partitions_in
 from alignloop.data.ray_engine import ENGINES, build_datasets_ray, filter_logs, ray_available
 from alignloop.errors import AlignloopError
 from alignloop.runs import Stage, atomic_write_json, default_run_name
@@ -152,6 +152,29 @@ def truth_folder(recipe: LogsRecipe, run: str, source: Path) -> Path | None:
     return folder
 
 
+def filter_partitions(recipe: LogsRecipe, source: Path) -> int:
+    """User partitions the filter stage cuts `source` into (1: it is filtered in memory)."""
+    return recipe.filter.partitions or auto_partitions(count_rows(source), recipe.filter.events_per_partition)
+
+
+def filtered_tables(recipe: LogsRecipe, run: str) -> Path:
+    """The filter stage's tables of this run, which the build stage reads."""
+    return Path(recipe.run.dir) / run / "filter" / "tables"
+
+
+def streamed(recipe: LogsRecipe, run: str | None, stage: str) -> bool:
+    """Whether the `filter` or `build` stage of this run will stream its logs through user partitions
+    on disk (one in memory at a time) rather than hold them in memory. False when it cannot tell
+    yet (the stage then fails with its own error)."""
+    run_name = run or recipe.run.name or default_run_name()
+    try:
+        if stage == "filter":
+            return filter_partitions(recipe, source_folder(recipe, run_name)) > 1
+        return (partitions_in(filtered_tables(recipe, run_name)) or 1) > 1
+    except (AlignloopError, OSError):
+        return False
+
+
 def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = False, engine: str = "polars"
                      ) -> Stage:
     """The filter stage. Both engines give the same files; the engine is not part of the config
@@ -165,7 +188,7 @@ def run_filter_stage(recipe: LogsRecipe, run: str | None = None, force: bool = F
     stage = Stage(recipe.run.dir, run_name, "filter", config, inputs=inputs)
     if stage.skip_if_complete(force):
         return stage
-    partitions = recipe.filter.partitions or auto_partitions(count_rows(source), recipe.filter.events_per_partition)
+    partitions = filter_partitions(recipe, source)
     tables_dir = stage.path("tables")
     with status(f"filtering {source}" + (f" in {partitions} partitions" if partitions > 1 else "")
                 + (" on Ray" if engine == "ray" else "")):
@@ -209,7 +232,7 @@ def run_build_stage(recipe: LogsRecipe, run: str | None = None, force: bool = Fa
     Like the filter stage, the engine changes neither the files nor the config hash."""
     check_engine(engine)
     run_name = run or recipe.run.name or default_run_name()
-    tables = Path(recipe.run.dir) / run_name / "filter" / "tables"
+    tables = filtered_tables(recipe, run_name)
     if not tables.is_dir():
         raise AlignloopError(f"no filtered logs in {tables}: run `alignloop logs filter` first")
     config = {"build": recipe.build.model_dump(mode="json")}
@@ -249,8 +272,9 @@ def say_notes(notes: list[dict[str, str]]) -> None:
 
 
 def allocator_settings() -> dict[str, str | None]:
-    """The allocator settings this process runs with (memory depends on them; see `alignloop.cli`)."""
-    return {k: os.environ.get(k) for k in ("_RJEM_MALLOC_CONF", "MIMALLOC_PURGE_DELAY")}
+    """The allocator settings this process runs with (speed and memory depend on them; see
+    `alignloop.freed_memory`)."""
+    return freed_memory.settings()
 
 
 def _fmt(x: float | None) -> str:
