@@ -22,7 +22,7 @@ from alignloop.data.filters import (
     share_caps,
     to_arrow,
 )
-from alignloop.data.neardup import near_duplicate_groups
+from alignloop.data.neardup import lsh_groups, near_duplicate_groups
 from alignloop.data.schema import conform, rows_to_table
 
 WORLD = {"seed": 1, "users": 400, "days": 5, "bot_fraction": 0.06, "skimmer_fraction": 0.12}
@@ -211,6 +211,36 @@ def test_near_duplicates_catch_lightly_edited_repeats(pair):
     assert groups[0] == groups[1]
     assert groups[2] != groups[0]
     assert groups[3] == 3
+
+
+def _lsh_reference(sig: np.ndarray, rows: int, threshold: float, eligible: np.ndarray) -> np.ndarray:
+    """Banded LSH spelled out: per band, every eligible document with the same band values as an
+    earlier one is compared with the band's first; similar ones are joined (union-find)."""
+    parent = list(range(len(sig)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for b in range(sig.shape[1] // rows):
+        first: dict[tuple, int] = {}
+        for i in np.flatnonzero(eligible):
+            key = tuple(sig[i, b * rows:(b + 1) * rows])
+            j = first.setdefault(key, i)
+            if j != i and (sig[i] == sig[j]).mean() >= threshold:
+                a, c = root(i), root(j)
+                parent[max(a, c)] = min(a, c)
+    return np.array([root(i) for i in range(len(sig))])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 60), st.sampled_from([2, 3, 4]))
+def test_lsh_groups_equal_banded_lsh_spelled_out(seed, n, values):
+    rng = np.random.default_rng(seed)
+    sig = rng.integers(0, values, size=(n, 16)).astype(np.uint64)  # few values: many shared bands
+    eligible = rng.random(n) > 0.2
+    assert np.array_equal(lsh_groups(sig, 4, 0.7, eligible), _lsh_reference(sig, 4, 0.7, eligible))
 
 
 def _conversation_logs(user_texts: list[list[str]]) -> dict:
