@@ -15,7 +15,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "alignloop"
 
 # Shared plumbing every package may use; it imports no package itself.
-BASE = ("__init__", "errors", "ui", "runs", "recipes", "sections", "assets")
+BASE = ("__init__", "errors", "ui", "runs", "recipes", "sections", "assets", "freed_memory")
 # The loop's order. A new package gets its place here (the test fails until it has one).
 LAYERS = ("chat", "models", "fp8", "kernels", "engine", "data", "sim", "train", "rewards", "agentenv", "rl", "eval", "serve",
           "flywheel", "bench", "cli")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
 from alignloop.cli.options import ForceOpt, RecipeArg, RunOpt, RunsDirOpt, SetOpt, done, load
+
+if TYPE_CHECKING:
+    from alignloop.data.config import LogsRecipe
 
 app = typer.Typer(help="User logs: simulate a world, ingest real logs, filter, build datasets.",
                   no_args_is_help=True)
@@ -88,7 +91,7 @@ def build(recipe: RecipeArg, set_: SetOpt = None, run: RunOpt = None, force: For
     done(run_build_stage(config, run=run, force=force, engine=engine))
 
 
-def _release_when_streamed(recipe, run: str | None, stage: str) -> None:
+def _release_when_streamed(recipe: LogsRecipe, run: str | None, stage: Literal["filter", "build"]) -> None:
     """Start the command again handing freed memory back (`freed_memory`) when its logs are
     streamed through partitions on disk: kept pages would grow its footprint past the partition."""
     from alignloop import freed_memory

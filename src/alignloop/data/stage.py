@@ -27,6 +27,7 @@ import importlib.metadata
 import json
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from rich.markup import escape
 
@@ -162,7 +163,7 @@ def filtered_tables(recipe: LogsRecipe, run: str) -> Path:
     return Path(recipe.run.dir) / run / "filter" / "tables"
 
 
-def streamed(recipe: LogsRecipe, run: str | None, stage: str) -> bool:
+def streamed(recipe: LogsRecipe, run: str | None, stage: Literal["filter", "build"]) -> bool:
     """Whether the `filter` or `build` stage of this run will stream its logs through user partitions
     on disk (one in memory at a time) rather than hold them in memory. False when it cannot tell
     yet (the stage then fails with its own error)."""
