@@ -1,17 +1,18 @@
-"""What Polars' and pyarrow's allocators do with freed memory: keep it a while, or hand it back.
+"""What Polars' and pyarrow's allocators do with freed memory: keep it, or hand it back.
 
 Polars allocates with jemalloc, pyarrow with mimalloc. Both hand freed pages back to the system
-after a short delay, and a page handed back is faulted in and zeroed by the kernel when it is
-used again. Log work frees and allocates hundreds of megabytes of columns a second, so the delay
-decides how much of its time goes to the kernel. Two policies, for two shapes of job:
+after a short delay (Polars: 0.5 s), and a page handed back is faulted in and zeroed by the kernel
+when it is used again. Log work frees and allocates hundreds of megabytes of columns a second, so
+the delay decides how much of its time goes to the kernel. Two policies, for two shapes of job:
 
-- `keep`: freed pages stay for 10 s, to be reused. For work on logs held in memory. Filter +
-  build of 1M events on a 2-core AMD EPYC, one process, rounds after a warm-up: with the
-  libraries' defaults 8.5-9.1 s and 780-820k page faults a round, with `keep` 7.6-7.8 s and
-  180-215k, with `release` 13.1-13.3 s and 3.9M.
+- `keep`: freed pages stay in the process, to be reused, until it exits. For commands that filter
+  or build logs held in memory and exit. 1M events, filter + build, 2-core AMD EPYC: a fresh
+  process took 9.4-11.3 s with the libraries' defaults and 8.7-9.5 s with `keep`, its peak
+  memory 3.4-3.5 GiB against 4.2; later runs in the same process 8.5-9.1 s (780-820k page faults
+  a run) against 7.2-7.8 s (25-50k).
 - `release`: freed pages go back at once. For jobs streamed through user partitions on disk:
   with freed pages kept, the footprint grows to a multiple of the one partition they hold (10M
-  events: 5.4 GiB instead of 2.6).
+  events: 5.4 GiB instead of 2.6). The same 1M events in memory took 13.1-13.3 s under it.
 
 Both libraries read these settings once, when they load. So the command line chooses a policy
 before anything imports them (`choose`), and a command that finds out only later that its job is
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-KEEP = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:10000,muzzy_decay_ms:10000", "MIMALLOC_PURGE_DELAY": "10000"}
+KEEP = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1", "MIMALLOC_PURGE_DELAY": "-1"}
 RELEASE = {"_RJEM_MALLOC_CONF": "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0",
            "MIMALLOC_PURGE_DELAY": "0"}
 POLICIES = {"keep": KEEP, "release": RELEASE}

@@ -28,10 +28,12 @@ Same settings on both sides:
   default memory limit;
 - allocators: each side runs in a worker process of its own, both started with the settings
   `alignloop logs filter` and `logs build` use for logs held in memory (`freed_memory`: Polars'
-  jemalloc and pyarrow's mimalloc keep freed pages 10 s). DuckDB allocates with a jemalloc of its
-  own, which they do not reach; its own knobs (`allocator_flush_threshold` and
-  `allocator_bulk_deallocation_flush_threshold` at 16GB, `allocator_background_threads`) did not
-  make it faster (17.3-17.5 s a round as it comes, 17.7-19.5 s with them; 2 cores).
+  jemalloc and pyarrow's mimalloc keep freed pages until the process exits), so ours reuses in
+  every round the pages its warm-up faulted in, as DuckDB reuses its own. DuckDB allocates with a
+  jemalloc of its own, which these settings do not reach; its own knobs
+  (`allocator_flush_threshold` and `allocator_bulk_deallocation_flush_threshold` at 16GB,
+  `allocator_background_threads`) did not make it faster (17.3-17.5 s a round as it comes,
+  17.7-19.5 s with them; 2 cores).
 
 What differs, inherently: RE2's `\\b` is ASCII-only and DuckDB's `lower` maps letter to letter
 (see `logs_duckdb`: neither shows on these logs); ours computes a funnel report (rows before and

@@ -13,13 +13,12 @@ import sys
 from alignloop import freed_memory
 
 # What Polars' and pyarrow's allocators do with freed memory (`alignloop.freed_memory`): they read
-# it when they load, so it is chosen here, before anything imports them. Filtering and building
-# logs held in memory (and the flywheel, which does both) keep freed pages to reuse them; the other
-# `logs` commands stream, and hand them back. `logs filter` and `logs build` restart themselves
-# under "release" when their logs turn out to be streamed through partitions on disk. Other
-# commands keep the libraries' defaults.
+# it when they load, so it is chosen here, before anything imports them. `logs filter` and `logs
+# build` keep freed pages until they exit, to reuse them, and start themselves again handing them
+# back when their logs turn out to be streamed through partitions on disk; the other `logs`
+# commands stream, and hand them back. Other commands keep the libraries' defaults.
 _words = [a for a in sys.argv[1:] if not a.startswith("-")][:2]
-if _words[:1] == ["flywheel"] or _words in (["logs", "filter"], ["logs", "build"]):
+if _words in (["logs", "filter"], ["logs", "build"]):
     freed_memory.choose("keep")
 elif _words[:1] == ["logs"]:
     freed_memory.choose("release")
