@@ -33,10 +33,10 @@ CHOSEN = "ALIGNLOOP_FREED_MEMORY"
 """The environment variable naming the policy alignloop chose ("user": the user's own settings);
 children started with this environment (a restart, a stage run as a subprocess) inherit it."""
 
-
 POLARS_DEFAULT = "dirty_decay_ms:500,muzzy_decay_ms:1000"
 """What Polars writes into `_RJEM_MALLOC_CONF` when it loads, in front of any value already there:
-in a process that imported Polars, that much is not the user's."""
+in a process that imported Polars, that much is not the user's (with POLARS_THP=1 it adds
+transparent huge pages, a choice the user made)."""
 
 
 def _users(env: dict[str, str] | os._Environ) -> bool:

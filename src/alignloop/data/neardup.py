@@ -154,9 +154,10 @@ def lsh_groups(sig: np.ndarray, rows: int = 4, threshold: float = 0.7, eligible:
         similar = (s[u] == s[v]).mean(axis=1) >= threshold
         return idx[u[similar]], idx[v[similar]]
 
-    # numpy lets go of the GIL in its sorts and arithmetic: the bands go two at a time (110k
-    # documents, 16 bands: 0.22 s on one thread).
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    # numpy lets go of the GIL in its sorts and arithmetic: the bands go two at a time where Polars
+    # has two threads or more, as `minhash` runs on its pool (110k documents, 16 bands: 0.22 s on
+    # one thread, 0.11 on two).
+    with ThreadPoolExecutor(max_workers=min(2, pl.thread_pool_size())) as pool:
         edges = list(pool.map(band, range(num_perm // rows)))
     u = np.concatenate([e[0] for e in edges])
     v = np.concatenate([e[1] for e in edges])
