@@ -9,7 +9,7 @@ the delay decides how much of its time goes to the kernel. Two policies, for two
   or build logs held in memory and exit. 1M events, filter + build, 2-core AMD EPYC: a fresh
   process took 9.4-11.3 s with the libraries' defaults and 8.7-9.5 s with `keep`, its peak
   memory 3.4-3.5 GiB against 4.2; later runs in the same process 8.5-9.1 s (780-820k page faults
-  a run) against 7.2-7.8 s (25-50k).
+  a run) against 7.2-8.2 s (25-52k).
 - `release`: freed pages go back at once. For jobs streamed through user partitions on disk:
   with freed pages kept, the footprint grows to a multiple of the one partition they hold (10M
   events: 5.4 GiB instead of 2.6). The same 1M events in memory took 13.1-13.3 s under it.
