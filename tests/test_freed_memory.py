@@ -19,6 +19,8 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "logs.toml"
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # A copy of the environment for the test: what `choose` writes must not leak into later tests.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for k in (CHOSEN, *KEEP):
         monkeypatch.delenv(k, raising=False)
     return monkeypatch

@@ -543,10 +543,9 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
     config = config or BuildConfig()
     t0 = time.perf_counter()
     config, sft_choice = choose_sft_source(config, count_selects(filtered)) if config.sft.enabled else (config, None)
-    if isinstance(filtered, (str, Path)) and (partitions_in(filtered) or 1) > 1:
-        # Streamed by the filter stage partition by partition: read (and hold) one at a time. One
-        # partition was filtered in memory, and is built in memory.
-        folder, n = Path(filtered), partitions_in(filtered)
+    if isinstance(filtered, (str, Path)) and builds_streamed(filtered):
+        # Streamed by the filter stage partition by partition: read (and hold) one at a time.
+        folder, n = Path(filtered), partitions_in(filtered) or 1
         parts: Iterable[Frames] = (prepare(read_partition(folder, k, FILTERED_SCHEMAS)) for k in range(n))
         workers, in_memory = 1, False
     else:
@@ -569,6 +568,12 @@ def build_datasets(filtered: Mapping[str, pa.Table | pl.DataFrame] | str | Path,
     report = writer.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def builds_streamed(folder: str | Path) -> bool:
+    """Whether `build_datasets` reads this filtered folder one partition at a time: the filter
+    stage streamed it in several. One partition was filtered in memory, and is built in memory."""
+    return (partitions_in(folder) or 1) > 1
 
 
 def built_pieces(pieces: Iterable[Frames], config: BuildConfig, workers: int = 1
@@ -615,6 +620,6 @@ __all__ = [
     "DATASET_SCHEMAS", "DISTILL", "DISTILL_SPILL", "FACT", "JSONL_ALWAYS", "MESSAGE", "MESSAGES", "PAIRS", "PARQUET",
     "PROMPT_SETS", "RL", "RL_SPILL", "SCALAR", "SFT", "SIGNALS", "BuildConfig", "BuildReport", "DPOBuild",
     "DatasetWriter", "DistillBuild", "RLBuild", "RMBuild", "SFTBuild", "Signal", "bounded_partitions",
-    "build_datasets", "build_partition", "built_pieces", "choose_sft_source", "count_selects", "explain", "is_eval",
-    "iter_partition", "split_of",
+    "build_datasets", "build_partition", "builds_streamed", "built_pieces", "choose_sft_source", "count_selects",
+    "explain", "is_eval", "iter_partition", "split_of",
 ]

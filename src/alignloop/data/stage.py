@@ -34,12 +34,12 @@ from rich.markup import escape
 from alignloop import freed_memory
 from alignloop.data.adapters.chitchat import dataset_path, write_chitchat
 from alignloop.data.adapters.detect import convert, export_files, known_users, split_inputs
-from alignloop.data.builders import build_datasets
+from alignloop.data.builders import build_datasets, builds_streamed
 from alignloop.data.config import LogsRecipe
 from alignloop.data.filters import DROPPED, auto_partitions, filter_precision_recall, funnel_plot, read_ground_truth
 from alignloop.data.ingest import QUARANTINE, REPORT, TABLES, IngestReport, ingest, input_files
 from alignloop.data.io import write_tables
-from alignloop.data.parts import count_rows, partitions_in
+from alignloop.data.parts import count_rows
 from alignloop.data.ray_engine import ENGINES, build_datasets_ray, filter_logs, ray_available
 from alignloop.errors import AlignloopError
 from alignloop.runs import Stage, atomic_write_json, default_run_name
@@ -171,7 +171,7 @@ def streamed(recipe: LogsRecipe, run: str | None, stage: Literal["filter", "buil
     try:
         if stage == "filter":
             return filter_partitions(recipe, source_folder(recipe, run_name)) > 1
-        return (partitions_in(filtered_tables(recipe, run_name)) or 1) > 1
+        return builds_streamed(filtered_tables(recipe, run_name))
     except (AlignloopError, OSError):
         return False
 
